@@ -1,0 +1,1 @@
+"""Cache layer: policy only. Knows registry value types, never HTTP or FUSE."""

@@ -1,0 +1,103 @@
+"""Metadata cache: TTL'd listings with single-flight fetches and stale-on-outage answers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+import trio
+from cachetools import TTLCache
+
+from mlregfs.errors import RegistryUnavailable, ServerError
+
+log = logging.getLogger("mlregfs.cache")
+T = TypeVar("T")
+
+
+class MetadataCache:
+    """`get(key, fetch, ttl)`: cached value if fresh, else one fetch shared by all callers.
+
+    A fetch that fails because the registry is unreachable (or 5xx) answers the last known
+    value instead, so an outage never looks like a deletion. Other errors propagate.
+    """
+
+    def __init__(self, maxsize: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._fresh: dict[float, TTLCache[Hashable, Any]] = {}
+        self._maxsize = maxsize
+        self._last: dict[Hashable, Any] = {}  # last good value per key, for outages
+        self._inflight: dict[Hashable, _Flight] = {}
+        self.hits = 0
+        self.misses = 0
+        self.stale_answers = 0
+
+    def _bucket(self, ttl: float) -> TTLCache[Hashable, Any]:
+        b = self._fresh.get(ttl)
+        if b is None:
+            b = self._fresh[ttl] = TTLCache(self._maxsize, ttl, timer=self._clock)
+        return b
+
+    def peek(self, key: Hashable) -> Any:
+        """The last known value (fresh or not), or None."""
+        return self._last.get(key)
+
+    def put(self, key: Hashable, value: Any, ttl: float) -> None:
+        """Record a value learnt elsewhere (e.g. a model found inside a full listing)."""
+        self._bucket(ttl)[key] = value
+        self._last[key] = value
+
+    def invalidate(self, key: Hashable | None = None) -> None:
+        """Forget freshness of one key (or all); last known values stay for outages."""
+        for b in self._fresh.values():
+            if key is None:
+                b.clear()
+            else:
+                b.pop(key, None)
+
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float) -> T:
+        bucket = self._bucket(ttl)
+        if key in bucket:
+            self.hits += 1
+            return bucket[key]
+        flight = self._inflight.get(key)
+        if flight is not None:  # someone is fetching already: share their answer
+            await flight.done.wait()
+            return flight.result()
+        self.misses += 1
+        flight = self._inflight[key] = _Flight()
+        try:
+            try:
+                val = await fetch()
+            except (RegistryUnavailable, ServerError) as e:
+                if key not in self._last:
+                    raise
+                self.stale_answers += 1
+                log.warning("registry unavailable (%s); serving last known %s", e, key)
+                val = self._last[key]
+            else:
+                bucket[key] = val
+                self._last[key] = val
+            flight.value = val
+            return val
+        except Exception as e:
+            flight.error = e
+            raise
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
+
+class _Flight:
+    """One fetch in progress; waiters keep a reference and read its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value

@@ -1,0 +1,264 @@
+"""Range reads through the block cache: memory LRU -> disk blocks -> one fetch per block.
+
+The cache knows nothing of HTTP: a file comes with a ``fetch(start, end)`` coroutine. Fetches
+are single-flight per block and bounded in parallelism; sequential readers trigger read-ahead
+of the next blocks in the background. A file whose blocks are all present is checked once
+against its sha256; a mismatch discards every block and fails the read (EIO), so wrong bytes
+are never served from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+from cachetools import LRUCache
+
+from mlregfs.cache.blocks import BlockStore
+from mlregfs.errors import IntegrityError, ProtocolError
+
+log = logging.getLogger("mlregfs.cache")
+
+Fetcher = Callable[[int, int], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """Identity of remote bytes: cache key, size and expected sha256 (hex) if known."""
+
+    key: str
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class CachedFile:
+    """Shared state of one remote file while any handle has it open."""
+
+    spec: FileSpec
+    fetch: Fetcher
+    nblocks: int
+    refs: int = 0
+    verified: bool = False
+    poisoned: bool = False  # a background check failed: fail the next read
+    inflight: dict[int, trio.Event] = field(default_factory=dict)
+
+
+@dataclass
+class ReadStream:
+    """Per-handle access pattern, for read-ahead decisions."""
+
+    next_off: int = 0
+    sequential_hits: int = 0
+
+
+@dataclass
+class DataStats:
+    bytes_served: int = 0
+    memory_hits: int = 0
+    disk_hits: int = 0
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    prefetched_blocks: int = 0
+    integrity_failures: int = 0
+
+
+class DataCache:
+    """Serves byte ranges of remote files out of memory, disk, or the network."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        *,
+        block_size: int = 8 << 20,
+        memory_bytes: int = 64 << 20,
+        readahead: int = 4,
+        max_parallel: int = 4,
+        on_corrupt: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.block_size = block_size
+        self.readahead = readahead
+        self.stats = DataStats()
+        self._mem: LRUCache[tuple[str, int], bytes] = LRUCache(max(memory_bytes, 1), getsizeof=len)
+        self._limiter = trio.CapacityLimiter(max_parallel)
+        self._files: dict[str, CachedFile] = {}
+        self._nursery: trio.Nursery | None = None
+        self._on_corrupt = on_corrupt
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Enable background read-ahead in `nursery`."""
+        self._nursery = nursery
+
+    # -- open/close ---------------------------------------------------------------------
+    def open(self, spec: FileSpec, fetch: Fetcher) -> CachedFile:
+        cf = self._files.get(spec.key)
+        if cf is None or cf.spec != spec:
+            nblocks = max(1, -(-spec.size // self.block_size))
+            cf = CachedFile(spec, fetch, nblocks)
+            cf.verified = spec.sha256 is None or self.store.is_verified(spec.key)
+            self._files[spec.key] = cf
+        cf.fetch = fetch  # newest handle's fetcher (fresh owner metadata)
+        cf.refs += 1
+        return cf
+
+    def close(self, cf: CachedFile) -> None:
+        cf.refs -= 1
+        if cf.refs <= 0 and self._files.get(cf.spec.key) is cf and not cf.inflight:
+            del self._files[cf.spec.key]
+
+    def is_complete(self, spec: FileSpec) -> bool:
+        """All blocks on disk and (if a sha256 is known) verified."""
+        nblocks = max(1, -(-spec.size // self.block_size))
+        return self.store.count(spec.key) >= nblocks and (
+            spec.sha256 is None or self.store.is_verified(spec.key)
+        )
+
+    # -- reads --------------------------------------------------------------------------
+    async def read(
+        self, cf: CachedFile, off: int, size: int, stream: ReadStream | None = None
+    ) -> bytes | bytearray | memoryview:
+        """Bytes [off, off+size) clipped at EOF."""
+        if cf.poisoned:
+            cf.poisoned = False
+            raise IntegrityError(f"cached bytes of {cf.spec.key} did not match sha256; refetching")
+        end = min(off + size, cf.spec.size)
+        if off >= end:
+            return b""
+        bs = self.block_size
+        first, last = off // bs, (end - 1) // bs
+        if stream is not None:
+            self._maybe_readahead(cf, stream, off, end, last)
+        if first == last:
+            block = await self._block(cf, first)
+            self.stats.bytes_served += end - off
+            return memoryview(block)[off - first * bs : end - first * bs]
+        out = bytearray()
+        for idx in range(first, last + 1):
+            block = await self._block(cf, idx)
+            lo = max(off, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            out += memoryview(block)[lo:hi]
+        self.stats.bytes_served += len(out)
+        return out
+
+    def _maybe_readahead(
+        self, cf: CachedFile, stream: ReadStream, off: int, end: int, last: int
+    ) -> None:
+        if off == stream.next_off:
+            stream.sequential_hits += 1
+        else:
+            stream.sequential_hits = 0
+        stream.next_off = end
+        # two sequential reads in a row look like a streaming reader; a lone pread does not
+        if self._nursery is None or self.readahead <= 0 or stream.sequential_hits < 2:
+            return
+        for idx in range(last + 1, min(last + 1 + self.readahead, cf.nblocks)):
+            key = (cf.spec.key, idx)
+            if key in self._mem or idx in cf.inflight or self.store.has(*key):
+                continue
+            cf.inflight[idx] = trio.Event()  # claim it now so the foreground waits for it
+            self._nursery.start_soon(self._prefetch, cf, idx)
+
+    async def _prefetch(self, cf: CachedFile, idx: int) -> None:
+        try:
+            await self._fetch(cf, idx, claimed=True)
+            self.stats.prefetched_blocks += 1
+        except IntegrityError:
+            cf.poisoned = True
+        except Exception as e:  # the foreground read will retry and report
+            log.debug("read-ahead of %s block %d failed: %s", cf.spec.key, idx, e)
+
+    async def _block(self, cf: CachedFile, idx: int) -> bytes:
+        key = (cf.spec.key, idx)
+        while True:
+            data = self._mem.get(key)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            ev = cf.inflight.get(idx)
+            if ev is not None:
+                await ev.wait()
+                if key in self._mem or self.store.has(*key):
+                    continue
+                # the other fetch failed: try ourselves (and report our own error)
+            if self.store.has(*key):
+                data = await trio.to_thread.run_sync(self.store.get, *key)
+                if data is not None:
+                    self.stats.disk_hits += 1
+                    self._mem[key] = data
+                    return data
+            return await self._fetch(cf, idx, claimed=False)
+
+    async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> bytes:
+        spec = cf.spec
+        ev = cf.inflight.get(idx) if claimed else None
+        if ev is None:
+            ev = cf.inflight[idx] = trio.Event()
+        try:
+            start = idx * self.block_size
+            end = min(start + self.block_size, spec.size)
+            async with self._limiter:
+                data = await cf.fetch(start, end)
+            if len(data) != end - start:
+                raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
+            data = bytes(data)
+            self.stats.fetched_blocks += 1
+            self.stats.fetched_bytes += len(data)
+            if cf.nblocks == 1 and spec.sha256 is not None:
+                # a one-block file is checked before anyone sees it
+                if hashlib.sha256(data).hexdigest() != spec.sha256:
+                    self._corrupt(cf)
+                    raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256")
+                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data)
+                cf.verified = True
+            else:
+                await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
+            self._mem[(spec.key, idx)] = data
+            if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
+                await self._verify(cf)
+            return data
+        finally:
+            cf.inflight.pop(idx, None)
+            ev.set()
+
+    def _store_verified(self, key: str, idx: int, data: bytes) -> None:
+        self.store.put(key, idx, data)
+        self.store.mark_verified(key)
+
+    async def _verify(self, cf: CachedFile) -> None:
+        """Hash the complete file from disk (in a thread); discard everything on mismatch."""
+        spec = cf.spec
+
+        def digest() -> str | None:
+            h = hashlib.sha256()
+            for i in range(cf.nblocks):
+                block = self.store.get(spec.key, i)
+                if block is None:
+                    return None  # evicted meanwhile: check again when complete
+                h.update(block)
+            return h.hexdigest()
+
+        got = await trio.to_thread.run_sync(digest)
+        if got is None:
+            return
+        if got == spec.sha256:
+            self.store.mark_verified(spec.key)
+            cf.verified = True
+            log.debug("%s verified against sha256", spec.key)
+            return
+        self._corrupt(cf)
+        raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256; discarded")
+
+    def _corrupt(self, cf: CachedFile) -> None:
+        key = cf.spec.key
+        self.stats.integrity_failures += 1
+        log.error("sha256 mismatch for %s: cached blocks discarded", key)
+        for k in [k for k in self._mem if k[0] == key]:
+            self._mem.pop(k, None)
+        self.store.drop(key)
+        if self._on_corrupt is not None:
+            self._on_corrupt(key)

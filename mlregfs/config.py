@@ -1,0 +1,192 @@
+"""Mount configuration: `-o a=b,c` parsing, validation, defaults. No I/O beyond reading env."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """An option is unknown or has an invalid value."""
+
+
+def parse_size(text: str) -> int:
+    """'512M', '10G', '4096', '1.5GiB' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_duration(text: str) -> float:
+    """'30', '30s', '5m', '1h' -> seconds."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", text)
+    if not m:
+        raise ConfigError(f"invalid duration {text!r} (examples: 30, 30s, 5m, 1h)")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * factor
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlregfs"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a mount needs. Built by `from_options`; immutable afterwards."""
+
+    source: str
+    mountpoint: Path
+    token: str | None = field(default=None, repr=False)  # never printed
+    token_kind: str = "personal"  # "personal" | "job"
+    token_file: Path | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_size: int = 10 << 30
+    block_size: int = 8 << 20
+    readahead_blocks: int = 4
+    memory_cache: int = 64 << 20
+    listing_ttl: float = 30.0  # models, versions, candidates, candidate files
+    file_ttl: float = 300.0  # files of a model version (immutable in practice)
+    timeout: float = 30.0  # per HTTP request
+    retry_deadline: float = 30.0  # total time one operation may spend retrying
+    allow_other: bool = False
+    debug: bool = False
+    foreground: bool = False
+    log_file: Path | None = None
+    fsname: str = "mlregfs"
+
+    @property
+    def max_blocks_cached(self) -> int:
+        return max(1, self.cache_size // self.block_size)
+
+
+# option name -> (Config field, parser). Flags without value map to True.
+_VALUE_OPTIONS = {
+    "token_file": ("token_file", Path),
+    "cache_dir": ("cache_dir", Path),
+    "cache_size": ("cache_size", parse_size),
+    "block_size": ("block_size", parse_size),
+    "readahead": ("readahead_blocks", int),
+    "memory_cache": ("memory_cache", parse_size),
+    "listing_ttl": ("listing_ttl", parse_duration),
+    "file_ttl": ("file_ttl", parse_duration),
+    "timeout": ("timeout", parse_duration),
+    "retry_deadline": ("retry_deadline", parse_duration),
+    "log_file": ("log_file", Path),
+    "fsname": ("fsname", str),
+}
+_FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug"}
+# accepted for mount(8)/fstab compatibility and ignored: the mount is read-only anyway
+_IGNORED = {
+    "ro",
+    "rw",
+    "defaults",
+    "noauto",
+    "auto",
+    "user",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "noatime",
+    "atime",
+    "nodev",
+    "nosuid",
+    "exec",
+    "noexec",
+    "suid",
+    "dev",
+}
+
+
+def split_options(text: str) -> list[str]:
+    """Split a `-o` string on commas; a backslash escapes a comma."""
+    parts, cur, esc = [], [], False
+    for ch in text:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_options(opts: list[str]) -> dict[str, object]:
+    """`["cache_size=1G", "debug"]` -> Config keyword arguments. Unknown options raise."""
+    out: dict[str, object] = {}
+    for item in opts:
+        for opt in split_options(item):
+            key, sep, value = opt.partition("=")
+            if key in _VALUE_OPTIONS:
+                if not sep or not value:
+                    raise ConfigError(f"option {key} needs a value ({key}=...)")
+                name, conv = _VALUE_OPTIONS[key]
+                try:
+                    out[name] = conv(value)  # type: ignore[operator]
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(f"invalid value for {key}: {value!r}") from e
+            elif key in _FLAG_OPTIONS and not sep:
+                out[_FLAG_OPTIONS[key]] = True
+            elif key in _IGNORED:
+                continue
+            else:
+                raise ConfigError(f"unknown mount option {key!r}")
+    return out
+
+
+def resolve_token(token_file: Path | None, env: dict[str, str]) -> tuple[str | None, str]:
+    """Token and its kind: `-o token_file`, else GITLAB_TOKEN, else CI_JOB_TOKEN, else none."""
+    if token_file is not None:
+        try:
+            text = token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read token_file {token_file}: {e.strerror}") from e
+        if not text:
+            raise ConfigError(f"token_file {token_file} is empty")
+        return text, "personal"
+    if env.get("GITLAB_TOKEN"):
+        return env["GITLAB_TOKEN"].strip(), "personal"
+    if env.get("CI_JOB_TOKEN"):
+        return env["CI_JOB_TOKEN"].strip(), "job"
+    return None, "personal"
+
+
+def from_options(
+    source: str,
+    mountpoint: str | Path,
+    options: list[str],
+    *,
+    foreground: bool = False,
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Build and validate a Config from the command line."""
+    kw = parse_options(options)
+    token, kind = resolve_token(kw.get("token_file"), dict(os.environ) if env is None else env)  # type: ignore[arg-type]
+    cfg = Config(
+        source=source,
+        mountpoint=Path(mountpoint).absolute(),
+        token=token,
+        token_kind=kind,
+        foreground=foreground,
+        **kw,  # type: ignore[arg-type]
+    )
+    if cfg.block_size < 64 << 10 or cfg.block_size > 64 << 20:
+        raise ConfigError("block_size must be between 64K and 64M")
+    if cfg.cache_size < cfg.block_size * 4:
+        raise ConfigError("cache_size must hold at least 4 blocks")
+    if cfg.readahead_blocks < 0 or cfg.readahead_blocks > 64:
+        raise ConfigError("readahead must be between 0 and 64 blocks")
+    return cfg

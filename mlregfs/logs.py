@@ -1,0 +1,48 @@
+"""Logging setup: one line per event, levels, and a filter that masks secrets."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+class RedactSecrets(logging.Filter):
+    """Defence in depth: replace any known secret in a formatted record with '[MASKED]'."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        msg = record.getMessage()
+        if any(s in msg for s in self.secrets):
+            for s in self.secrets:
+                msg = msg.replace(s, "[MASKED]")
+            record.msg, record.args = msg, None
+        return True
+
+
+def setup(
+    *, debug: bool = False, log_file: Path | None = None, secrets: list[str] | None = None
+) -> None:
+    """Configure the root logger for the mount daemon (stderr, or `log_file` if given)."""
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald adds its own timestamps; keep lines short and greppable
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(RedactSecrets(secrets or []))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # httpx logs every request at INFO; keep that for -o debug only
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)

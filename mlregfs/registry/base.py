@@ -1,0 +1,57 @@
+"""The narrow interface the filesystem core programs against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mlregfs.registry.types import Candidate, FileOwner, Model, ProjectInfo, RemoteFile
+
+
+@dataclass
+class RegistryStats:
+    """Counters a registry client keeps; read by status/metrics and by tests."""
+
+    requests: int = 0
+    bytes_downloaded: int = 0
+    retries: int = 0
+    errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)  # "list_models" -> count
+
+    def count(self, kind: str) -> None:
+        self.requests += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+
+class Registry(Protocol):
+    """What mlregfs needs from a model registry. All methods raise mlregfs.errors types."""
+
+    stats: RegistryStats
+
+    async def project(self) -> ProjectInfo:
+        """Resolve the project and check that it can be read with our credentials."""
+        ...
+
+    async def list_models(self) -> list[Model]:
+        """Every model of the project, each with all of its versions."""
+        ...
+
+    async def get_model(self, name: str) -> Model:
+        """One model (exact name) with all its versions; NotFound if absent."""
+        ...
+
+    async def list_candidates(self) -> list[Candidate]:
+        """Candidates that own a `candidate_<iid>` package (not promoted to a version)."""
+        ...
+
+    async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
+        """Files of a version or candidate, one entry per path (the newest copy)."""
+        ...
+
+    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
+        """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

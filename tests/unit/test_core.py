@@ -1,0 +1,160 @@
+"""The filesystem core driven without a kernel, over InMemoryRegistry."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+
+from mlregfs.cache.blocks import BlockStore
+from mlregfs.cache.reader import DataCache
+from mlregfs.errors import IntegrityError, NotFound, ReadOnly, RegistryUnavailable, to_errno
+from mlregfs.fs.core import ROOT_INO, Filesystem
+from mlregfs.registry.fake import InMemoryRegistry
+
+BS = 64 << 10
+
+
+@pytest.fixture
+def reg() -> InMemoryRegistry:
+    r = InMemoryRegistry()
+    v1 = r.add_version("llama", "1.0.0")
+    r.add_version("llama", "2.0.0-rc.1")
+    r.add_file(v1, "config.json", b'{"a": 1}')
+    r.add_file(v1, "weights/model.bin", os.urandom(5 * BS + 123))
+    t = r.add_version("team/bert", "0.1.0")
+    r.add_file(t, "README.md", b"hello")
+    r.add_version("team", "1.0.0")
+    r.add_version("team/1.0.0", "9.9.9")  # collides with version 1.0.0 of model "team"
+    c = r.add_candidate(7)
+    r.add_file(c, "metrics.json", b"{}")
+    return r
+
+
+@pytest.fixture
+def fs(reg: InMemoryRegistry, tmp_path) -> Filesystem:
+    data = DataCache(BlockStore(tmp_path / "blocks", 64 * BS), block_size=BS, readahead=0)
+    return Filesystem(reg, data, source_id="test")
+
+
+async def walk(fs: Filesystem, path: str) -> int:
+    ino = ROOT_INO
+    for part in [p for p in path.split("/") if p]:
+        ino = (await fs.lookup(ino, part)).ino
+    return ino
+
+
+async def names(fs: Filesystem, path: str) -> list[str]:
+    return [n for n, _ in await fs.readdir(await walk(fs, path))]
+
+
+async def read_all(fs: Filesystem, path: str, chunk: int = 128 << 10) -> bytes:
+    opened = await fs.open(await walk(fs, path), os.O_RDONLY)
+    out = bytearray()
+    try:
+        while True:
+            b = await fs.read(opened.fh, len(out), chunk)
+            if not b:
+                return bytes(out)
+            out += b
+    finally:
+        fs.release(opened.fh)
+
+
+async def test_layout(fs: Filesystem) -> None:
+    assert await names(fs, "") == ["candidates", "models"]
+    assert await names(fs, "models") == ["llama", "team"]
+    assert await names(fs, "models/llama") == ["1.0.0", "2.0.0-rc.1"]
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
+    assert await names(fs, "models/llama/1.0.0/weights") == ["model.bin"]
+    assert await names(fs, "candidates") == ["7"]
+    assert await names(fs, "candidates/7") == ["metrics.json"]
+
+
+async def test_nested_model_names_and_collision(fs: Filesystem) -> None:
+    # model "team" has version 1.0.0 and model "team/bert" nests; "team/1.0.0" is hidden
+    assert await names(fs, "models/team") == ["1.0.0", "bert"]
+    assert await names(fs, "models/team/bert/0.1.0") == ["README.md"]
+    assert await names(fs, "models/team/1.0.0") == []
+
+
+async def test_dotdot(fs: Filesystem) -> None:
+    ino = await walk(fs, "models/team/bert/0.1.0")
+    up = await fs.lookup(ino, "..")
+    assert up.ino == await walk(fs, "models/team/bert")
+
+
+async def test_attrs(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    a = await fs.getattr(await walk(fs, "models/llama/1.0.0/weights/model.bin"))
+    assert not a.is_dir and a.size == 5 * BS + 123
+    assert a.mode & 0o777 == 0o444
+    d = await fs.getattr(await walk(fs, "models/llama/1.0.0"))
+    assert d.is_dir and d.mode & 0o777 == 0o555
+
+
+async def test_missing_is_enoent(fs: Filesystem) -> None:
+    with pytest.raises(NotFound) as ei:
+        await walk(fs, "models/llama/3.0.0")
+    assert to_errno(ei.value) == errno.ENOENT
+
+
+async def test_read_exact_bytes(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    want = reg._files[("v", "llama", "1.0.0")]["weights/model.bin"][1]
+    got = await read_all(fs, "models/llama/1.0.0/weights/model.bin", 100_000)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(want).hexdigest()
+
+
+async def test_lazy_read(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    opened = await fs.open(await walk(fs, "models/llama/1.0.0/weights/model.bin"), os.O_RDONLY)
+    before = reg.stats.bytes_downloaded
+    assert len(await fs.read(opened.fh, 3 * BS + 10, 4096)) == 4096
+    assert reg.stats.bytes_downloaded - before == BS  # one block, not the file
+    fs.release(opened.fh)
+
+
+async def test_write_open_refused(fs: Filesystem) -> None:
+    with pytest.raises(ReadOnly):
+        await fs.open(await walk(fs, "models/llama/1.0.0/config.json"), os.O_WRONLY)
+
+
+async def test_corrupt_small_file_never_served(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    reg.corrupt.add("config.json")
+    with pytest.raises(IntegrityError):
+        await read_all(fs, "models/llama/1.0.0/config.json")
+    reg.corrupt.clear()
+    assert await read_all(fs, "models/llama/1.0.0/config.json") == b'{"a": 1}'
+
+
+async def test_corrupt_large_file_fails_and_is_discarded(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    reg.corrupt.add("weights/model.bin")
+    with pytest.raises(IntegrityError):
+        await read_all(fs, "models/llama/1.0.0/weights/model.bin")
+    assert fs.data.store.stats.stored_bytes == 0
+    reg.corrupt.clear()
+    got = await read_all(fs, "models/llama/1.0.0/weights/model.bin")
+    assert len(got) == 5 * BS + 123
+
+
+async def test_outage_serves_known_listing(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
+    await read_all(fs, "models/llama/1.0.0/config.json")
+    fs.meta.invalidate()
+    reg.down = True
+    # listings come from the last known answer; cached bytes still read
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
+    assert await read_all(fs, "models/llama/1.0.0/config.json") == b'{"a": 1}'
+    with pytest.raises(RegistryUnavailable):
+        await read_all(fs, "models/llama/1.0.0/weights/model.bin")
+
+
+async def test_listing_is_cached(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    await names(fs, "models/llama/1.0.0")
+    n = reg.stats.requests
+    for _ in range(3):
+        await names(fs, "models/llama/1.0.0/weights")
+        await names(fs, "models")
+    assert reg.stats.requests == n
