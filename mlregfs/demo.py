@@ -1,0 +1,82 @@
+"""`mlregfs demo`: start the embedded registry with sample models, mount it, show it."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _tree(root: Path) -> list[str]:
+    lines = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        depth = len(rel.parts)
+        if depth:
+            lines.append(f"{'  ' * (depth - 1)}{rel.name}/")
+        for name in sorted(filenames):
+            size = (Path(dirpath) / name).stat().st_size
+            lines.append(f"{'  ' * depth}{name}  ({size:,} bytes)")
+    return lines
+
+
+def run_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mlregfs demo", description=__doc__)
+    p.add_argument("--data", type=Path, default=None, help="server data dir (default: a temp dir)")
+    p.add_argument("--mountpoint", type=Path, default=None, help="default: ./mnt")
+    p.add_argument("--keep", action="store_true", help="stay mounted until Ctrl-C")
+    args = p.parse_args(argv)
+
+    from mlregfs.server.testing import ServerProcess
+
+    tmp = tempfile.TemporaryDirectory(prefix="mlregfs-demo-")
+    data = args.data or Path(tmp.name) / "server"
+    mnt = (args.mountpoint or Path("mnt")).absolute()
+    mnt.mkdir(parents=True, exist_ok=True)
+    cache = Path(tmp.name) / "cache"
+    with ServerProcess(data, extra_args=["--init-demo"]) as server:
+        source = f"{server.url}/demo/models"
+        print(f"embedded registry: {server.url}  (project demo/models)")
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlregfs",
+            "mount",
+            source,
+            str(mnt),
+            "-o",
+            f"cache_dir={cache}",
+        ]
+        print("$ mlregfs mount", source, mnt)
+        env = {k: v for k, v in os.environ.items() if k not in ("GITLAB_TOKEN", "CI_JOB_TOKEN")}
+        if subprocess.call(cmd, env=env) != 0:
+            return 1
+        try:
+            print(f"\n$ find {mnt}")
+            print("\n".join(_tree(mnt)))
+            cfg = mnt / "models/llama-tiny/1.1.0/config.json"
+            if cfg.exists():
+                print(f"\n$ cat {cfg}\n{cfg.read_text()}")
+            weights = next(mnt.glob("models/llama-tiny/*/model.safetensors"), None)
+            if weights is not None:
+                t0 = time.monotonic()
+                digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+                print(f"$ sha256sum {weights}\n{digest}  ({time.monotonic() - t0:.2f}s)")
+            if args.keep:
+                print(f"\nmounted at {mnt}; press Ctrl-C to unmount")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            subprocess.call(["fusermount3", "-u", str(mnt)])
+            print(f"\nunmounted {mnt}")
+    tmp.cleanup()
+    return 0

@@ -1,0 +1,155 @@
+"""FUSE adapter: pyfuse3 handlers that call the core and map every error to errno, once.
+
+No decisions live here. An exception other than FUSEError escaping a handler would stop the
+whole mount (pyfuse3 runs all handlers in one trio nursery), so every handler goes through
+`_guard`, which turns anything into FUSEError(errno) and logs it once.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from mlregfs.errors import MlregfsError, to_errno
+from mlregfs.fs.core import Attr, Filesystem
+
+log = logging.getLogger("mlregfs.fuse")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# expected misses are not worth more than a debug line
+_QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, pyfuse3.ENOATTR}
+
+
+def _guard(func: F) -> F:
+    @functools.wraps(func)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await func(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = to_errno(e)
+            self.failures[func.__name__] = self.failures.get(func.__name__, 0) + 1
+            if code in _QUIET:
+                log.debug("%s: %s", func.__name__, e)
+            elif isinstance(e, MlregfsError):
+                log.warning("%s failed (%s): %s", func.__name__, errno.errorcode.get(code, code), e)
+            else:
+                log.exception("%s: unexpected error, answering EIO", func.__name__)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 entry points over a `Filesystem`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.failures: dict[str, int] = {}
+        self._dirs: dict[int, list[tuple[str, Attr]]] = {}
+        self._next_dh = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = a.ttl
+        e.attr_timeout = a.ttl
+        e.st_mode = a.mode
+        e.st_nlink = 2 if a.is_dir else 1
+        e.st_uid = self._uid
+        e.st_gid = self._gid
+        e.st_size = a.size
+        e.st_blksize = 1 << 20  # tells cp/dd to use large reads
+        e.st_blocks = (a.size + 511) // 512
+        ns = int(a.mtime * 1e9)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.getattr(inode))
+
+    async def forget(self, inode_list: Any) -> None:
+        # inode numbers are never reused, so there is nothing to release (and forget must not raise)
+        return None
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        entries = await self.fs.readdir(inode)  # snapshot: offsets stay stable while listing
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = entries
+        return dh
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, a = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(a), i + 1):
+                break
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        opened = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=opened.fh, keep_cache=opened.keep_cache)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # pyfuse3 accepts any buffer (memoryview slices avoid a copy); its stub says bytes
+        return await self.fs.read(fh, off, size)  # type: ignore[return-value]
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        await self.fs.getattr(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    @_guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        used = self.fs.data.store.stats.stored_bytes // 4096
+        st.f_blocks = max(self.fs.data.store.capacity // 4096, used)
+        st.f_bfree = st.f_bavail = 0  # read-only
+        st.f_files = len(self.fs._node_of)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []

@@ -1,0 +1,233 @@
+"""Mount lifecycle: check, connect, pyfuse3.init/main/close, signals, readiness, daemonizing."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from mlregfs import logs
+from mlregfs.cache.blocks import BlockStore
+from mlregfs.cache.reader import DataCache
+from mlregfs.config import Config
+from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
+from mlregfs.fs.core import Filesystem, Timeouts
+from mlregfs.fuse_ops import Operations
+from mlregfs.registry.base import Registry
+
+log = logging.getLogger("mlregfs.mount")
+
+
+class MountError(Exception):
+    """The mount could not start; the message is for the user."""
+
+
+def public_source(source: str) -> str:
+    """SOURCE without any userinfo (never show credentials)."""
+    p = urllib.parse.urlsplit(source)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def check_mountpoint(mp: Path) -> None:
+    """Refuse a missing, non-directory, already mounted or stale mount point."""
+    try:
+        st = os.stat(mp)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mp} is a stale mlregfs mount (daemon gone): run 'fusermount3 -u {mp}' first"
+            ) from None
+        raise MountError(f"mount point {mp}: {e.strerror}") from None
+    if not os.path.isdir(mp) or not (st.st_mode & 0o040000):
+        raise MountError(f"mount point {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise MountError(f"mount point {mp} is busy (something is already mounted there)")
+
+
+def explain(e: BaseException, cfg: Config) -> str:
+    """A one-line, secret-free reason for a failed start."""
+    src = public_source(cfg.source)
+    if isinstance(e, Unauthorized):
+        how = (
+            "token_file"
+            if cfg.token_file
+            else ("CI_JOB_TOKEN" if cfg.token_kind == "job" else "GITLAB_TOKEN")
+        )
+        if cfg.token is None:
+            return f"{src}: the registry requires a token (set GITLAB_TOKEN or -o token_file=PATH)"
+        return f"{src}: token refused (401); check {how}"
+    if isinstance(e, NotFound):
+        who = "this token" if cfg.token else "no token"
+        return f"{src}: project not found, or not visible with {who}"
+    if isinstance(e, RegistryUnavailable):
+        return f"{src}: registry unreachable: {e}"
+    if isinstance(e, RegistryError):
+        return f"{src}: {e}"
+    return str(e)
+
+
+def build_registry(cfg: Config) -> Registry:
+    from mlregfs.registry.gitlab import GitLabRegistry
+    from mlregfs.registry.retry import RetryPolicy
+
+    return GitLabRegistry(
+        cfg.source,
+        cfg.token,
+        token_kind="job" if cfg.token_kind == "job" else "personal",
+        timeout=cfg.timeout,
+        retry=RetryPolicy(deadline=cfg.retry_deadline),
+    )
+
+
+def fuse_options(cfg: Config) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname={cfg.fsname}", "subtype=mlregfs", "ro", "noatime", "nodev", "nosuid"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.debug:
+        opts.add("debug")
+    return opts
+
+
+async def serve(cfg: Config, ready: ReadySignal) -> None:
+    """Connect, mount, serve until unmounted or signalled, then unmount."""
+    registry = build_registry(cfg)
+    try:
+        project = await registry.project()
+    except RegistryError as e:
+        await registry.aclose()
+        raise MountError(explain(e, cfg)) from None
+    log.info(
+        "project %s (id %s, %s) at %s",
+        project.path,
+        project.id,
+        project.visibility,
+        public_source(cfg.source),
+    )
+    store = await trio.to_thread.run_sync(BlockStore, cfg.cache_dir / "blocks", cfg.cache_size)
+    data = DataCache(
+        store,
+        block_size=cfg.block_size,
+        memory_bytes=cfg.memory_cache,
+        readahead=cfg.readahead_blocks,
+    )
+    fs = Filesystem(
+        registry,
+        data,
+        source_id=public_source(cfg.source),
+        timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
+    )
+    ops = Operations(fs)
+    check_mountpoint(cfg.mountpoint)
+    try:
+        pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
+    except RuntimeError as e:
+        await registry.aclose()
+        raise MountError(f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse available?)") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            data.start(nursery)
+            nursery.start_soon(_on_signals)
+            nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        # unmounting an already unmounted session (fusermount3 -u) is harmless
+        pyfuse3.close(unmount=True)
+        await registry.aclose()
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            if sig == signal.SIGHUP:
+                continue  # reserved for reloads; never die on a closed terminal
+            log.info("signal %s: unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mp: Path, ready: ReadySignal) -> None:
+    # a stat through the kernel proves the loop answers requests
+    await trio.to_thread.run_sync(os.stat, mp)
+    log.info("mounted at %s", mp)
+    ready.ok()
+
+
+class ReadySignal:
+    """Tells a waiting parent process (via a pipe fd) that the mount is up, or why not."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def _send(self, text: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode())
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def ok(self) -> None:
+        self._send("READY\n")
+
+    def fail(self, message: str) -> None:
+        self._send(f"ERROR {message}\n")
+
+
+def run_foreground(cfg: Config, ready_fd: int | None = None) -> int:
+    """Mount and serve in this process. Returns the exit status."""
+    log_file = cfg.log_file if cfg.log_file else None
+    logs.setup(debug=cfg.debug, log_file=log_file, secrets=[cfg.token] if cfg.token else [])
+    ready = ReadySignal(ready_fd)
+    try:
+        check_mountpoint(cfg.mountpoint)
+        trio.run(serve, cfg, ready)
+    except MountError as e:
+        log.error("%s", e)
+        ready.fail(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run_daemon(cfg: Config, argv: list[str]) -> int:
+    """Start the mount in a detached child and return once it is ready (or failed)."""
+    check_mountpoint(cfg.mountpoint)
+    r, w = os.pipe()
+    log_file = cfg.log_file or (cfg.cache_dir / "mlregfs.log")
+    cmd = [sys.executable, "-m", "mlregfs", "mount", *argv, "-f", f"--ready-fd={w}"]
+    if cfg.log_file is None:
+        cmd += ["-o", f"log_file={log_file}"]
+    proc = subprocess.Popen(
+        cmd,
+        pass_fds=(w,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # survives the shell that started it
+    )
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        answer = pipe.read().strip()
+    if answer == "READY":
+        return 0
+    if answer.startswith("ERROR "):
+        raise MountError(answer[6:])
+    code = proc.poll()
+    raise MountError(f"mount daemon exited before it was ready (status {code}); see {log_file}")
