@@ -189,7 +189,7 @@ class DataCache:
                 data = await trio.to_thread.run_sync(self.store.get, *key)
                 if data is not None:
                     self.stats.disk_hits += 1
-                    self._mem[key] = data
+                    self._remember(key, data)
                     return data
             return await self._fetch(cf, idx, claimed=False)
 
@@ -217,13 +217,18 @@ class DataCache:
                 cf.verified = True
             else:
                 await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
-            self._mem[(spec.key, idx)] = data
+            self._remember((spec.key, idx), data)
             if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
                 await self._verify(cf)
             return data
         finally:
             cf.inflight.pop(idx, None)
             ev.set()
+
+    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+        # a block larger than the whole memory budget is simply not kept in memory
+        if len(data) <= self._mem.maxsize:
+            self._mem[key] = data
 
     def _store_verified(self, key: str, idx: int, data: bytes) -> None:
         self.store.put(key, idx, data)
