@@ -112,7 +112,7 @@ def world(server: ServerProcess) -> World:
 
 @pytest.fixture
 def mount_factory(tmp_path: Path) -> Iterator[object]:
-    """`mount_factory(source, token=..., options=[...])` -> a started Mount, stopped after the test."""
+    """`mount_factory(source, token=..., options=[...])`: a started Mount, stopped afterwards."""
     mounts: list[Mount] = []
 
     def make(source: str, *, cache: Path | None = None, **kw: object) -> Mount:
