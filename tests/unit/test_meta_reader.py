@@ -1,0 +1,104 @@
+"""MetadataCache single-flight/stale answers and DataCache read-ahead, without a kernel."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import trio
+
+from mlregfs.cache.blocks import BlockStore
+from mlregfs.cache.meta import MetadataCache
+from mlregfs.cache.reader import DataCache, FileSpec, ReadStream
+from mlregfs.errors import NotFound, RegistryUnavailable
+
+
+async def test_single_flight_shares_one_fetch() -> None:
+    mc = MetadataCache()
+    calls = 0
+
+    async def fetch() -> int:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(0.05)
+        return 42
+
+    results: list[int] = []
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(lambda: _append(results, mc.get("k", fetch, 10)))
+    assert results == [42] * 5 and calls == 1
+
+
+async def _append(out: list[int], aw) -> None:  # type: ignore[no-untyped-def]
+    out.append(await aw)
+
+
+async def test_stale_answer_on_outage_but_not_on_not_found() -> None:
+    now = [0.0]
+    mc = MetadataCache(clock=lambda: now[0])
+
+    async def ok() -> str:
+        return "v1"
+
+    async def down() -> str:
+        raise RegistryUnavailable("refused")
+
+    async def gone() -> str:
+        raise NotFound("deleted")
+
+    assert await mc.get("k", ok, 10) == "v1"
+    now[0] = 20  # expired
+    assert await mc.get("k", down, 10) == "v1"  # outage: last known value
+    assert mc.stale_answers == 1
+    with pytest.raises(NotFound):
+        await mc.get("k", gone, 10)  # a real answer is not masked
+    with pytest.raises(RegistryUnavailable):
+        await mc.get("never-seen", down, 10)
+
+
+async def test_readahead_fetches_ahead_of_sequential_reader(tmp_path: Path) -> None:
+    bs = 1 << 16
+    data = bytes(range(256)) * (bs * 10 // 256)
+    fetched: list[int] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        fetched.append(start // bs)
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=3)
+    spec = FileSpec(
+        "k" + hashlib.sha256(data).hexdigest()[:10], len(data), hashlib.sha256(data).hexdigest()
+    )
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(spec, fetch)
+        stream = ReadStream()
+        got = bytearray()
+        for off in range(0, len(data), 4096 * 4):
+            got += await dc.read(cf, off, 4096 * 4, stream)
+        dc.close(cf)
+    assert bytes(got) == data
+    assert sorted(fetched) == list(range(10))  # each block fetched once
+    assert dc.stats.prefetched_blocks >= 5
+    assert dc.store.is_verified(spec.key)  # whole file checked against sha256
+
+
+async def test_random_pread_fetches_only_its_block(tmp_path: Path) -> None:
+    bs = 1 << 16
+    data = bytes(1 << 20)
+    fetched: list[int] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        fetched.append(start // bs)
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=8)
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(FileSpec("zeros", len(data), None), fetch)
+        stream = ReadStream()
+        await dc.read(cf, 5 * bs + 7, 4096, stream)
+        await dc.read(cf, 2 * bs, 4096, stream)
+    assert fetched == [5, 2]
