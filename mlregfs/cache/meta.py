@@ -23,8 +23,17 @@ class MetadataCache:
     value instead, so an outage never looks like a deletion. Other errors propagate.
     """
 
-    def __init__(self, maxsize: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        maxsize: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        outage_grace: float = 10.0,
+    ) -> None:
         self._clock = clock
+        # after an outage answer, expired keys with a known value are answered stale at once
+        # for this long instead of each waiting out the client's retries again
+        self.outage_grace = outage_grace
+        self._down_until = float("-inf")
         self._fresh: dict[float, TTLCache[Hashable, Any]] = {}
         self._maxsize = maxsize
         self._last: dict[Hashable, Any] = {}  # last good value per key, for outages
@@ -65,12 +74,16 @@ class MetadataCache:
         if flight is not None:  # someone is fetching already: share their answer
             await flight.done.wait()
             return flight.result()
+        if key in self._last and self._clock() < self._down_until:
+            self.stale_answers += 1
+            return self._last[key]  # type: ignore[no-any-return]
         self.misses += 1
         flight = self._inflight[key] = _Flight()
         try:
             try:
                 val = await fetch()
             except (RegistryUnavailable, ServerError) as e:
+                self._down_until = self._clock() + self.outage_grace
                 if key not in self._last:
                     raise
                 self.stale_answers += 1
@@ -79,6 +92,7 @@ class MetadataCache:
             else:
                 bucket[key] = val
                 self._last[key] = val
+                self._down_until = float("-inf")
             flight.value = val
             return val
         except Exception as e:

@@ -44,7 +44,15 @@ class CachedFile:
     refs: int = 0
     verified: bool = False
     poisoned: bool = False  # a background check failed: fail the next read
-    inflight: dict[int, trio.Event] = field(default_factory=dict)
+    inflight: dict[int, BlockFetch] = field(default_factory=dict)
+
+
+@dataclass
+class BlockFetch:
+    """One block download in progress; waiters share its outcome, including its error."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
 
 
 @dataclass
@@ -160,7 +168,7 @@ class DataCache:
             key = (cf.spec.key, idx)
             if key in self._mem or idx in cf.inflight or self.store.has(*key):
                 continue
-            cf.inflight[idx] = trio.Event()  # claim it now so the foreground waits for it
+            cf.inflight[idx] = BlockFetch()  # claim it now so the foreground waits for it
             self._nursery.start_soon(self._prefetch, cf, idx)
 
     async def _prefetch(self, cf: CachedFile, idx: int) -> None:
@@ -179,12 +187,14 @@ class DataCache:
             if data is not None:
                 self.stats.memory_hits += 1
                 return data
-            ev = cf.inflight.get(idx)
-            if ev is not None:
-                await ev.wait()
+            flight = cf.inflight.get(idx)
+            if flight is not None:
+                await flight.done.wait()
+                if flight.error is not None:
+                    # share the failure: N waiters must not each wait out the retries again
+                    raise flight.error
                 if key in self._mem or self.store.has(*key):
                     continue
-                # the other fetch failed: try ourselves (and report our own error)
             if self.store.has(*key):
                 data = await trio.to_thread.run_sync(self.store.get, *key)
                 if data is not None:
@@ -195,9 +205,9 @@ class DataCache:
 
     async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> bytes:
         spec = cf.spec
-        ev = cf.inflight.get(idx) if claimed else None
-        if ev is None:
-            ev = cf.inflight[idx] = trio.Event()
+        flight = cf.inflight.get(idx) if claimed else None
+        if flight is None:
+            flight = cf.inflight[idx] = BlockFetch()
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
@@ -221,9 +231,12 @@ class DataCache:
             if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
                 await self._verify(cf)
             return data
+        except Exception as e:
+            flight.error = e
+            raise
         finally:
             cf.inflight.pop(idx, None)
-            ev.set()
+            flight.done.set()
 
     def _remember(self, key: tuple[str, int], data: bytes) -> None:
         # a block larger than the whole memory budget is simply not kept in memory

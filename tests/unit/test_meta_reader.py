@@ -52,6 +52,15 @@ async def test_stale_answer_on_outage_but_not_on_not_found() -> None:
     now[0] = 20  # expired
     assert await mc.get("k", down, 10) == "v1"  # outage: last known value
     assert mc.stale_answers == 1
+    calls: list[int] = []
+
+    async def counted() -> str:
+        calls.append(1)
+        return "v2"
+
+    assert await mc.get("k", counted, 10) == "v1"  # within the outage grace: no new attempt
+    assert calls == []
+    now[0] = 20 + mc.outage_grace + 1
     with pytest.raises(NotFound):
         await mc.get("k", gone, 10)  # a real answer is not masked
     with pytest.raises(RegistryUnavailable):
