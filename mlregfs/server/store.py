@@ -608,6 +608,20 @@ class Store:
             db.execute("DELETE FROM model_versions WHERE model_id=?", (model_id,))
             db.execute("DELETE FROM models WHERE id=?", (model_id,))
 
+    def delete_version(self, project_id: int, version_id: int) -> None:
+        """`Ml::DestroyModelVersionService`: the package goes pending_destruction, the version
+        and its hidden candidate are removed."""
+        v = self.one(
+            "SELECT * FROM model_versions WHERE project_id=? AND id=?", (project_id, version_id)
+        )
+        if v is None:
+            raise NotFoundError("model version not found")
+        with self.tx() as db:
+            if v["package_id"] is not None:
+                self._destroy_package(db, int(v["package_id"]))
+            db.execute("DELETE FROM candidates WHERE model_version_id=?", (version_id,))
+            db.execute("DELETE FROM model_versions WHERE id=?", (version_id,))
+
     # ------------------------------------------------------------------ candidates
 
     def _insert_candidate(
