@@ -55,6 +55,8 @@ class Config:
     file_ttl: float = 300.0  # files of a model version (immutable in practice)
     timeout: float = 30.0  # per HTTP request
     retry_deadline: float = 30.0  # total time one operation may spend retrying
+    read_only: bool = False
+    drain_timeout: float = 300.0  # how long unmount waits for uploads in flight
     allow_other: bool = False
     debug: bool = False
     foreground: bool = False
@@ -79,6 +81,7 @@ _VALUE_OPTIONS = {
     "timeout": ("timeout", parse_duration),
     "retry_deadline": ("retry_deadline", parse_duration),
     "log_file": ("log_file", Path),
+    "drain_timeout": ("drain_timeout", parse_duration),
     "fsname": ("fsname", str),
 }
 _FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug"}

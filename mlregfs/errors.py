@@ -17,7 +17,8 @@
     ├── IntegrityError            EIO     (bytes did not match the registry's sha256)
     ├── InvalidPath               EINVAL  / ENAMETOOLONG via subclass
     └── (fs semantics)            NotADirectory ENOTDIR, IsADirectory EISDIR,
-                                  ReadOnly EROFS, NotPermitted EPERM, NotEmpty ENOTEMPTY
+                                  ReadOnly EROFS, NotPermitted EPERM, NotEmpty ENOTEMPTY,
+                                  Busy EBUSY, Exists EEXIST
 
 Messages never contain tokens: the HTTP layer builds them from method, path and status only.
 """
@@ -141,6 +142,16 @@ class NotPermitted(MlregfsError):
 
 class NotEmpty(MlregfsError):
     errno = _errno.ENOTEMPTY
+
+
+class Busy(MlregfsError):
+    """The file is being written by another handle."""
+
+    errno = _errno.EBUSY
+
+
+class Exists(MlregfsError):
+    errno = _errno.EEXIST
 
 
 def to_errno(exc: BaseException) -> int:

@@ -51,7 +51,8 @@ class Operations(pyfuse3.Operations):
     """pyfuse3 entry points over a `Filesystem`."""
 
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    # the kernel merges small writes into ~1 MiB requests (see fuse-ceiling.md §1.8, §3)
+    enable_writeback_cache = True
 
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
@@ -125,12 +126,71 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh: int) -> None:
-        self.fs.release(fh)
+        await self.fs.release(fh)
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        opened, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
+        return pyfuse3.FileInfo(fh=opened.fh, keep_cache=False), self._entry(attr)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_guard
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            self.fs.truncate(inode, attr.st_size)
+        # mode, owner and times are not stored by the registry: accepted and not kept, so that
+        # `cp -p`, `touch` and the writeback cache's mtime updates work
+        return self._entry(await self.fs.getattr(inode))
+
+    @_guard
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mkdir(parent_inode, os.fsdecode(name)))
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, os.fsdecode(name))
+
+    @_guard
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)  # GitLab has no rename; see README Semantics
+
+    @_guard
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_guard
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         await self.fs.getattr(inode)
-        if mode & os.W_OK:
+        if mode & os.W_OK and self.fs.spool is None:
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
@@ -140,7 +200,7 @@ class Operations(pyfuse3.Operations):
         st.f_bsize = st.f_frsize = 4096
         used = self.fs.data.store.stats.stored_bytes // 4096
         st.f_blocks = max(self.fs.data.store.capacity // 4096, used)
-        st.f_bfree = st.f_bavail = 0  # read-only
+        st.f_bfree = st.f_bavail = 0 if self.fs.spool is None else st.f_blocks
         st.f_files = len(self.fs._node_of)
         st.f_ffree = st.f_favail = 0
         st.f_namemax = 255
@@ -148,7 +208,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # ENOSYS once makes the kernel stop asking: otherwise every write(2) costs a
+        # GETXATTR(security.capability) round trip (fuse-ceiling.md §1.9)
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:

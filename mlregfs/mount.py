@@ -22,6 +22,7 @@ from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unautho
 from mlregfs.fs.core import Filesystem, Timeouts
 from mlregfs.fuse_ops import Operations
 from mlregfs.registry.base import Registry
+from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.mount")
 
@@ -92,7 +93,9 @@ def build_registry(cfg: Config) -> Registry:
 
 def fuse_options(cfg: Config) -> set[str]:
     opts = set(pyfuse3.default_options)
-    opts |= {f"fsname={cfg.fsname}", "subtype=mlregfs", "ro", "noatime", "nodev", "nosuid"}
+    opts |= {f"fsname={cfg.fsname}", "subtype=mlregfs", "noatime", "nodev", "nosuid"}
+    if cfg.read_only:
+        opts.add("ro")
     if cfg.allow_other:
         opts.add("allow_other")
     if cfg.debug:
@@ -122,11 +125,24 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         memory_bytes=cfg.memory_cache,
         readahead=cfg.readahead_blocks,
     )
+    spool = None
+    if not cfg.read_only:
+        spool = await trio.to_thread.run_sync(Spool, cfg.cache_dir / "spool")
+        leftovers = await trio.to_thread.run_sync(spool.leftovers)
+        if leftovers:
+            log.warning(
+                "%d spooled file(s) from earlier mounts were not uploaded (%s); run"
+                " 'mlregfs recover --cache-dir %s' to retry or discard them",
+                len(leftovers),
+                ", ".join(e.target for e in leftovers[:5]),
+                cfg.cache_dir,
+            )
     fs = Filesystem(
         registry,
         data,
         source_id=public_source(cfg.source),
         timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
+        spool=spool,
     )
     ops = Operations(fs)
     check_mountpoint(cfg.mountpoint)
@@ -138,7 +154,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
     try:
         async with trio.open_nursery() as nursery:
             data.start(nursery)
-            nursery.start_soon(_on_signals)
+            nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
@@ -149,12 +165,18 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _on_signals() -> None:
+async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
             if sig == signal.SIGHUP:
                 continue  # reserved for reloads; never die on a closed terminal
             log.info("signal %s: unmounting", signal.Signals(sig).name)
+            if not await fs.drain(drain_timeout):
+                log.error(
+                    "uploads still running after %.0fs; their spool files are kept for"
+                    " 'mlregfs recover'",
+                    drain_timeout,
+                )
             pyfuse3.terminate()
             return
 

@@ -76,7 +76,7 @@ class MetadataCache:
             return flight.result()
         if key in self._last and self._clock() < self._down_until:
             self.stale_answers += 1
-            return self._last[key]  # type: ignore[no-any-return]
+            return self._last[key]
         self.misses += 1
         flight = self._inflight[key] = _Flight()
         try:

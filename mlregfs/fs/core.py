@@ -1,4 +1,4 @@
-"""The filesystem core: lookup, getattr, readdir, open, read, release, statfs.
+"""The filesystem core: namespace, reads, and writes that upload on close.
 
 Returns plain dataclasses and raises mlregfs.errors types; the FUSE adapter turns those into
 pyfuse3 replies and errno. Everything here can be driven without a kernel.
@@ -10,17 +10,35 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
 from itertools import count
 
+import semver
+import trio
+
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import CachedFile, DataCache, FileSpec, ReadStream
-from mlregfs.errors import IsADirectory, NotADirectory, NotFound, ReadOnly
-from mlregfs.fs.tree import FileDir, build_file_tree, model_dir_entries
+from mlregfs.errors import (
+    AuthError,
+    Busy,
+    Exists,
+    InvalidPath,
+    IsADirectory,
+    MlregfsError,
+    NameTooLong,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+)
+from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
+from mlregfs.writeback import Spool, SpoolFile
 
 log = logging.getLogger("mlregfs.fs")
 
@@ -101,10 +119,52 @@ class FileHandle:
     stream: ReadStream = field(default_factory=ReadStream)
 
 
+@dataclass
+class WriteHandle:
+    """A file being written: bytes go to a spool file and are uploaded at flush/fsync/close."""
+
+    node: Node
+    spool: SpoolFile
+    replaces: tuple[RemoteFile, ...] = ()  # the copy being overwritten (O_TRUNC)
+    error: MlregfsError | None = None  # the last upload failure, reported again on fsync/close
+    uploads: int = 0
+
+
 @dataclass(frozen=True)
 class Opened:
     fh: int
     keep_cache: bool  # immutable bytes (sha256 known): the kernel may keep its page cache
+
+
+# GitLab's ml_model_file_name_regex for the last path segment (reference §8.4)
+FILE_NAME_RE = re.compile(r"\A[A-Za-z0-9._+\- ]+\Z")
+# GitLab's package_name_regex (model names), reference §2
+MODEL_NAME_RE = re.compile(
+    r"\A@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]+))@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]*))\Z"
+)
+# a directory name that is meant as a version: starts with a digit, or v + digit
+VERSION_LIKE_RE = re.compile(r"\A[vV]?\d")
+
+
+def check_file_name(name: str) -> None:
+    """Refuse, before any byte is written, a name GitLab's file-name regex would reject."""
+    if len(name.encode()) > NAME_MAX:
+        raise NameTooLong(f"file name longer than {NAME_MAX} bytes")
+    if name in (".", "..") or not FILE_NAME_RE.match(name):
+        raise InvalidPath(
+            f"file name {name!r} refused: GitLab accepts only letters, digits, '.', '_', '-',"
+            " '+' and space"
+        )
+
+
+def check_semver(name: str) -> None:
+    """Versions are strict semver (no leading 'v', three numbers), as GitLab requires."""
+    try:
+        semver.Version.parse(name)
+    except ValueError:
+        raise InvalidPath(
+            f"version {name!r} refused: not strict semver MAJOR.MINOR.PATCH[-pre][+build]"
+        ) from None
 
 
 class Filesystem:
@@ -118,8 +178,10 @@ class Filesystem:
         source_id: str,
         timeouts: Timeouts | None = None,
         meta: MetadataCache | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.registry = registry
+        self.spool = spool  # None: a read-only mount
         self.data = data
         self.source_id = source_id  # distinguishes cache keys of files without sha256
         self.t = timeouts or Timeouts()
@@ -128,8 +190,16 @@ class Filesystem:
         self._ino_of: dict[Node, int] = {Node(Kind.ROOT): ROOT_INO}
         self._node_of: dict[int, Node] = {ROOT_INO: Node(Kind.ROOT)}
         self._next_ino = count(ROOT_INO + 1)
-        self._handles: dict[int, FileHandle] = {}
+        self._handles: dict[int, FileHandle | WriteHandle] = {}
         self._next_fh = count(1)
+        # files being written, by (owner, path): shown in listings with their spooled size
+        self._writing: dict[tuple[tuple[str, ...], str], WriteHandle] = {}
+        # directories made inside a version for this mount's lifetime (GitLab has none)
+        self._local_dirs: set[tuple[tuple[str, ...], str]] = set()
+        self._uploading = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.upload_stats = {"uploaded": 0, "failed": 0, "bytes": 0}
 
     # -- inodes -------------------------------------------------------------------------
     def ino(self, node: Node) -> int:
@@ -203,13 +273,32 @@ class Filesystem:
         if k in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
             tree = await self.file_tree(node.owner)
             d = tree.get(node.path)
-            if d is None:
-                raise NotFound(f"directory {node.path!r} no longer exists")
+            local_dirs, local_files = self._local_entries(node.owner, node.path)
+            if d is None and not local_dirs and not local_files and node.kind is Kind.DIR:
+                if (node.owner, node.path) not in self._local_dirs:
+                    raise NotFound(f"directory {node.path!r} no longer exists")
             base = f"{node.path}/" if node.path else ""
-            out = {n: Node(Kind.DIR, owner=node.owner, path=base + n) for n in d.dirs}
-            out.update({n: Node(Kind.FILE, owner=node.owner, path=base + n) for n in d.files})
+            dirs = set(d.dirs if d else ()) | local_dirs
+            files = (set(d.files) if d else set()) | local_files
+            out = {n: Node(Kind.DIR, owner=node.owner, path=base + n) for n in dirs}
+            out.update({n: Node(Kind.FILE, owner=node.owner, path=base + n) for n in files - dirs})
             return out
         raise NotADirectory(f"{node} is not a directory")
+
+    def _local_entries(self, owner: tuple[str, ...], path: str) -> tuple[set[str], set[str]]:
+        """Names under `path` that exist only in this mount: made dirs, files being written."""
+        prefix = f"{path}/" if path else ""
+        dirs: set[str] = set()
+        files: set[str] = set()
+        for o, p in [*self._local_dirs, *((o, p) for (o, p) in self._writing)]:
+            if o != owner or not p.startswith(prefix) or p == path:
+                continue
+            head, sep, _ = p[len(prefix) :].partition("/")
+            if sep or (o, p) in self._local_dirs:
+                dirs.add(head)
+            else:
+                files.add(head)
+        return dirs, files
 
     async def _remote_file(self, node: Node) -> RemoteFile:
         tree = await self.file_tree(node.owner)
@@ -224,6 +313,9 @@ class Filesystem:
         ino = self.ino(node)
         k = node.kind
         if k is Kind.FILE:
+            w = self._writing.get((node.owner, node.path))
+            if w is not None:  # being written: its spooled size, never cached by the kernel
+                return Attr(ino, False, w.spool.size, w.spool.entry.updated, 0.0)
             f = await self._remote_file(node)
             ttl = self.t.files if node.owner[0] == "v" else self.t.listing
             return Attr(ino, False, f.size, f.created_at, ttl)
@@ -237,9 +329,17 @@ class Filesystem:
             mtime = owner.created_at
         elif k is Kind.DIR:
             d = (await self.file_tree(node.owner)).get(node.path)
-            if d is None:
+            if d is not None:
+                mtime = d.mtime
+            elif (
+                not any(self._local_entries(node.owner, node.path))
+                and (
+                    node.owner,
+                    node.path,
+                )
+                not in self._local_dirs
+            ):
                 raise NotFound(f"directory {node.path!r} no longer exists")
-            mtime = d.mtime
         return Attr(ino, True, 4096, mtime, self.t.listing)
 
     # -- operations ---------------------------------------------------------------------
@@ -270,7 +370,12 @@ class Filesystem:
         if node.is_dir:
             raise IsADirectory("open of a directory for reading data")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
-            raise ReadOnly("this mount is read-only")
+            return await self._open_for_write(node, flags)
+        w = self._writing.get((node.owner, node.path))
+        if w is not None:  # reading a file that is still being written: its spool
+            fh = next(self._next_fh)
+            self._handles[fh] = WriteHandle(node, w.spool)
+            return Opened(fh, keep_cache=False)
         f = await self._remote_file(node)
         owner = await self.owner(node.owner)
         spec = FileSpec(self.cache_key(f), f.size, f.sha256)
@@ -295,12 +400,253 @@ class Filesystem:
         h = self._handles.get(fh)
         if h is None:
             raise NotFound(f"unknown file handle {fh}")
+        if isinstance(h, WriteHandle):
+            return h.spool.read(off, size)
         return await self.data.read(h.cached, off, size, h.stream)
 
-    def release(self, fh: int) -> None:
+    async def release(self, fh: int) -> None:
+        """Last close of a handle: upload what was not uploaded yet, then forget the handle."""
         h = self._handles.pop(fh, None)
-        if h is not None:
+        if h is None:
+            return
+        if isinstance(h, FileHandle):
             self.data.close(h.cached)
+            return
+        key = (h.node.owner, h.node.path)
+        if self._writing.get(key) is not h:
+            return  # a reader of a file being written
+        try:
+            if h.spool.dirty and h.error is None:
+                await self._upload(h)  # errors here reach no caller: logged, spool kept
+        except MlregfsError:
+            pass
+        finally:
+            h.spool.close()
+            del self._writing[key]
+            if h.error is None:
+                h.spool.spool.remove(h.spool.entry)
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    # -- writes -------------------------------------------------------------------------
+    def _writable(self) -> Spool:
+        if self.spool is None:
+            raise ReadOnly("this mount is read-only")
+        return self.spool
+
+    async def _new_writer(self, node: Node, replaces: tuple[RemoteFile, ...]) -> Opened:
+        spool = self._writable()
+        key = (node.owner, node.path)
+        if key in self._writing:
+            raise Busy(f"{node.path!r} is already being written through this mount")
+        owner = await self.owner(node.owner)
+        # the preflight (as Workhorse does it) turns a missing permission into EACCES at
+        # open(), before gigabytes are written
+        await self.registry.authorize_upload(owner, node.path)
+        sf = await trio.to_thread.run_sync(spool.new, self.source_id, node.owner, node.path)
+        h = WriteHandle(node, sf, replaces)
+        self._writing[key] = h
+        fh = next(self._next_fh)
+        self._handles[fh] = h
+        return Opened(fh, keep_cache=False)
+
+    async def _open_for_write(self, node: Node, flags: int) -> Opened:
+        self._writable()
+        if flags & os.O_APPEND:
+            raise NotPermitted("append is not supported: registry files are immutable")
+        if not flags & os.O_TRUNC:
+            raise NotPermitted(
+                "in-place modification is not supported: open with O_TRUNC to replace the file"
+            )
+        if (node.owner, node.path) in self._writing:
+            raise Busy(f"{node.path!r} is already being written through this mount")
+        f = await self._remote_file(node)
+        return await self._new_writer(node, (f,))
+
+    async def create(self, parent_ino: int, name: str, flags: int) -> tuple[Opened, Attr]:
+        """O_CREAT of a new file inside a version or candidate directory."""
+        self._writable()
+        parent = self.node(parent_ino)
+        if parent.kind not in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
+            raise NotPermitted("files can only be created inside a version or candidate directory")
+        check_file_name(name)
+        path = f"{parent.path}/{name}" if parent.path else name
+        node = Node(Kind.FILE, owner=parent.owner, path=path)
+        if name in await self.children(parent):
+            if flags & os.O_EXCL:
+                raise Exists(f"{path!r} exists")
+            return await self._open_for_write(node, flags | os.O_TRUNC), await self.attr_of(node)
+        opened = await self._new_writer(node, ())
+        return opened, await self.attr_of(node)
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self._handles.get(fh)
+        if (
+            not isinstance(h, WriteHandle)
+            or self._writing.get((h.node.owner, h.node.path)) is not h
+        ):
+            raise NotPermitted("handle not open for writing")
+        return h.spool.write(off, data)
+
+    async def flush(self, fh: int) -> None:
+        """close(2): upload if anything changed since the last upload; report its failure."""
+        h = self._handles.get(fh)
+        if isinstance(h, WriteHandle) and self._writing.get((h.node.owner, h.node.path)) is h:
+            if h.spool.dirty:
+                await self._upload(h)
+            elif h.error is not None:
+                raise h.error
+
+    fsync = flush
+
+    def truncate(self, ino: int, size: int) -> None:
+        node = self.node(ino)
+        w = self._writing.get((node.owner, node.path))
+        if w is None:
+            raise NotPermitted("only a file being written can be truncated (open it with O_TRUNC)")
+        w.spool.truncate(size)
+
+    async def _upload(self, h: WriteHandle) -> None:
+        spool = self._writable()
+        entry = h.spool.entry
+        self._uploading += 1
+        self._idle = trio.Event() if self._uploading == 1 else self._idle
+        try:
+            size, digest = await trio.to_thread.run_sync(h.spool.finish)
+            entry.state, entry.size, entry.sha256, entry.error = "uploading", size, digest, None
+            await trio.to_thread.run_sync(spool.save, entry)
+            h.spool.dirty = False
+            try:
+                owner = await self.owner(h.node.owner)
+                await self.registry.upload(owner, h.node.path, h.spool.path, size)
+            except MlregfsError as e:
+                h.spool.dirty = True
+                h.error = e
+                entry.state, entry.error = "failed", str(e)
+                await trio.to_thread.run_sync(spool.save, entry)
+                self.upload_stats["failed"] += 1
+                log.error(
+                    "upload of %s failed: %s; the bytes are kept (journal %s): run"
+                    " 'mlregfs recover' to retry",
+                    entry.target,
+                    e,
+                    entry.id,
+                )
+                raise
+            h.error = None
+            h.uploads += 1
+            self.upload_stats["uploaded"] += 1
+            self.upload_stats["bytes"] += size
+            entry.state = "uploaded"
+            await trio.to_thread.run_sync(spool.save, entry)
+            log.info("uploaded %s (%d bytes, sha256 %s)", entry.target, size, digest)
+            self.meta.invalidate(("files", h.node.owner))
+            await self._drop_replaced(h)
+        finally:
+            self._uploading -= 1
+            if self._uploading == 0:
+                self._idle.set()
+
+    async def _drop_replaced(self, h: WriteHandle) -> None:
+        """After an overwrite, delete the older copies (needs Maintainer; else keep them)."""
+        ids = [fid for f in h.replaces for fid in (f.file_id, *f.older_ids)]
+        h.replaces = ()
+        for f in [f for f in ids if f]:
+            try:
+                await self.registry.delete_file(self._file_ref(h, f))
+            except AuthError:
+                log.info(
+                    "kept older copies of %s: deleting package files needs the Maintainer role"
+                    " (GitLab serves the newest copy)",
+                    h.spool.entry.target,
+                )
+                return
+            except MlregfsError as e:
+                log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
+
+    @staticmethod
+    def _file_ref(h: WriteHandle, file_id: int) -> RemoteFile:
+        base = h.replaces[0] if h.replaces else None
+        pkg = base.package_id if base else 0
+        return RemoteFile(h.node.path, 0, None, 0.0, file_id, pkg)
+
+    async def drain(self, seconds: float) -> bool:
+        """Wait (bounded) for uploads in flight; True if none is left."""
+        with trio.move_on_after(seconds):
+            await self._idle.wait()
+        return self._uploading == 0
+
+    # -- namespace ----------------------------------------------------------------------
+    async def mkdir(self, parent_ino: int, name: str) -> Attr:
+        self._writable()
+        parent = self.node(parent_ino)
+        if not usable_name(name):
+            raise InvalidPath(f"invalid directory name {name!r}")
+        kids = await self.children(parent)
+        if name in kids:
+            raise Exists(f"{name!r} exists")
+        k = parent.kind
+        if k in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
+            path = f"{parent.path}/{name}" if parent.path else name
+            self._local_dirs.add((parent.owner, path))
+            return await self.attr_of(Node(Kind.DIR, owner=parent.owner, path=path))
+        if k is Kind.MODEL_DIR and VERSION_LIKE_RE.match(name):
+            check_semver(name)
+            if parent.name not in await self.models():
+                raise NotFound(f"no model named {parent.name!r}: mkdir the model first")
+            await self.registry.create_version(parent.name, name)
+            self.meta.invalidate("models")
+            return await self.lookup(parent_ino, name)
+        if k in (Kind.MODELS, Kind.MODEL_DIR):
+            full = f"{parent.name}/{name}" if parent.name else name
+            if len(full) > 255 or not MODEL_NAME_RE.match(full):
+                raise InvalidPath(f"model name {full!r} refused by GitLab's package name rules")
+            await self.registry.create_model(full)
+            self.meta.invalidate("models")
+            return await self.lookup(parent_ino, name)
+        if k is Kind.CANDIDATES:
+            raise NotPermitted("candidates are created by runs (MLflow), not by mkdir")
+        raise NotPermitted("directories cannot be created here")
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self.node(parent_ino)
+        child = (await self.children(parent)).get(name)
+        if child is None:
+            raise NotFound(f"{name!r} not found")
+        if not child.is_dir:
+            raise NotADirectory(f"{name!r} is a file")
+        if await self.children(child):
+            raise NotEmpty(f"{name!r} is not empty")
+        if child.kind is Kind.DIR:
+            self._local_dirs.discard((child.owner, child.path))
+            return
+        if child.kind is Kind.VERSION:
+            version = await self.owner(child.owner)
+            assert not isinstance(version, Candidate)
+            await self.registry.delete_version(version)
+            self.meta.invalidate("models")
+            return
+        if child.kind is Kind.MODEL_DIR and child.name in await self.models():
+            await self.registry.delete_model(child.name)
+            self.meta.invalidate("models")
+            return
+        raise NotPermitted(f"{name!r} cannot be removed")
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        parent = self.node(parent_ino)
+        child = (await self.children(parent)).get(name)
+        if child is None:
+            raise NotFound(f"{name!r} not found")
+        if child.is_dir:
+            raise IsADirectory(f"{name!r} is a directory")
+        if (child.owner, child.path) in self._writing:
+            raise Busy(f"{name!r} is still being written")
+        f = await self._remote_file(child)
+        for fid in (f.file_id, *f.older_ids):
+            await self.registry.delete_file(
+                RemoteFile(f.path, f.size, f.sha256, f.created_at, fid, f.package_id)
+            )
+        self.meta.invalidate(("files", child.owner))

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
-from mlregfs.registry.types import Candidate, FileOwner, Model, ProjectInfo, RemoteFile
+from mlregfs.registry.types import (
+    Candidate,
+    FileOwner,
+    Model,
+    ModelVersion,
+    ProjectInfo,
+    RemoteFile,
+)
 
 
 @dataclass
@@ -50,6 +58,35 @@ class Registry(Protocol):
 
     async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
+        ...
+
+    # -- writes (issue #3) ----------------------------------------------------------------
+    async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+        """Preflight (as Workhorse does): may `path` be uploaded to `owner`? Stores nothing."""
+        ...
+
+    async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
+        """Upload the file at `source` (exactly `size` bytes) as `path` of `owner`."""
+        ...
+
+    async def delete_file(self, file: RemoteFile) -> None:
+        """Delete one package file (one copy of a name)."""
+        ...
+
+    async def create_model(self, name: str) -> Model:
+        """Create a model; Conflict if it exists."""
+        ...
+
+    async def create_version(self, model: str, version: str) -> ModelVersion:
+        """Create version `version` (semver) of `model`."""
+        ...
+
+    async def delete_version(self, version: ModelVersion) -> None:
+        """Delete a model version and its files."""
+        ...
+
+    async def delete_model(self, name: str) -> None:
+        """Delete a model (and all its versions)."""
         ...
 
     async def aclose(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
+from pathlib import Path
 
-from mlregfs.errors import NotFound, RegistryUnavailable
+from mlregfs.errors import BadRequest, Conflict, Forbidden, NotFound, RegistryUnavailable
 from mlregfs.registry.base import RegistryStats
 from mlregfs.registry.types import (
     Candidate,
@@ -28,6 +30,7 @@ class InMemoryRegistry:
         self._files: dict[tuple[str, ...], dict[str, tuple[RemoteFile, bytes]]] = {}
         self._next_id = 1000
         self.corrupt: set[str] = set()  # paths whose served bytes differ from their sha256
+        self.role = 40  # access level of our token: 30 developer uploads, 40 maintainer deletes
 
     def _id(self) -> int:
         self._next_id += 1
@@ -105,6 +108,69 @@ class InMemoryRegistry:
             data = bytes(b ^ 0xFF for b in data)
         self.stats.bytes_downloaded += end - start
         return data[start:end]
+
+    # -- writes -------------------------------------------------------------------------
+    def _owner_exists(self, owner: FileOwner) -> None:
+        if isinstance(owner, Candidate):
+            if owner.iid not in self._candidates:
+                raise NotFound("404 Not Found")
+            return
+        m = self._models.get(owner.model)
+        if m is None or owner.version not in [v.version for v in m.versions]:
+            raise NotFound("404 Not Found")
+
+    async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+        self._check("authorize")
+        if self.role < 30:
+            raise Forbidden("403 Forbidden")
+        self._owner_exists(owner)
+
+    async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
+        self._check("upload")
+        if self.role < 30:
+            raise Forbidden("403 Forbidden")
+        self._owner_exists(owner)
+        data = source.read_bytes()  # noqa: ASYNC240 - test double, small files
+        if len(data) != size:
+            raise BadRequest("size mismatch")
+        self.add_file(owner, path, data)
+
+    async def delete_file(self, file: RemoteFile) -> None:
+        self._check("delete_file")
+        if self.role < 40:
+            raise Forbidden("403 Forbidden")
+        for files in self._files.values():
+            for p, (f, _) in list(files.items()):
+                if f.file_id == file.file_id:
+                    del files[p]
+                elif file.file_id in f.older_ids:
+                    older = tuple(i for i in f.older_ids if i != file.file_id)
+                    files[p] = (replace(f, older_ids=older), files[p][1])
+
+    async def create_model(self, name: str) -> Model:
+        self._check("create_model")
+        if name in self._models:
+            raise Conflict("RESOURCE_ALREADY_EXISTS")
+        m = self._models[name] = Model(name, self._id(), time.time())
+        return m
+
+    async def create_version(self, model: str, version: str) -> ModelVersion:
+        self._check("create_version")
+        if model not in self._models:
+            raise NotFound("RESOURCE_DOES_NOT_EXIST")
+        return self.add_version(model, version)
+
+    async def delete_version(self, version: ModelVersion) -> None:
+        self._check("delete_version")
+        m = self._models[version.model]
+        vs = tuple(v for v in m.versions if v.version != version.version)
+        self._models[version.model] = replace(m, versions=vs)
+        self._files.pop(("v", version.model, version.version), None)
+
+    async def delete_model(self, name: str) -> None:
+        self._check("delete_model")
+        if self._models.pop(name, None) is None:
+            raise NotFound("RESOURCE_DOES_NOT_EXIST")
 
     async def aclose(self) -> None:
         return None

@@ -60,7 +60,7 @@ async def read_all(fs: Filesystem, path: str, chunk: int = 128 << 10) -> bytes:
                 return bytes(out)
             out += b
     finally:
-        fs.release(opened.fh)
+        await fs.release(opened.fh)
 
 
 async def test_layout(fs: Filesystem) -> None:
@@ -111,7 +111,7 @@ async def test_lazy_read(fs: Filesystem, reg: InMemoryRegistry) -> None:
     before = reg.stats.bytes_downloaded
     assert len(await fs.read(opened.fh, 3 * BS + 10, 4096)) == 4096
     assert reg.stats.bytes_downloaded - before == BS  # one block, not the file
-    fs.release(opened.fh)
+    await fs.release(opened.fh)
 
 
 async def test_write_open_refused(fs: Filesystem) -> None:

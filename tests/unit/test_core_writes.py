@@ -1,0 +1,170 @@
+"""The write path of the core (spool, upload on flush, overwrite, namespace) without a kernel."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from mlregfs.cache.blocks import BlockStore
+from mlregfs.cache.reader import DataCache
+from mlregfs.errors import (
+    Busy,
+    Forbidden,
+    InvalidPath,
+    NameTooLong,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    RegistryUnavailable,
+    to_errno,
+)
+from mlregfs.fs.core import Filesystem
+from mlregfs.registry.fake import InMemoryRegistry
+from mlregfs.writeback import Spool
+from tests.unit.test_core import names, read_all, walk
+
+
+@pytest.fixture
+def reg() -> InMemoryRegistry:
+    r = InMemoryRegistry()
+    v = r.add_version("llama", "1.0.0")
+    r.add_file(v, "config.json", b"old")
+    r.add_candidate(3)
+    return r
+
+
+@pytest.fixture
+def fs(reg: InMemoryRegistry, tmp_path: Path) -> Filesystem:
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    return Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+
+
+async def write_file(fs: Filesystem, path: str, data: bytes) -> None:
+    parent, _, name = path.rpartition("/")
+    opened, _ = await fs.create(await walk(fs, parent), name, os.O_WRONLY | os.O_CREAT)
+    for off in range(0, len(data), 4096):
+        fs.write(opened.fh, off, data[off : off + 4096])
+    try:
+        await fs.flush(opened.fh)
+    finally:
+        await fs.release(opened.fh)
+
+
+async def test_create_write_close_uploads(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    data = os.urandom(100_000)
+    await fs.mkdir(await walk(fs, "models/llama/1.0.0"), "sub")  # as cp -r does
+    await write_file(fs, "models/llama/1.0.0/sub/new.bin", data)
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "sub"]
+    assert await read_all(fs, "models/llama/1.0.0/sub/new.bin") == data
+    assert reg.stats.by_kind["authorize"] == 1 and reg.stats.by_kind["upload"] == 1
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_visible_while_written(fs: Filesystem) -> None:
+    v = await walk(fs, "models/llama/1.0.0")
+    opened, _ = await fs.create(v, "w.bin", os.O_WRONLY | os.O_CREAT)
+    fs.write(opened.fh, 0, b"x" * 1234)
+    a = await fs.lookup(v, "w.bin")
+    assert a.size == 1234
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+
+
+async def test_invalid_names_refused_at_create(fs: Filesystem) -> None:
+    v = await walk(fs, "models/llama/1.0.0")
+    for bad in ("a(b).bin", "café.bin", "x,y", "..", "a=b"):
+        with pytest.raises(InvalidPath):
+            await fs.create(v, bad, os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(NameTooLong) as ei:
+        await fs.create(v, "a" * 256, os.O_WRONLY | os.O_CREAT)
+    assert to_errno(ei.value) == errno.ENAMETOOLONG
+    with pytest.raises(NotPermitted):
+        await fs.create(await walk(fs, "models/llama"), "f.bin", os.O_WRONLY | os.O_CREAT)
+
+
+async def test_permission_checked_at_open(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    reg.role = 20  # reporter
+    with pytest.raises(Forbidden) as ei:
+        await fs.create(await walk(fs, "models/llama/1.0.0"), "f.bin", os.O_WRONLY | os.O_CREAT)
+    assert to_errno(ei.value) == errno.EACCES
+
+
+async def test_failed_upload_is_reported_and_kept(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    v = await walk(fs, "models/llama/1.0.0")
+    opened, _ = await fs.create(v, "f.bin", os.O_WRONLY | os.O_CREAT)
+    fs.write(opened.fh, 0, b"precious")
+    reg.down = True
+    with pytest.raises(RegistryUnavailable):
+        await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    (entry,) = fs.spool.leftovers()  # type: ignore[union-attr]
+    assert entry.state == "failed" and entry.target == "models/llama/1.0.0/f.bin"
+    assert fs.spool.data_path(entry.id).read_bytes() == b"precious"  # type: ignore[union-attr]
+    assert entry.sha256 == hashlib.sha256(b"precious").hexdigest()
+
+
+async def test_overwrite_replaces_and_deletes_old_copy(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    ino = await walk(fs, "models/llama/1.0.0/config.json")
+    opened = await fs.open(ino, os.O_WRONLY | os.O_TRUNC)
+    fs.write(opened.fh, 0, b"new!")
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    (f,) = await reg.list_files((await reg.list_models())[0].versions[0])
+    assert f.older_ids == ()  # maintainer: the old copy was deleted
+    assert await read_all(fs, "models/llama/1.0.0/config.json") == b"new!"
+
+
+async def test_in_place_modification_refused(fs: Filesystem) -> None:
+    ino = await walk(fs, "models/llama/1.0.0/config.json")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(NotPermitted) as ei:
+            await fs.open(ino, flags)
+        assert to_errno(ei.value) == errno.EPERM
+
+
+async def test_mkdir_model_version_and_rmdir(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    models = await walk(fs, "models")
+    await fs.mkdir(models, "team")
+    team = await walk(fs, "models/team")
+    await fs.mkdir(team, "bert")  # nested model team/bert
+    await fs.mkdir(await walk(fs, "models/team/bert"), "0.1.0")
+    assert await names(fs, "models/team/bert") == ["0.1.0"]
+    for bad in ("1.0", "v1.0.0", "01.0.0"):
+        with pytest.raises(InvalidPath):
+            await fs.mkdir(await walk(fs, "models/llama"), bad)
+    with pytest.raises(NotPermitted):
+        await fs.mkdir(await walk(fs, "candidates"), "9")
+    with pytest.raises(NotEmpty):
+        await fs.rmdir(await walk(fs, "models"), "llama")
+    await fs.rmdir(await walk(fs, "models/team/bert"), "0.1.0")
+    await fs.rmdir(team, "bert")
+    assert "team/bert" not in {m.name for m in await reg.list_models()}
+
+
+async def test_local_subdir_and_unlink(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    v = await walk(fs, "models/llama/1.0.0")
+    await fs.mkdir(v, "empty")
+    assert "empty" in await names(fs, "models/llama/1.0.0")
+    await fs.rmdir(v, "empty")
+    await fs.unlink(v, "config.json")
+    with pytest.raises(NotFound):
+        await walk(fs, "models/llama/1.0.0/config.json")
+    reg.role = 30
+    await write_file(fs, "models/llama/1.0.0/x.txt", b"x")
+    with pytest.raises(Forbidden):
+        await fs.unlink(v, "x.txt")  # developers upload, maintainers delete
+
+
+async def test_second_writer_is_busy(fs: Filesystem) -> None:
+    v = await walk(fs, "candidates/3")
+    opened, _ = await fs.create(v, "m.json", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(Busy):
+        await fs.open(await walk(fs, "candidates/3/m.json"), os.O_WRONLY | os.O_TRUNC)
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
