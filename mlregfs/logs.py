@@ -43,6 +43,8 @@ def setup(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # httpx logs every request at INFO; keep that for -o debug only
-    for noisy in ("httpx", "httpcore", "pyfuse3"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # httpx logs every URL at INFO, and signed storage URLs carry short-lived credentials:
+    # keep it quiet even with -o debug (our client logs requests without query strings)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if debug else logging.WARNING)
