@@ -22,6 +22,7 @@ class RegistryStats:
 
     requests: int = 0
     bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
     retries: int = 0
     errors: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)  # "list_models" -> count

@@ -37,7 +37,6 @@ from mlregfs.errors import (
     NotFound,
     ProtocolError,
     RateLimited,
-    ReadOnly,
     RegistryError,
     RegistryTimeout,
     RegistryUnavailable,
@@ -67,7 +66,7 @@ from mlregfs.registry.types import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Route = Literal["api", "mlflow", "ml_models", "storage"]
+Route = Literal["api", "mlflow", "ml_models", "storage", "graphql"]
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 
@@ -84,6 +83,7 @@ MAX_REDIRECTS = 3
 OUTAGE_WINDOW = 5.0
 ERROR_DETAIL_CHARS = 200
 USER_AGENT = "mlregfs/0.1"
+UPLOAD_CHUNK = 1 << 20
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CANDIDATE_VERSION = re.compile(r"\Acandidate_([0-9]+)\Z")
@@ -728,40 +728,135 @@ class GitLabRegistry:
 
     # ------------------------------------------------------------------------------ writes
 
-    # The write half of the Registry protocol (issue #3) arrived after this client was
-    # specified. Until it is implemented, every write fails cleanly with EROFS rather than an
-    # AttributeError deep inside the filesystem core.
+    # Uploads are one raw-body PUT with Content-Length (what Workhorse expects, §3); the
+    # /authorize preflight runs every permission and name check of the upload, stores nothing.
+
+    def _file_url(self, owner: FileOwner, path: str) -> str:
+        segments = "/".join(quote(seg, safe="") for seg in path.split("/"))
+        route_id = quote(owner_route_id(owner), safe=":")
+        return self._project_url(f"packages/ml_models/{route_id}/files/{segments}")
 
     async def authorize_upload(self, owner: FileOwner, path: str) -> None:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"upload {path!r} to {_owner_label(owner)}")
+        """PUT …/files/<path>/authorize: 200 if an upload of `path` would be accepted."""
+        await self.project()
+        url = self._file_url(owner, path) + "/authorize"
+        await self._json("authorize", "PUT", url, route="ml_models")
 
     async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"upload {path!r} to {_owner_label(owner)}")
+        """Raw-body PUT of the file at `source`, streamed from disk; 201 or an error."""
+        await self.project()
+        url = self._file_url(owner, path)
+        where = f"PUT {_where(url)}"
+        headers = {
+            **self._auth_headers("ml_models"),
+            "Content-Length": str(size),
+            "Content-Type": "application/octet-stream",
+        }
+
+        async def chunks() -> AsyncIterator[bytes]:
+            f = await trio.open_file(source, "rb")
+            async with f:
+                sent = 0
+                while chunk := await f.read(UPLOAD_CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+            if sent != size:  # the spool changed under us: never send a wrong body
+                raise ProtocolError(f"{where}: spool has {sent} bytes, expected {size}")
+
+        async def attempt() -> None:
+            self.stats.count("upload")
+            try:
+                resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
+            except httpx.TimeoutException as exc:
+                raise _Failure(
+                    RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
+                ) from exc
+            except httpx.TransportError as exc:
+                raise _Failure(
+                    RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+            if resp.status_code != 201:
+                raise self._status_failure("PUT", url, resp, resp.content)
+            self.stats.bytes_uploaded += size
+
+        await self._retrying(attempt)
 
     async def delete_file(self, file: RemoteFile) -> None:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"delete {file.path!r}")
+        """DELETE /projects/:id/packages/:pkg/package_files/:file (Maintainer; 204)."""
+        await self.project()
+        url = self._project_url(f"packages/{file.package_id}/package_files/{file.file_id}")
+        await self._json("delete_file", "DELETE", url)
 
     async def create_model(self, name: str) -> Model:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"create model {name!r}")
+        """MLflow registered-models/create."""
+        await self.project()
+        data, _ = await self._json(
+            "create_model",
+            "POST",
+            self._mlflow_url("registered-models/create"),
+            route="mlflow",
+            body={"name": name},
+        )
+        return self._model_from_mlflow(_dict(data, "registered_model"))
 
     async def create_version(self, model: str, version: str) -> ModelVersion:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"create version {model}/{version}")
+        """MLflow model-versions/create; the `gitlab.version` tag sets the semver."""
+        await self.project()
+        body = {"name": model, "tags": [{"key": "gitlab.version", "value": version}]}
+        data, _ = await self._json(
+            "create_version",
+            "POST",
+            self._mlflow_url("model-versions/create"),
+            route="mlflow",
+            body=body,
+        )
+        mv = _dict(data, "model_version")
+        aliases = mv.get("aliases") or [version]
+        return ModelVersion(
+            model, str(aliases[0]), int(mv["version"]), _timestamp(mv.get("creation_timestamp"))
+        )
 
     async def delete_version(self, version: ModelVersion) -> None:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"delete version {version.model}/{version.version}")
+        """GraphQL mlModelVersionDelete: GitLab has no REST route for it."""
+        await self.project()
+        if version.id is None:
+            raise BadRequest(f"cannot delete {version.model}/{version.version}: its id is unknown")
+        gid = f"gid://gitlab/Ml::ModelVersion/{version.id}"
+        await self._graphql("mlModelVersionDelete", gid, f"{version.model}/{version.version}")
 
     async def delete_model(self, name: str) -> None:
-        """Not implemented yet: always ReadOnly."""
-        self._read_only(f"delete model {name!r}")
+        """MLflow registered-models/delete."""
+        await self.project()
+        await self._json(
+            "delete_model",
+            "DELETE",
+            self._mlflow_url("registered-models/delete"),
+            route="mlflow",
+            params={"name": name},
+        )
 
-    def _read_only(self, what: str) -> NoReturn:
-        raise ReadOnly(f"cannot {what}: GitLabRegistry does not implement writes yet")
+    async def _graphql(self, mutation: str, gid: str, what: str) -> None:
+        url = self._api_base.rsplit("/v4", 1)[0] + "/graphql"
+        query = (
+            f"mutation($id: {'MlModelVersionID' if 'Version' in mutation else 'MlModelID'}!)"
+            f" {{ {mutation}(input: {{id: $id}}) {{ errors }} }}"
+        )
+        data, _ = await self._json(
+            "graphql", "POST", url, route="graphql", body={"query": query, "variables": {"id": gid}}
+        )
+        if not isinstance(data, dict):
+            raise ProtocolError(f"GraphQL {mutation}: unexpected answer")
+        payload = (data.get("data") or {}).get(mutation)
+        if payload is None:
+            messages = "; ".join(str(e.get("message", e)) for e in data.get("errors") or [])
+            raise Forbidden(f"GraphQL {mutation} on {what}: {self._scrub(messages)}")
+        errors = payload.get("errors") or []
+        if errors:
+            text = "; ".join(map(str, errors))
+            cls = NotFound if "not found" in text.lower() else BadRequest
+            raise cls(f"GraphQL {mutation} on {what}: {self._scrub(text)}")
 
     # ------------------------------------------------------------------------------ HTTP core
 
@@ -774,7 +869,7 @@ class GitLabRegistry:
     def _auth_headers(self, route: Route) -> dict[str, str]:
         if self._token is None or route == "storage":
             return {}
-        if route == "ml_models":
+        if route in ("ml_models", "graphql"):
             # ml_models reads only the Authorization header; PRIVATE-TOKEN would be ignored
             # and the request treated as anonymous (§7).
             return {"Authorization": f"Bearer {self._token}"}
@@ -894,7 +989,10 @@ class GitLabRegistry:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         cls: type[RegistryError]
         if status == 400:
-            cls = TooLarge if "too large" in detail.lower() else BadRequest
+            if "RESOURCE_ALREADY_EXISTS" in detail:
+                cls = Conflict
+            else:
+                cls = TooLarge if "too large" in detail.lower() else BadRequest
         elif status == 401:
             cls = Unauthorized
         elif status == 403:
@@ -1135,6 +1233,13 @@ def _dicts(data: Any, what: str) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise ProtocolError(f"{what}: expected a JSON list of objects")
     return data
+
+
+def _dict(data: Any, key: str) -> dict[str, Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a JSON object with {key!r}")
+    return value
 
 
 def _active(experiment: dict[str, Any]) -> bool:
