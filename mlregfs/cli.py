@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": lambda a: _server("serve_main", a),
         "admin": lambda a: _server("admin_main", a),
         "demo": lambda a: _demo(a),
+        "recover": lambda a: _recover(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] == "--version":
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "  unmount MNT                       unmount (same as fusermount3 -u)\n"
             "  serve [--data DIR] [--init-demo]  run the embedded GitLab-compatible registry\n"
             "  admin ...                         create projects, tokens, models, versions\n"
+            "  recover [list|retry|discard]      spooled uploads that did not complete\n"
             "  demo                              serve sample models, mount them, show them",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
@@ -86,6 +88,12 @@ def _server(name: str, argv: list[str]) -> int:
     from mlregfs.server import cli as server_cli
 
     return int(getattr(server_cli, name)(argv) or 0)
+
+
+def _recover(argv: list[str]) -> int:
+    from mlregfs.recover import main as recover_main
+
+    return recover_main(argv)
 
 
 def _demo(argv: list[str]) -> int:

@@ -84,10 +84,9 @@ _VALUE_OPTIONS = {
     "drain_timeout": ("drain_timeout", parse_duration),
     "fsname": ("fsname", str),
 }
-_FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug"}
-# accepted for mount(8)/fstab compatibility and ignored: the mount is read-only anyway
+_FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug", "ro": "read_only"}
+# accepted for mount(8)/fstab compatibility and ignored
 _IGNORED = {
-    "ro",
     "rw",
     "defaults",
     "noauto",
@@ -190,6 +189,8 @@ def from_options(
         raise ConfigError("block_size must be between 64K and 64M")
     if cfg.cache_size < cfg.block_size * 4:
         raise ConfigError("cache_size must hold at least 4 blocks")
+    if cfg.drain_timeout < 0:
+        raise ConfigError("drain_timeout must not be negative")
     if cfg.readahead_blocks < 0 or cfg.readahead_blocks > 64:
         raise ConfigError("readahead must be between 0 and 64 blocks")
     return cfg

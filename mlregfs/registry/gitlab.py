@@ -732,6 +732,13 @@ class GitLabRegistry:
     # /authorize preflight runs every permission and name check of the upload, stores nothing.
 
     def _file_url(self, owner: FileOwner, path: str) -> str:
+        if isinstance(owner, ModelVersion) and owner.id is None:
+            # only the MLflow API tells a version's id, and it refuses job tokens (§6, §7)
+            raise Forbidden(
+                f"cannot upload to {owner.model}/{owner.version}: its id is only listed by the"
+                " MLflow API, which refuses this token (CI job tokens can upload to candidates;"
+                " use a personal or project access token for versions)"
+            )
         segments = "/".join(quote(seg, safe="") for seg in path.split("/"))
         route_id = quote(owner_route_id(owner), safe=":")
         return self._project_url(f"packages/ml_models/{route_id}/files/{segments}")

@@ -162,9 +162,11 @@ def test_9_damaged_cache_block_is_refetched(
     assert server.stats()["bytes_served"] >= len(world.files[p])  # fetched again
 
 
-def test_10_read_only(mnt: Path) -> None:
-    """Read-only. Creating, writing, deleting, renaming, `mkdir` and `chmod` fail with `EROFS`."""
-    v = mnt / "models/llama/1.0.0"
+def test_10_read_only(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Read-only mounts. With `-o ro`, creating, writing, deleting, renaming, `mkdir` and
+    `chmod` fail with `EROFS`."""
+    m = mount_factory(world.private, token=world.tokens["maintainer"], options=["ro"])
+    v = m.path / "models/llama/1.0.0"
     attempts = [
         lambda: open(v / "new.bin", "wb"),
         lambda: open(v / "config.json", "r+b"),

@@ -50,3 +50,8 @@ def test_unknown_option_is_an_error(tmp_path: Path) -> None:
         from_options("http://h/g/p", tmp_path, ["bogus=1"], env={})
     with pytest.raises(ConfigError, match="needs a value"):
         from_options("http://h/g/p", tmp_path, ["cache_size"], env={})
+
+
+def test_ro_flag_makes_a_read_only_mount(tmp_path: Path) -> None:
+    assert from_options("http://h/g/p", tmp_path, ["ro,_netdev"], env={}).read_only
+    assert not from_options("http://h/g/p", tmp_path, ["rw"], env={}).read_only
