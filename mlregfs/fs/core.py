@@ -550,26 +550,22 @@ class Filesystem:
 
     async def _drop_replaced(self, h: WriteHandle) -> None:
         """After an overwrite, delete the older copies (needs Maintainer; else keep them)."""
-        ids = [fid for f in h.replaces for fid in (f.file_id, *f.older_ids)]
-        h.replaces = ()
-        for f in [f for f in ids if f]:
-            try:
-                await self.registry.delete_file(self._file_ref(h, f))
-            except AuthError:
-                log.info(
-                    "kept older copies of %s: deleting package files needs the Maintainer role"
-                    " (GitLab serves the newest copy)",
-                    h.spool.entry.target,
-                )
-                return
-            except MlregfsError as e:
-                log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
-
-    @staticmethod
-    def _file_ref(h: WriteHandle, file_id: int) -> RemoteFile:
-        base = h.replaces[0] if h.replaces else None
-        pkg = base.package_id if base else 0
-        return RemoteFile(h.node.path, 0, None, 0.0, file_id, pkg)
+        replaced, h.replaces = h.replaces, ()
+        for f in replaced:
+            for fid in (f.file_id, *f.older_ids):
+                try:
+                    await self.registry.delete_file(
+                        RemoteFile(f.path, f.size, f.sha256, f.created_at, fid, f.package_id)
+                    )
+                except AuthError:
+                    log.info(
+                        "kept older copies of %s: deleting package files needs the Maintainer"
+                        " role (GitLab serves the newest copy)",
+                        h.spool.entry.target,
+                    )
+                    return
+                except MlregfsError as e:
+                    log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
 
     async def drain(self, seconds: float) -> bool:
         """Wait (bounded) for uploads in flight; True if none is left."""

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlregfs.server.testing import ServerProcess
 
+from mlregfs.server.testing import ServerProcess
 from tests.integration.conftest import BIG, World
 from tests.integration.helpers import file_sha, sha
 

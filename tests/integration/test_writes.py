@@ -1,0 +1,333 @@
+"""Writable mount: uploads on close, permissions, names, namespace operations, nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mlregfs.server.testing import ServerProcess
+from tests.integration.helpers import Mount, clean_env, file_sha, unmount
+
+
+@dataclass
+class WWorld:
+    server: ServerProcess
+    source: str
+    tokens: dict[str, str]
+    iid: int
+
+
+@pytest.fixture(scope="module")
+def ww(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WWorld]:
+    with ServerProcess(tmp_path_factory.mktemp("wserver")) as srv:
+        st = srv.store
+        st.create_project("team/writes", "private")
+        tokens = {
+            r: st.create_token("team/writes", r)
+            for r in ("guest", "reporter", "developer", "maintainer")
+        }
+        tokens["job"] = st.create_token("team/writes", "developer", kind="job")
+        st.create_model("team/writes", "m")
+        st.create_version("team/writes", "m", "1.0.0")
+        iid = st.create_candidate("team/writes", model="m")
+        # with a job token candidates are listed through their packages: give it one
+        st.add_file("team/writes", f"candidate:{iid}", "params.json", b"{}")
+        yield WWorld(srv, f"{srv.url}/team/writes", tokens, iid)
+
+
+def files_of(ww: WWorld, semver: str, model: str = "m") -> dict[str, tuple[int, str]]:
+    """Registry view (not the mount's): path -> (size, sha256) of the newest copies."""
+    st = ww.server.store
+    pid = st.project("team/writes")["id"]  # type: ignore[index]
+    mrow = st.model(pid, model)
+    assert mrow is not None
+    v = st.version_by_semver(int(mrow["id"]), semver)
+    assert v is not None and v["package_id"] is not None
+    out: dict[str, tuple[int, str]] = {}
+    from urllib.parse import unquote
+
+    for f in st.files(int(v["package_id"])):
+        out[unquote(f["file_name"])] = (int(f["size"]), f["file_sha256"])
+    return out
+
+
+def rows_named(ww: WWorld, semver: str, name: str) -> int:
+    st = ww.server.store
+    pid = st.project("team/writes")["id"]  # type: ignore[index]
+    mrow = st.model(pid, "m")
+    v = st.version_by_semver(int(mrow["id"]), semver)  # type: ignore[index]
+    return sum(1 for f in st.files(int(v["package_id"])) if f["file_name"] == name)  # type: ignore[index]
+
+
+def mount(ww: WWorld, tmp: Path, role: str, *opts: str, cache: Path | None = None) -> Mount:
+    return Mount(
+        ww.source,
+        tmp / f"mnt-{role}",
+        cache or tmp / f"cache-{role}",
+        token=ww.tokens[role],
+        options=list(opts),
+    ).start()
+
+
+def test_cp_copytree_roundtrip(ww: WWorld, tmp_path: Path) -> None:
+    """cp, shell redirection, open(wb) and copytree upload on close; bytes read back exactly."""
+    src = tmp_path / "src"
+    (src / "nested/deeper").mkdir(parents=True)
+    (src / "config.json").write_bytes(b'{"a": 1}\n')
+    (src / "nested/deeper/w.bin").write_bytes(os.urandom(3 << 20))
+    (src / "nested/empty file.txt").write_bytes(b"")
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))
+    m = mount(ww, tmp_path, "developer")
+    try:
+        v = m.path / "models/m/1.0.0"
+        shutil.copytree(src, v / "tree")
+        assert subprocess.run(["cp", str(big), str(v / "big.bin")]).returncode == 0
+        subprocess.run(["sh", "-c", f"echo hello > '{v}/shell.txt'"], check=True)
+        with open(v / "py.bin", "wb") as f:
+            f.write(b"p" * 100_000)
+        reg = files_of(ww, "1.0.0")
+        assert reg["big.bin"] == (256 << 20, file_sha(big))
+        assert reg["tree/nested/deeper/w.bin"][1] == file_sha(src / "nested/deeper/w.bin")
+        assert reg["tree/nested/empty file.txt"][0] == 0
+        assert reg["shell.txt"][0] == 6 and reg["py.bin"][0] == 100_000
+        # visible with the final size, and reads back exactly (verified against file_sha256)
+        assert (v / "big.bin").stat().st_size == 256 << 20
+        assert file_sha(v / "big.bin") == file_sha(big)
+        assert (v / "tree/config.json").read_bytes() == b'{"a": 1}\n'
+        assert sorted(os.listdir(v / "tree/nested")) == ["deeper", "empty file.txt"]
+        # memory stays bounded while 256 MiB went through the daemon
+        rss = _peak_rss_mib(m)
+        assert rss < 300, rss
+    finally:
+        m.stop()
+
+
+def _peak_rss_mib(m: Mount) -> float:
+    assert m.proc is not None
+    for line in Path(f"/proc/{m.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("role", ["guest", "reporter"])
+def test_no_upload_permission_is_eacces_at_open(ww: WWorld, tmp_path: Path, role: str) -> None:
+    m = mount(ww, tmp_path, role)
+    try:
+        with pytest.raises(PermissionError) as ei:
+            open(m.path / "models/m/1.0.0/x.bin", "wb")
+        assert ei.value.errno == errno.EACCES
+        r = subprocess.run(
+            ["cp", "/etc/hostname", str(m.path / "models/m/1.0.0/x.bin")], capture_output=True
+        )
+        assert r.returncode != 0
+    finally:
+        m.stop()
+
+
+def test_delete_needs_maintainer(ww: WWorld, tmp_path: Path) -> None:
+    dev = mount(ww, tmp_path, "developer")
+    try:
+        p = dev.path / "models/m/1.0.0/to-delete.txt"
+        p.write_bytes(b"bye")
+        with pytest.raises(PermissionError):
+            p.unlink()
+    finally:
+        dev.stop()
+    mnt = mount(ww, tmp_path, "maintainer")
+    try:
+        (mnt.path / "models/m/1.0.0/to-delete.txt").unlink()
+        assert "to-delete.txt" not in files_of(ww, "1.0.0")
+        assert not (mnt.path / "models/m/1.0.0/to-delete.txt").exists()
+    finally:
+        mnt.stop()
+
+
+def test_invalid_names_refused_at_create(ww: WWorld, tmp_path: Path) -> None:
+    m = mount(ww, tmp_path, "developer")
+    try:
+        v = m.path / "models/m/1.0.0"
+        for bad in ("café.bin", "a(1).bin", "x,y.txt", "a=b", "100%.txt"):
+            with pytest.raises(OSError) as ei:
+                open(v / bad, "wb")
+            assert ei.value.errno == errno.EINVAL, bad
+        with pytest.raises(OSError) as ei:
+            open(v / ("a" * 255 + "x"), "wb")
+        assert ei.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(OSError) as ei:
+            open(m.path / "models/m/top-level.bin", "wb")
+        assert ei.value.errno == errno.EPERM
+    finally:
+        m.stop()
+
+
+def test_mkdir_models_versions_and_rmdir(ww: WWorld, tmp_path: Path) -> None:
+    m = mount(ww, tmp_path, "maintainer")
+    try:
+        models = m.path / "models"
+        os.mkdir(models / "new-model")
+        os.mkdir(models / "new-model" / "0.1.0")
+        os.mkdir(models / "new-model" / "nested")  # a model named new-model/nested
+        assert sorted(os.listdir(models / "new-model")) == ["0.1.0", "nested"]
+        st = ww.server.store
+        pid = st.project("team/writes")["id"]  # type: ignore[index]
+        assert st.model(pid, "new-model/nested") is not None
+        for bad in ("1.0", "v1.0.0", "1.0.0.0", "01.2.3"):
+            with pytest.raises(OSError) as ei:
+                os.mkdir(models / "new-model" / bad)
+            assert ei.value.errno == errno.EINVAL, bad
+        with pytest.raises(OSError) as ei:
+            os.mkdir(m.path / "candidates" / "123")
+        assert ei.value.errno == errno.EPERM
+        (models / "new-model/0.1.0/f.txt").write_bytes(b"x")
+        with pytest.raises(OSError) as ei:
+            os.rmdir(models / "new-model/0.1.0")
+        assert ei.value.errno == errno.ENOTEMPTY
+        (models / "new-model/0.1.0/f.txt").unlink()
+        os.rmdir(models / "new-model/0.1.0")  # GraphQL mlModelVersionDelete
+        os.rmdir(models / "new-model/nested")  # MLflow registered-models/delete
+        os.rmdir(models / "new-model")
+        assert "new-model" not in os.listdir(models)
+        assert st.model(pid, "new-model") is None
+    finally:
+        m.stop()
+
+
+def test_overwrite_semantics(ww: WWorld, tmp_path: Path) -> None:
+    dev = mount(ww, tmp_path, "developer")
+    try:
+        p = dev.path / "models/m/1.0.0/over.txt"
+        p.write_bytes(b"one")
+        p.write_bytes(b"two, longer")  # O_TRUNC: a new copy; a developer cannot delete the old
+        assert p.read_bytes() == b"two, longer"
+        assert rows_named(ww, "1.0.0", "over.txt") == 2
+        assert "kept older copies" in dev.stderr()
+        with pytest.raises(PermissionError) as ei:
+            open(p, "r+b")  # in-place modification
+        assert ei.value.errno == errno.EPERM
+        with pytest.raises(PermissionError):
+            open(p, "ab")  # append
+        with pytest.raises(PermissionError):
+            os.rename(p, p.with_name("renamed.txt"))
+    finally:
+        dev.stop()
+    mnt = mount(ww, tmp_path, "maintainer")
+    try:
+        p = mnt.path / "models/m/1.0.0/over.txt"
+        p.write_bytes(b"three")
+        assert p.read_bytes() == b"three"
+        assert rows_named(ww, "1.0.0", "over.txt") == 1  # maintainer: older copies deleted
+    finally:
+        mnt.stop()
+
+
+def test_candidate_upload_with_job_token(ww: WWorld, tmp_path: Path) -> None:
+    m = Mount(ww.source, tmp_path / "mnt", tmp_path / "c", job_token=ww.tokens["job"]).start()
+    try:
+        p = m.path / "candidates" / str(ww.iid) / "metrics.json"
+        p.write_bytes(b'{"acc": 0.9}')
+        assert p.read_bytes() == b'{"acc": 0.9}'
+        with pytest.raises(PermissionError):  # versions need their id: MLflow refuses job tokens
+            open(m.path / "models/m/1.0.0/nope.bin", "wb")
+    finally:
+        m.stop()
+
+
+def _recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlregfs", "recover", "--cache-dir", str(cache), *args],
+        env=clean_env(GITLAB_TOKEN=token),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_path: Path) -> None:
+    m = mount(ww, tmp_path, "developer", "timeout=2,retry_deadline=2")
+    data = os.urandom(5 << 20)
+    src = tmp_path / "payload.bin"
+    src.write_bytes(data)
+    try:
+        f = open(m.path / "models/m/1.0.0/payload.bin", "wb")  # preflight passes
+        f.write(data)
+        ww.server.stop()  # the registry goes away before close()
+        with pytest.raises(OSError) as ei:
+            f.close()  # the upload fails: close() reports it
+        assert ei.value.errno == errno.EIO
+        # and with the registry down, cp fails loudly at open
+        r = subprocess.run(
+            ["cp", str(src), str(m.path / "models/m/1.0.0/other.bin")], capture_output=True
+        )
+        assert r.returncode != 0
+    finally:
+        ww.server.restart()
+        m.stop()
+    listing = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    assert "models/m/1.0.0/payload.bin" in listing.stdout and "failed" in listing.stdout
+    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
+    assert r.returncode == 0, r.stderr
+    assert files_of(ww, "1.0.0")["payload.bin"][0] == len(data)
+    assert "nothing to recover" in _recover(m.cache_dir, ww.tokens["developer"], "list").stdout
+
+
+def test_kill_during_upload_leaves_journal(ww: WWorld, tmp_path: Path) -> None:
+    m = mount(ww, tmp_path, "developer")
+    src = tmp_path / "k.bin"
+    with open(src, "wb") as f:
+        for _ in range(128):
+            f.write(os.urandom(1 << 20))
+    cp = subprocess.Popen(["cp", str(src), str(m.path / "models/m/1.0.0/k.bin")])
+    deadline = time.monotonic() + 30
+    spool = m.cache_dir / "spool"
+    while time.monotonic() < deadline:  # wait until the upload started
+        if any('"uploading"' in p.read_text() for p in spool.glob("*.json")):
+            break
+        time.sleep(0.01)
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    cp.wait(30)
+    unmount(m.path)
+    m.proc = None
+    m2 = mount(ww, tmp_path, "developer", cache=m.cache_dir)
+    try:
+        assert "were not uploaded" in m2.stderr()
+    finally:
+        m2.stop()
+    r = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    assert "models/m/1.0.0/k.bin" in r.stdout
+
+
+def test_unmount_waits_for_upload_in_flight(ww: WWorld, tmp_path: Path) -> None:
+    m = mount(ww, tmp_path, "developer")
+    src = tmp_path / "u.bin"
+    with open(src, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(1 << 20))
+    cp = subprocess.Popen(["cp", str(src), str(m.path / "models/m/1.0.0/u.bin")])
+    spool = m.cache_dir / "spool"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any('"uploading"' in p.read_text() for p in spool.glob("*.json")):
+            break
+        time.sleep(0.01)
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGTERM)
+    assert cp.wait(60) == 0  # the upload finished and close() succeeded
+    assert m.proc.wait(60) == 0
+    assert files_of(ww, "1.0.0")["u.bin"] == (96 << 20, file_sha(src))
+    m.stop()
