@@ -80,7 +80,9 @@ def mount(ww: WWorld, tmp: Path, role: str, *opts: str, cache: Path | None = Non
 
 
 def test_cp_copytree_roundtrip(ww: WWorld, tmp_path: Path) -> None:
-    """cp, shell redirection, open(wb) and copytree upload on close; bytes read back exactly."""
+    """Semantics 16 and 25. Creating a file inside a version spools it and close() uploads it;
+    while written it is listed with its current size, afterwards reading it returns the uploaded
+    bytes. Directories inside versions (mkdir by cp -r / copytree) exist through their files."""
     src = tmp_path / "src"
     (src / "nested/deeper").mkdir(parents=True)
     (src / "config.json").write_bytes(b'{"a": 1}\n')
@@ -125,6 +127,7 @@ def _peak_rss_mib(m: Mount) -> float:
 
 @pytest.mark.parametrize("role", ["guest", "reporter"])
 def test_no_upload_permission_is_eacces_at_open(ww: WWorld, tmp_path: Path, role: str) -> None:
+    """Semantics 17. A token that may not upload gets EACCES at open(), before any byte."""
     m = mount(ww, tmp_path, role)
     try:
         with pytest.raises(PermissionError) as ei:
@@ -139,6 +142,7 @@ def test_no_upload_permission_is_eacces_at_open(ww: WWorld, tmp_path: Path, role
 
 
 def test_delete_needs_maintainer(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 24. `rm` deletes every copy of a file (Maintainer; EACCES otherwise)."""
     dev = mount(ww, tmp_path, "developer")
     try:
         p = dev.path / "models/m/1.0.0/to-delete.txt"
@@ -157,6 +161,8 @@ def test_delete_needs_maintainer(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_invalid_names_refused_at_create(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 18. A name GitLab refuses fails at create() with EINVAL, over 255 bytes with
+    ENAMETOOLONG; files can only be created inside a version or candidate (EPERM elsewhere)."""
     m = mount(ww, tmp_path, "developer")
     try:
         v = m.path / "models/m/1.0.0"
@@ -175,6 +181,9 @@ def test_invalid_names_refused_at_create(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_mkdir_models_versions_and_rmdir(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 23 and 24. mkdir creates models, versions (strict semver, else EINVAL) and nested
+    models; mkdir under candidates/ is EPERM; rmdir deletes empty versions and models and
+    fails with ENOTEMPTY otherwise."""
     m = mount(ww, tmp_path, "maintainer")
     try:
         models = m.path / "models"
@@ -207,6 +216,8 @@ def test_mkdir_models_versions_and_rmdir(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_overwrite_semantics(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 21 and 22. O_TRUNC uploads a new copy; a Maintainer's overwrite deletes the
+    older copies, a Developer's keeps them (logged). In-place writes, append and rename: EPERM."""
     dev = mount(ww, tmp_path, "developer")
     try:
         p = dev.path / "models/m/1.0.0/over.txt"
@@ -235,6 +246,7 @@ def test_overwrite_semantics(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_candidate_upload_with_job_token(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 26. With CI_JOB_TOKEN, uploads into candidates work; into versions: EACCES."""
     m = Mount(ww.source, tmp_path / "mnt", tmp_path / "c", job_token=ww.tokens["job"]).start()
     try:
         p = m.path / "candidates" / str(ww.iid) / "metrics.json"
@@ -257,6 +269,8 @@ def _recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess
 
 
 def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 19 and 20. close() reports a failed upload (EIO); the bytes are kept and
+    `mlregfs recover retry` uploads them once the registry is back."""
     m = mount(ww, tmp_path, "developer", "timeout=2,retry_deadline=2")
     data = os.urandom(5 << 20)
     src = tmp_path / "payload.bin"
@@ -285,6 +299,7 @@ def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_pa
 
 
 def test_kill_during_upload_leaves_journal(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 20. A daemon killed mid-upload leaves its journal; the next mount logs it."""
     m = mount(ww, tmp_path, "developer")
     src = tmp_path / "k.bin"
     with open(src, "wb") as f:
@@ -313,6 +328,7 @@ def test_kill_during_upload_leaves_journal(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_unmount_waits_for_upload_in_flight(ww: WWorld, tmp_path: Path) -> None:
+    """Semantics 20. SIGTERM waits for uploads in flight before unmounting."""
     m = mount(ww, tmp_path, "developer")
     src = tmp_path / "u.bin"
     with open(src, "wb") as f:

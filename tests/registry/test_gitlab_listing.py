@@ -10,10 +10,10 @@ import httpx
 import pytest
 from registry_fake import JOB_TOKEN, PROJECT_ID, TOKEN, FakeFile, FakeGitLab
 
-from mlregfs.errors import Forbidden, NotFound, ReadOnly, Unauthorized
+from mlregfs.errors import Forbidden, NotFound, TooLarge, Unauthorized
 from mlregfs.registry.base import Registry
 from mlregfs.registry.gitlab import GitLabRegistry, decode_file_name
-from mlregfs.registry.types import Candidate, ModelVersion, RemoteFile
+from mlregfs.registry.types import Candidate, ModelVersion
 
 Make = Callable[..., GitLabRegistry]
 
@@ -449,21 +449,48 @@ def test_decode_file_name(stored: str, path: str | None) -> None:
     assert decode_file_name(stored) == path
 
 
-async def test_writes_are_refused_cleanly_until_implemented(tmp_path: Path) -> None:
-    reg = GitLabRegistry("https://h/g/p", TOKEN)
-    mv = ModelVersion("m", "1.0.0", id=1, created_at=0)
-    f = RemoteFile("a", 1, None, 0, 1, 1)
-    calls = [
-        reg.authorize_upload(mv, "a"),
-        reg.upload(mv, "a", tmp_path / "a", 1),
-        reg.delete_file(f),
-        reg.create_model("m"),
-        reg.create_version("m", "1.0.0"),
-        reg.delete_version(mv),
-        reg.delete_model("m"),
-    ]
-    for call in calls:
-        with pytest.raises(ReadOnly, match="does not implement writes"):
-            await call
-    assert reg.stats.requests == 0
+async def test_upload_is_one_raw_body_put_with_bearer(tmp_path: Path) -> None:
+    """Authorize preflight and upload: raw body, Content-Length, only the Bearer header."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        if request.method == "GET":  # the project lookup
+            return httpx.Response(200, json={"id": 7, "path_with_namespace": "g/p"})
+        if request.url.path.endswith("/authorize"):
+            return httpx.Response(200, json={"TempPath": "/tmp"})
+        return httpx.Response(201, json={"message": "201 Created"})
+
+    src = tmp_path / "payload"
+    src.write_bytes(b"x" * 3_000_000)
+    reg = GitLabRegistry("https://h/g/p", TOKEN, transport=httpx.MockTransport(handler))
+    mv = ModelVersion("m", "1.0.0", id=1001, created_at=0)
+    await reg.authorize_upload(mv, "dir/a b+.bin")
+    await reg.upload(mv, "dir/a b+.bin", src, 3_000_000)
+    await reg.aclose()
+    auth, put = seen[-2], seen[-1]
+    assert auth.method == put.method == "PUT"
+    assert auth.url.raw_path.decode() == (
+        "/api/v4/projects/7/packages/ml_models/1001/files/dir/a%20b%2B.bin/authorize"
+    )
+    assert put.headers["Content-Length"] == "3000000" and put.content == src.read_bytes()
+    assert put.headers["Authorization"] == f"Bearer {TOKEN}" and "PRIVATE-TOKEN" not in put.headers
+    assert reg.stats.bytes_uploaded == 3_000_000
+
+
+async def test_upload_failure_maps_to_errors(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # the project lookup
+            return httpx.Response(200, json={"id": 7, "path_with_namespace": "g/p"})
+        request.read()
+        return httpx.Response(400, json={"message": "400 Bad request - Artifact file is too large"})
+
+    src = tmp_path / "payload"
+    src.write_bytes(b"x")
+    reg = GitLabRegistry("https://h/g/p", TOKEN, transport=httpx.MockTransport(handler))
+    with pytest.raises(TooLarge):
+        await reg.upload(ModelVersion("m", "1.0.0", id=1, created_at=0), "a", src, 1)
+    with pytest.raises(Forbidden, match="job tokens"):  # no version id: clear refusal
+        await reg.upload(ModelVersion("m", "1.0.0", id=None, created_at=0), "a", src, 1)
     await reg.aclose()
