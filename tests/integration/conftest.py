@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mlregfs.server.testing import ServerProcess
 
+from mlregfs.server.testing import ServerProcess
 from tests.integration.helpers import Mount, blob
 
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from mlregfs.server.testing import ServerProcess, free_port
-
 from tests.integration.conftest import World
 from tests.integration.helpers import Mount, clean_env, file_sha, sha, unmount
 
