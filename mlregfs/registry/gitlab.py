@@ -15,10 +15,13 @@ messages are built from method, path, status and the (scrubbed) GitLab message b
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import logging
 import random
 import re
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 
+import httpcore
 import httpx
 import trio
 
@@ -84,6 +88,10 @@ OUTAGE_WINDOW = 5.0
 ERROR_DETAIL_CHARS = 200
 USER_AGENT = "mlregfs/0.1"
 UPLOAD_CHUNK = 1 << 20
+
+# httpcore reads 64 KiB per recv and h11 copies each chunk several times: that costs
+# 1.5-2.4 s of CPU per GiB. 1 MiB reads halve it (fuse-ceiling.md §5).
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CANDIDATE_VERSION = re.compile(r"\Acandidate_([0-9]+)\Z")
@@ -160,6 +168,9 @@ class GitLabRegistry:
             headers={"User-Agent": USER_AGENT},
         )
         self.stats = RegistryStats()
+        # ranged reads run in worker threads over http.client unless a test injects a transport
+        self._blocking_reads = transport is None
+        self._local = threading.local()
 
         self._resolve_lock = trio.Lock()
         self._project: ProjectInfo | None = None
@@ -649,6 +660,12 @@ class GitLabRegistry:
         headers["Range"] = f"bytes={start}-{end - 1}"
         headers["Accept-Encoding"] = "identity"  # byte offsets must mean file offsets
         self.stats.count(kind)
+        if self._blocking_reads:
+            result, received = await trio.to_thread.run_sync(
+                self._blocking_range_get, url, headers, where, start, end, file
+            )
+            self.stats.bytes_downloaded += received
+            return result
         try:
             async with self._client.stream("GET", url, headers=headers) as resp:
                 status = resp.status_code
@@ -683,6 +700,97 @@ class GitLabRegistry:
             raise _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))) from exc
         except httpx.HTTPError as exc:
             raise _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+
+    def _blocking_range_get(
+        self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
+    ) -> tuple[bytes | _Redirect, int]:
+        """The byte path, run in a worker thread (the second core): http.client reads straight
+        into one preallocated buffer with the GIL released, where httpx under trio costs the
+        FUSE thread 1.5-2.4 s of CPU per GiB (fuse-ceiling.md §5, §6)."""
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self._connection(parts.scheme, parts.netloc)
+        try:
+            conn.request("GET", target, headers={**headers, "User-Agent": USER_AGENT})
+            resp = conn.getresponse()
+            status = resp.status
+            log.debug("%s [%d-%d) -> %d", where, start, end, status)
+            if status in _REDIRECTS:
+                location = resp.getheader("Location")
+                resp.read()
+                if not location:
+                    raise _Failure(
+                        ProtocolError(f"{where} -> {status} without Location"), retryable=False
+                    )
+                return _Redirect(location), 0
+            if status not in (200, 206):
+                body = resp.read(4096)
+                fake = httpx.Response(status, headers=resp.getheaders(), content=body)
+                conn.close()
+                raise self._status_failure("GET", url, fake, body)
+            encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise _Failure(ProtocolError(f"{where}: unexpected {encoding} encoding"))
+            skip = 0
+            if status == 206:
+                fake = httpx.Response(
+                    206, headers={"Content-Range": resp.getheader("Content-Range") or ""}
+                )
+                self._check_content_range(where, fake, start, end, file)
+            else:  # 200: the server ignored Range; skip to `start`, stop at `end`
+                length = resp.getheader("Content-Length")
+                if length is not None and length.isdigit() and int(length) != file.size:
+                    raise _Failure(_changed(where, int(length), file), retryable=False)
+                skip = start
+            want = end - start
+            buf = bytearray(want)
+            view = memoryview(buf)
+            received = 0
+            while skip:
+                chunk = resp.read(min(skip, 1 << 20))
+                if not chunk:
+                    break
+                skip -= len(chunk)
+                received += len(chunk)
+            pos = 0
+            while pos < want:
+                n = resp.readinto(view[pos:])
+                if not n:
+                    break
+                pos += n
+            received += pos
+            if pos < want:
+                conn.close()
+                raise _Failure(ProtocolError(f"{where}: short body, got {pos} of {want} bytes"))
+            if status == 200 or resp.length:
+                conn.close()  # unread rest of a full answer: don't reuse this connection
+            # one copy, on this worker thread, so the cache gets immutable bytes
+            return bytes(buf), received
+        except TimeoutError as exc:
+            conn.close()
+            raise _Failure(
+                RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        """A keep-alive connection per worker thread and origin."""
+        pool: dict[tuple[str, str], http.client.HTTPConnection] = (
+            getattr(self._local, "pool", None) or {}
+        )
+        self._local.pool = pool
+        conn = pool.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    netloc, timeout=self._timeout, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=self._timeout)
+            pool[(scheme, netloc)] = conn
+        return conn
 
     def _check_content_range(
         self, where: str, resp: httpx.Response, start: int, end: int, file: RemoteFile
