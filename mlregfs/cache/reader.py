@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from cachetools import LRUCache
@@ -45,6 +46,10 @@ class CachedFile:
     verified: bool = False
     poisoned: bool = False  # a background check failed: fail the next read
     inflight: dict[int, BlockFetch] = field(default_factory=dict)
+    # sha256 computed while blocks arrive in order, so a sequential read needs no re-read
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed_upto: int = 0  # blocks [0, hashed_upto) are in `hasher`
+    hash_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -200,6 +205,7 @@ class DataCache:
                 if data is not None:
                     self.stats.disk_hits += 1
                     self._remember(key, data)
+                    await self._advance_hash(cf, idx, data)
                     return data
             return await self._fetch(cf, idx, claimed=False)
 
@@ -228,8 +234,11 @@ class DataCache:
             else:
                 await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             self._remember((spec.key, idx), data)
-            if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
-                await self._verify(cf)
+            if not cf.verified:
+                await self._advance_hash(cf, idx, data)
+                if self.store.count(spec.key) >= cf.nblocks:
+                    async with cf.hash_lock:
+                        await self._verify(cf)
             return data
         except Exception as e:
             flight.error = e
@@ -247,9 +256,32 @@ class DataCache:
         self.store.put(key, idx, data)
         self.store.mark_verified(key)
 
+    async def _advance_hash(self, cf: CachedFile, idx: int, data: bytes) -> None:
+        """Feed blocks to the running sha256 in file order (hashing runs off the FUSE thread)."""
+        if cf.verified or idx != cf.hashed_upto:
+            return  # out of order: picked up from memory when its turn comes, or rehashed
+        async with cf.hash_lock:
+            while cf.hashed_upto < cf.nblocks and not cf.verified:
+                i = cf.hashed_upto
+                block = data if i == idx else self._mem.get((cf.spec.key, i))
+                if block is None:
+                    return
+                await trio.to_thread.run_sync(cf.hasher.update, block)
+                cf.hashed_upto += 1
+
     async def _verify(self, cf: CachedFile) -> None:
-        """Hash the complete file from disk (in a thread); discard everything on mismatch."""
+        """Check a complete file: the running hash if it saw every block, else hash it from
+        disk (in a thread). Discard everything on mismatch. Call with `cf.hash_lock` held."""
         spec = cf.spec
+        if cf.verified:
+            return
+        if cf.hashed_upto == cf.nblocks:
+            if cf.hasher.hexdigest() == spec.sha256:
+                self.store.mark_verified(spec.key)
+                cf.verified = True
+                return
+            self._corrupt(cf)
+            raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256; discarded")
 
         def digest() -> str | None:
             h = hashlib.sha256()
@@ -273,6 +305,7 @@ class DataCache:
 
     def _corrupt(self, cf: CachedFile) -> None:
         key = cf.spec.key
+        cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
         self.stats.integrity_failures += 1
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         for k in [k for k in self._mem if k[0] == key]:
