@@ -155,7 +155,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         async with trio.open_nursery() as nursery:
             data.start(nursery)
             nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
-            nursery.start_soon(_announce_ready, cfg.mountpoint, ready)
+            readahead_kb = min(cfg.block_size * max(cfg.readahead_blocks, 1), 64 << 20) >> 10
+            nursery.start_soon(_announce_ready, cfg.mountpoint, ready, readahead_kb)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
@@ -181,11 +182,42 @@ async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:
             return
 
 
-async def _announce_ready(mp: Path, ready: ReadySignal) -> None:
+async def _announce_ready(mp: Path, ready: ReadySignal, readahead_kb: int) -> None:
     # a stat through the kernel proves the loop answers requests
-    await trio.to_thread.run_sync(os.stat, mp)
+    st = await trio.to_thread.run_sync(os.stat, mp)
+    if os.geteuid() == 0:
+        await trio.to_thread.run_sync(tune_kernel, os.minor(st.st_dev), readahead_kb)
     log.info("mounted at %s", mp)
     ready.ok()
+
+
+def tune_kernel(minor: int, readahead_kb: int) -> None:
+    """Root only: larger kernel readahead and more background requests for this mount.
+
+    pyfuse3 cannot set max_readahead/max_background at INIT, and the defaults (128 KiB, 12)
+    leave a sequential reader latency-bound (fuse-ceiling.md §1.2, §4)."""
+    done = []
+    bdi = Path(f"/sys/class/bdi/0:{minor}/read_ahead_kb")
+    try:
+        bdi.write_text(str(readahead_kb))
+        done.append(f"read_ahead_kb={readahead_kb}")
+    except OSError as e:
+        log.debug("cannot set %s: %s", bdi, e)
+    conn = Path(f"/sys/fs/fuse/connections/{minor}")
+    if not conn.exists() and Path("/sys/fs/fuse/connections").is_dir():
+        subprocess.run(
+            ["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
+            capture_output=True,
+            check=False,
+        )
+    for name, value in (("max_background", 64), ("congestion_threshold", 48)):
+        try:
+            (conn / name).write_text(str(value))
+            done.append(f"{name}={value}")
+        except OSError as e:
+            log.debug("cannot set %s/%s: %s", conn, name, e)
+    if done:
+        log.info("kernel tuning for this mount (running as root): %s", ", ".join(done))
 
 
 class ReadySignal:

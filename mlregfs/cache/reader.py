@@ -214,6 +214,13 @@ class DataCache:
         flight = cf.inflight.get(idx) if claimed else None
         if flight is None:
             flight = cf.inflight[idx] = BlockFetch()
+        key = (spec.key, idx)
+
+        def release() -> None:
+            if cf.inflight.get(idx) is flight:
+                del cf.inflight[idx]
+            flight.done.set()
+
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
@@ -226,14 +233,21 @@ class DataCache:
             self.stats.fetched_bytes += len(data)
             if cf.nblocks == 1 and spec.sha256 is not None:
                 # a one-block file is checked before anyone sees it
-                if hashlib.sha256(data).hexdigest() != spec.sha256:
+                digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+                if digest != spec.sha256:
                     self._corrupt(cf)
                     raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256")
                 await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data)
                 cf.verified = True
-            else:
-                await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
-            self._remember((spec.key, idx), data)
+                self._remember(key, data)
+                return data
+            # Readers may have the block as soon as it is in memory, while it is written to
+            # disk and hashed, except the last blocks of a file: those wait for the sha256
+            # check, so a reader of the whole file gets EIO, not success, on a mismatch.
+            last = cf.verified or self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks
+            if self._remember(key, data) and not last:
+                release()
+            await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             if not cf.verified:
                 await self._advance_hash(cf, idx, data)
                 if self.store.count(spec.key) >= cf.nblocks:
@@ -244,13 +258,14 @@ class DataCache:
             flight.error = e
             raise
         finally:
-            cf.inflight.pop(idx, None)
-            flight.done.set()
+            release()
 
-    def _remember(self, key: tuple[str, int], data: bytes) -> None:
+    def _remember(self, key: tuple[str, int], data: bytes) -> bool:
         # a block larger than the whole memory budget is simply not kept in memory
         if len(data) <= self._mem.maxsize:
             self._mem[key] = data
+            return True
+        return False
 
     def _store_verified(self, key: str, idx: int, data: bytes) -> None:
         self.store.put(key, idx, data)
