@@ -14,7 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from mlregfs import logs
+from mlregfs import logs, sdnotify
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
 from mlregfs.config import Config
@@ -172,6 +172,7 @@ async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:
             if sig == signal.SIGHUP:
                 continue  # reserved for reloads; never die on a closed terminal
             log.info("signal %s: unmounting", signal.Signals(sig).name)
+            sdnotify.notify("STOPPING=1\nSTATUS=waiting for uploads in flight")
             if not await fs.drain(drain_timeout):
                 log.error(
                     "uploads still running after %.0fs; their spool files are kept for"
@@ -189,6 +190,7 @@ async def _announce_ready(mp: Path, ready: ReadySignal, readahead_kb: int) -> No
         await trio.to_thread.run_sync(tune_kernel, os.minor(st.st_dev), readahead_kb)
     log.info("mounted at %s", mp)
     ready.ok()
+    sdnotify.notify(f"READY=1\nSTATUS=mounted at {mp}")
 
 
 def tune_kernel(minor: int, readahead_kb: int) -> None:
@@ -265,7 +267,8 @@ def run_daemon(cfg: Config, argv: list[str]) -> int:
     check_mountpoint(cfg.mountpoint)
     r, w = os.pipe()
     log_file = cfg.log_file or (cfg.cache_dir / "mlregfs.log")
-    cmd = [sys.executable, "-m", "mlregfs", "mount", *argv, "-f", f"--ready-fd={w}"]
+    # -P: never import a stray ./mlregfs from the caller's directory
+    cmd = [sys.executable, "-P", "-m", "mlregfs", "mount", *argv, "-f", f"--ready-fd={w}"]
     if cfg.log_file is None:
         cmd += ["-o", f"log_file={log_file}"]
     proc = subprocess.Popen(

@@ -129,3 +129,25 @@ def test_token_file_option(world: World, mount_factory, tmp_path: Path) -> None:
     m = mount_factory(world.private, options=[f"token_file={tok}"])
     p = "models/team/nlp/bert/0.1.0/README.md"
     assert file_sha(m.path / p) == sha(world.files[p])
+
+
+def test_systemd_notify_ready_and_stopping(world: World, tmp_path: Path) -> None:
+    """Type=notify: READY=1 once the mount answers, STOPPING=1 on SIGTERM."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(sock_path))
+        srv.settimeout(30)
+        m = Mount(world.public, tmp_path / "mnt", tmp_path / "c")
+        m.env["NOTIFY_SOCKET"] = str(sock_path)
+        m.start()
+        try:
+            assert srv.recv(1000).startswith(b"READY=1")
+            assert os.path.ismount(m.path)
+            assert m.proc is not None
+            m.proc.send_signal(signal.SIGTERM)
+            assert srv.recv(1000).startswith(b"STOPPING=1")
+            assert m.proc.wait(15) == 0
+        finally:
+            m.stop()
