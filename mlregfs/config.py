@@ -56,6 +56,9 @@ class Config:
     timeout: float = 30.0  # per HTTP request
     retry_deadline: float = 30.0  # total time one operation may spend retrying
     read_only: bool = False
+    uid: int | None = None  # owner shown for every file (default: the mounting user)
+    gid: int | None = None
+    umask: int = 0o022
     drain_timeout: float = 300.0  # how long unmount waits for uploads in flight
     allow_other: bool = False
     debug: bool = False
@@ -82,6 +85,9 @@ _VALUE_OPTIONS = {
     "retry_deadline": ("retry_deadline", parse_duration),
     "log_file": ("log_file", Path),
     "drain_timeout": ("drain_timeout", parse_duration),
+    "uid": ("uid", int),
+    "gid": ("gid", int),
+    "umask": ("umask", lambda v: int(v, 8)),
     "fsname": ("fsname", str),
 }
 _FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug", "ro": "read_only"}
@@ -189,6 +195,8 @@ def from_options(
         raise ConfigError("block_size must be between 64K and 64M")
     if cfg.cache_size < cfg.block_size * 4:
         raise ConfigError("cache_size must hold at least 4 blocks")
+    if not 0 <= cfg.umask <= 0o777:
+        raise ConfigError("umask must be an octal number between 000 and 777")
     if cfg.drain_timeout < 0:
         raise ConfigError("drain_timeout must not be negative")
     if cfg.readahead_blocks < 0 or cfg.readahead_blocks > 64:

@@ -54,14 +54,17 @@ class Operations(pyfuse3.Operations):
     # the kernel merges small writes into ~1 MiB requests (see fuse-ceiling.md §1.8, §3)
     enable_writeback_cache = True
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(
+        self, fs: Filesystem, *, uid: int | None = None, gid: int | None = None, umask: int = 0o022
+    ) -> None:
         super().__init__()
         self.fs = fs
+        self._umask = umask
         self.failures: dict[str, int] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
         self._next_dh = 1
-        self._uid = os.getuid()
-        self._gid = os.getgid()
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -69,7 +72,7 @@ class Operations(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = a.ttl
         e.attr_timeout = a.ttl
-        e.st_mode = a.mode
+        e.st_mode = a.mode(self.fs.spool is not None, self._umask)
         e.st_nlink = 2 if a.is_dir else 1
         e.st_uid = self._uid
         e.st_gid = self._gid

@@ -144,7 +144,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
         spool=spool,
     )
-    ops = Operations(fs)
+    ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     check_mountpoint(cfg.mountpoint)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))

@@ -100,9 +100,11 @@ class Attr:
     mtime: float
     ttl: float  # how long the kernel may keep this entry and these attributes
 
-    @property
-    def mode(self) -> int:
-        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+    def mode(self, writable: bool, umask: int = 0o022) -> int:
+        """Permission bits: r-x/r-- on a read-only mount, rwx/rw- less `umask` otherwise."""
+        if self.is_dir:
+            return stat.S_IFDIR | ((0o777 & ~umask) if writable else 0o555)
+        return stat.S_IFREG | ((0o666 & ~umask) if writable else 0o444)
 
 
 @dataclass

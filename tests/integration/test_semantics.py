@@ -68,16 +68,25 @@ def test_5_duplicates_newest_wins(mnt: Path) -> None:
     assert (v / "dup.txt").read_bytes() == b"second, newest upload\n"
 
 
-def test_6_attributes(mnt: Path, world: World) -> None:
-    """Attributes. Size is the registry's size; a file's mtime is its upload time. Directories
-    are `r-xr-xr-x`, files `r--r--r--`, owned by the user who mounted."""
+def test_6_attributes(mnt: Path, world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Attributes. Size is the registry's size; a file's mtime is its upload time. On a
+    writable mount directories are `rwxr-xr-x` and files `rw-r--r--` (less `umask=`), with
+    `-o ro` `r-xr-xr-x` and `r--r--r--`; owned by the mounting user, or `uid=`/`gid=`."""
     f = (mnt / "models/llama/1.0.0/weights/model.safetensors").stat()
     assert f.st_size == BIG
-    assert stat.S_ISREG(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o444
+    assert stat.S_ISREG(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o644
     assert f.st_uid == os.getuid()
     assert abs(f.st_mtime - time.time()) < 3600  # uploaded by this session's seed
     d = (mnt / "models/llama/1.0.0").stat()
-    assert stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o555
+    assert stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o755
+    ro = mount_factory(
+        world.private, token=world.tokens["reporter"], options=["ro,uid=1234,gid=4321"]
+    ).path
+    f = (ro / "models/llama/1.0.0/config.json").stat()
+    assert stat.S_IMODE(f.st_mode) == 0o444 and (f.st_uid, f.st_gid) == (1234, 4321)
+    assert stat.S_IMODE((ro / "models").stat().st_mode) == 0o555
+    w = mount_factory(world.private, token=world.tokens["reporter"], options=["umask=027"]).path
+    assert stat.S_IMODE((w / "models/llama/1.0.0/config.json").stat().st_mode) == 0o640
 
 
 def test_7_candidates(mnt: Path, world: World) -> None:

@@ -89,9 +89,9 @@ async def test_dotdot(fs: Filesystem) -> None:
 async def test_attrs(fs: Filesystem, reg: InMemoryRegistry) -> None:
     a = await fs.getattr(await walk(fs, "models/llama/1.0.0/weights/model.bin"))
     assert not a.is_dir and a.size == 5 * BS + 123
-    assert a.mode & 0o777 == 0o444
+    assert a.mode(False) & 0o777 == 0o444 and a.mode(True) & 0o777 == 0o644
     d = await fs.getattr(await walk(fs, "models/llama/1.0.0"))
-    assert d.is_dir and d.mode & 0o777 == 0o555
+    assert d.is_dir and d.mode(False) & 0o777 == 0o555 and d.mode(True, 0o027) & 0o777 == 0o750
 
 
 async def test_missing_is_enoent(fs: Filesystem) -> None:
