@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unautho
 from mlregfs.fs.core import Filesystem, Timeouts
 from mlregfs.fuse_ops import Operations
 from mlregfs.registry.base import Registry
+from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.mount")
@@ -105,12 +107,21 @@ def fuse_options(cfg: Config) -> set[str]:
 
 async def serve(cfg: Config, ready: ReadySignal) -> None:
     """Connect, mount, serve until unmounted or signalled, then unmount."""
-    registry = build_registry(cfg)
+    catalog_name = hashlib.sha256(public_source(cfg.source).encode()).hexdigest()[:32]
+    registry = CatalogRegistry(
+        build_registry(cfg), cfg.cache_dir / "catalog" / f"{catalog_name}.json"
+    )
     try:
         project = await registry.project()
     except RegistryError as e:
         await registry.aclose()
         raise MountError(explain(e, cfg)) from None
+    if registry.offline_answers:
+        log.warning(
+            "starting OFFLINE: %s is unreachable; serving the versions and files known"
+            " from the last catalog, reads of uncached files fail with EIO",
+            public_source(cfg.source),
+        )
     log.info(
         "project %s (id %s, %s) at %s",
         project.path,

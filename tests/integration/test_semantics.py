@@ -322,3 +322,38 @@ def _daemon_pid(mnt: Path) -> int:
     pids = [int(x) for x in out.stdout.split()]
     assert len(pids) == 1, out.stdout
     return pids[0]
+
+
+def test_12_offline_start_from_catalog(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Freshness. When the registry cannot be reached, the last known listing is served, also
+    by a new mount started during the outage (the catalog persists in `cache_dir`); cached
+    bytes keep reading, uncached ones fail with `EIO` within bounded time."""
+    cache = tmp_path / "cache"
+    srv = ServerProcess(tmp_path / "srv").start()
+    try:
+        srv.store.create_project("x/y", "private")
+        token = srv.store.create_token("x/y", "reporter")
+        srv.store.create_model("x/y", "m")
+        v = srv.store.create_version("x/y", "m", "1.0.0")
+        srv.store.add_file("x/y", v, "cached.bin", b"c" * 100_000)
+        srv.store.add_file("x/y", v, "uncached.bin", b"u" * 100_000)
+        m = mount_factory(f"{srv.url}/x/y", token=token, cache=cache)
+        assert (m.path / "models/m/1.0.0/cached.bin").read_bytes() == b"c" * 100_000
+        m.stop()
+        srv.stop()
+        m2 = mount_factory(
+            f"{srv.url}/x/y", token=token, cache=cache, options=["timeout=2,retry_deadline=3"]
+        )
+        assert "starting OFFLINE" in m2.stderr()
+        v_dir = m2.path / "models/m/1.0.0"
+        assert sorted(os.listdir(v_dir)) == ["cached.bin", "uncached.bin"]
+        assert (v_dir / "cached.bin").read_bytes() == b"c" * 100_000
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as ei:
+            (v_dir / "uncached.bin").read_bytes()
+        assert ei.value.errno in (errno.EIO, errno.ETIMEDOUT)
+        assert time.monotonic() - t0 < 20
+        srv.restart()
+        assert (v_dir / "uncached.bin").read_bytes() == b"u" * 100_000
+    finally:
+        srv.stop()
