@@ -22,8 +22,8 @@ from mlregfs.config import Config
 from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
 from mlregfs.fs.core import Filesystem, Timeouts
 from mlregfs.fuse_ops import Operations
-from mlregfs.registry.base import Registry
 from mlregfs.registry.catalog import CatalogRegistry
+from mlregfs.registry.gitlab import GitLabRegistry
 from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.mount")
@@ -43,15 +43,22 @@ def public_source(source: str) -> str:
 
 
 def check_mountpoint(mp: Path) -> None:
-    """Refuse a missing, non-directory, already mounted or stale mount point."""
+    """Refuse a missing, non-directory or already mounted mount point; clean a stale one."""
     try:
+        os.statvfs(mp)  # unlike stat, never answered from the kernel's attribute cache
         st = os.stat(mp)
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno != errno.ENOTCONN:
+            raise MountError(f"mount point {mp}: {e.strerror}") from None
+        # "Transport endpoint is not connected": a daemon died and left its mount behind
+        r = subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, text=True)
+        if r.returncode != 0:
             raise MountError(
-                f"{mp} is a stale mlregfs mount (daemon gone): run 'fusermount3 -u {mp}' first"
+                f"{mp} is a stale mount (daemon gone) and 'fusermount3 -uz' failed:"
+                f" {r.stderr.strip()}"
             ) from None
-        raise MountError(f"mount point {mp}: {e.strerror}") from None
+        log.warning("cleaned a stale mount at %s (its daemon had died)", mp)
+        st = os.stat(mp)
     if not os.path.isdir(mp) or not (st.st_mode & 0o040000):
         raise MountError(f"mount point {mp} is not a directory")
     if os.path.ismount(mp):
@@ -80,8 +87,49 @@ def explain(e: BaseException, cfg: Config) -> str:
     return str(e)
 
 
-def build_registry(cfg: Config) -> Registry:
-    from mlregfs.registry.gitlab import GitLabRegistry
+class TokenFile:
+    """The token file, re-read when it changes (rotated CI/deploy tokens) or on a 401."""
+
+    def __init__(self, path: Path, token: str | None) -> None:
+        self.path = path
+        self.token = token
+        self._mtime = self._stat()
+        mode = self._mode()
+        if mode is not None and mode & 0o077:
+            log.warning(
+                "token file %s is readable by others (mode %o): chmod 600 it", path, mode & 0o777
+            )
+
+    def _stat(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime
+        except OSError:
+            return None
+
+    def _mode(self) -> int | None:
+        try:
+            return os.stat(self.path).st_mode
+        except OSError:
+            return None
+
+    def read(self) -> str | None:
+        """The current token (the old one if the file is unreadable or empty)."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError as e:
+            log.warning("cannot re-read token file %s: %s", self.path, e.strerror)
+            return self.token
+        if text and text != self.token:
+            log.info("token file %s changed: using the new token", self.path)
+            self.token = text
+        self._mtime = self._stat()
+        return self.token
+
+    def changed(self) -> bool:
+        return self._stat() != self._mtime
+
+
+def build_registry(cfg: Config, token_file: TokenFile | None = None) -> GitLabRegistry:
     from mlregfs.registry.retry import RetryPolicy
 
     return GitLabRegistry(
@@ -90,7 +138,16 @@ def build_registry(cfg: Config) -> Registry:
         token_kind="job" if cfg.token_kind == "job" else "personal",
         timeout=cfg.timeout,
         retry=RetryPolicy(deadline=cfg.retry_deadline),
+        token_refresh=token_file.read if token_file else None,
     )
+
+
+async def watch_token(token_file: TokenFile, registry: GitLabRegistry, every: float = 5) -> None:
+    while True:
+        await trio.sleep(every)
+        if await trio.to_thread.run_sync(token_file.changed):
+            token = await trio.to_thread.run_sync(token_file.read)
+            registry.set_token(token)
 
 
 def fuse_options(cfg: Config) -> set[str]:
@@ -108,9 +165,9 @@ def fuse_options(cfg: Config) -> set[str]:
 async def serve(cfg: Config, ready: ReadySignal) -> None:
     """Connect, mount, serve until unmounted or signalled, then unmount."""
     catalog_name = hashlib.sha256(public_source(cfg.source).encode()).hexdigest()[:32]
-    registry = CatalogRegistry(
-        build_registry(cfg), cfg.cache_dir / "catalog" / f"{catalog_name}.json"
-    )
+    token_file = TokenFile(cfg.token_file, cfg.token) if cfg.token_file else None
+    client = build_registry(cfg, token_file)
+    registry = CatalogRegistry(client, cfg.cache_dir / "catalog" / f"{catalog_name}.json")
     try:
         project = await registry.project()
     except RegistryError as e:
@@ -166,6 +223,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         async with trio.open_nursery() as nursery:
             data.start(nursery)
             nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
+            if token_file is not None:
+                nursery.start_soon(watch_token, token_file, client)
             readahead_kb = min(cfg.block_size * max(cfg.readahead_blocks, 1), 64 << 20) >> 10
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready, readahead_kb)
             await pyfuse3.main()

@@ -149,6 +149,7 @@ class GitLabRegistry:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Sleep | None = None,
         clock: Clock | None = None,
+        token_refresh: Callable[[], str | None] | None = None,
     ) -> None:
         if token_kind not in ("personal", "job"):
             raise ValueError(f"token_kind must be 'personal' or 'job', not {token_kind!r}")
@@ -157,6 +158,8 @@ class GitLabRegistry:
         self._display = parts._replace(query="", fragment="").geturl()
         self._token = token or None
         self._token_kind = token_kind
+        # called on a 401: a rotated token (re-read from its file) is tried once
+        self._token_refresh = token_refresh
         self._timeout = timeout
         self._policy = retry or RetryPolicy()
         self._sleep: Sleep = sleep or trio.sleep
@@ -184,6 +187,11 @@ class GitLabRegistry:
         self._package_ids: dict[tuple[str, str], int] = {}  # owner key -> package id
         self._signed: dict[tuple[int, int, str], tuple[str, float]] = {}  # -> (url, expiry)
         self._down_since: float | None = None  # clock time of the last connection failure
+
+    def set_token(self, token: str | None) -> None:
+        """Use a new token from now on (rotated CI/deploy tokens)."""
+        self._token = token or None
+        self._signed.clear()
 
     def __repr__(self) -> str:
         auth = f"{self._token_kind} token" if self._token else "anonymous"
@@ -862,11 +870,6 @@ class GitLabRegistry:
         await self.project()
         url = self._file_url(owner, path)
         where = f"PUT {_where(url)}"
-        headers = {
-            **self._auth_headers("ml_models"),
-            "Content-Length": str(size),
-            "Content-Type": "application/octet-stream",
-        }
 
         async def chunks() -> AsyncIterator[bytes]:
             f = await trio.open_file(source, "rb")
@@ -880,6 +883,11 @@ class GitLabRegistry:
 
         async def attempt() -> None:
             self.stats.count("upload")
+            headers = {
+                **self._auth_headers("ml_models"),  # per attempt: the token may rotate
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+            }
             try:
                 resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
             except httpx.TimeoutException as exc:
@@ -1069,11 +1077,23 @@ class GitLabRegistry:
         if self._down_since is not None and started - self._down_since < OUTAGE_WINDOW:
             policy = replace(policy, max_attempts=1)  # known outage: fail fast
         number = 0
+        refreshed = False
         while True:
             number += 1
             try:
                 result = await attempt()
             except _Failure as failure:
+                if (
+                    isinstance(failure.error, Unauthorized)
+                    and self._token_refresh is not None
+                    and not refreshed
+                ):
+                    refreshed = True
+                    new = self._token_refresh()
+                    if new and new != self._token:
+                        log.info("token refused (401); retrying with the re-read token")
+                        self.set_token(new)
+                        continue
                 kind = kind_of(failure.error) if failure.retryable else ErrorKind.FATAL
                 if kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT):
                     self._down_since = self._clock()

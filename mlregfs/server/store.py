@@ -383,6 +383,11 @@ class Store:
             )
         return token
 
+    def revoke_token(self, token: str) -> None:
+        """Revoke a token (as rotating a project or CI token does)."""
+        with self.tx() as db:
+            db.execute("UPDATE tokens SET revoked=1 WHERE digest=?", (hash_token(token),))
+
     def find_token(self, token: str) -> Row | None:
         """The token row for a secret, or None (unknown, revoked or expired)."""
         row = self.one("SELECT * FROM tokens WHERE digest=?", (hash_token(token),))

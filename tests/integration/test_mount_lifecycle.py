@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -151,3 +152,47 @@ def test_systemd_notify_ready_and_stopping(world: World, tmp_path: Path) -> None
             assert m.proc.wait(15) == 0
         finally:
             m.stop()
+
+
+def test_token_rotation_via_token_file(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """The token file is re-read when it changes or on a 401; a loose mode is warned about."""
+    with ServerProcess(tmp_path / "srv") as srv:
+        st = srv.store
+        st.create_project("x/y", "private")
+        old = st.create_token("x/y", "reporter")
+        st.create_model("x/y", "m")
+        st.create_version("x/y", "m", "1.0.0")
+        tok = tmp_path / "token"
+        tok.write_text(old)
+        tok.chmod(0o644)
+        m = mount_factory(f"{srv.url}/x/y", options=[f"token_file={tok},listing_ttl=1"])
+        assert "readable by others" in m.stderr()
+        assert old not in m.stderr()
+        assert os.listdir(m.path / "models/m") == ["1.0.0"]
+        new = st.create_token("x/y", "reporter")
+        tok.write_text(new + "\n")
+        st.revoke_token(old)
+        st.create_version("x/y", "m", "2.0.0")
+        time.sleep(1.5)
+        assert sorted(os.listdir(m.path / "models/m")) == ["1.0.0", "2.0.0"]
+        assert "token file" in m.stderr() and new not in m.stderr()
+
+
+def test_stale_mount_of_a_killed_daemon_is_cleaned(world: World, tmp_path: Path) -> None:
+    m = Mount(world.public, tmp_path / "mnt", tmp_path / "c").start()
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    m.proc = None
+    try:
+        os.statvfs(m.path)
+        raise AssertionError("expected a dead mount")
+    except OSError as e:
+        assert e.errno == errno.ENOTCONN
+    r = run_mount(world.public, m.path, tmp_path / "c", clean_env())
+    try:
+        assert r.returncode == 0, r.stderr
+        assert os.listdir(m.path / "models") == ["pub-model"]
+        assert "cleaned a stale mount" in r.stderr
+    finally:
+        unmount(m.path)
