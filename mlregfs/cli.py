@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "admin": lambda a: _server("admin_main", a),
         "demo": lambda a: _demo(a),
         "recover": lambda a: _recover(a),
+        "status": lambda a: _status(a),
+        "warm": lambda a: _warm(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] == "--version":
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             "  unmount MNT                       unmount (same as fusermount3 -u)\n"
             "  serve [--data DIR] [--init-demo]  run the embedded GitLab-compatible registry\n"
             "  admin ...                         create projects, tokens, models, versions\n"
+            "  status MNT [--json]               counters of a running mount\n"
+            "  warm PATH... [--pin]              fetch files into the cache, verified\n"
             "  recover [list|retry|discard]      spooled uploads that did not complete\n"
             "  demo                              serve sample models, mount them, show them",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
@@ -88,6 +92,18 @@ def _server(name: str, argv: list[str]) -> int:
     from mlregfs.server import cli as server_cli
 
     return int(getattr(server_cli, name)(argv) or 0)
+
+
+def _status(argv: list[str]) -> int:
+    from mlregfs.status import main as status_main
+
+    return status_main(argv)
+
+
+def _warm(argv: list[str]) -> int:
+    from mlregfs.warm import main as warm_main
+
+    return warm_main(argv)
 
 
 def _recover(argv: list[str]) -> int:

@@ -64,6 +64,7 @@ class Config:
     debug: bool = False
     foreground: bool = False
     log_file: Path | None = None
+    metrics: Path | None = None  # Prometheus textfile, rewritten every few seconds
     fsname: str = "mlregfs"
 
     @property
@@ -84,6 +85,7 @@ _VALUE_OPTIONS = {
     "timeout": ("timeout", parse_duration),
     "retry_deadline": ("retry_deadline", parse_duration),
     "log_file": ("log_file", Path),
+    "metrics": ("metrics", Path),
     "drain_timeout": ("drain_timeout", parse_duration),
     "uid": ("uid", int),
     "gid": ("gid", int),

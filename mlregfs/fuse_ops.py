@@ -22,6 +22,8 @@ from mlregfs.fs.core import Attr, Filesystem
 log = logging.getLogger("mlregfs.fuse")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+PIN_XATTR = b"user.mlregfs.pin"
+
 # expected misses are not worth more than a debug line
 _QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, pyfuse3.ENOATTR}
 
@@ -218,3 +220,11 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        # the control channel of `mlregfs warm --pin`: no registry data is stored in xattrs
+        if name == PIN_XATTR:
+            await self.fs.pin(inode, value.strip() not in (b"", b"0"))
+            return
+        raise pyfuse3.FUSEError(errno.ENOTSUP)

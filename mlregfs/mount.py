@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from mlregfs.fs.core import Filesystem, Timeouts
 from mlregfs.fuse_ops import Operations
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.gitlab import GitLabRegistry
+from mlregfs.status import Reporter
 from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.mount")
@@ -213,6 +216,47 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         spool=spool,
     )
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
+    started = time.time()
+
+    def snapshot() -> dict[str, object]:
+        st, ds, rs = store.stats, data.stats, registry.stats
+        hits = ds.memory_hits + ds.disk_hits
+        return {
+            "mountpoint": str(cfg.mountpoint),
+            "source": public_source(cfg.source),
+            "pid": os.getpid(),
+            "read_only": cfg.read_only,
+            "cache_dir": str(cfg.cache_dir),
+            "uptime": time.time() - started,
+            "written_at": time.time(),
+            "cache": {
+                "stored_bytes": st.stored_bytes,
+                "capacity_bytes": store.capacity,
+                "pinned_bytes": store.pinned_bytes(),
+                "hits": hits,
+                "misses": ds.fetched_blocks,
+                "hit_ratio": hits / (hits + ds.fetched_blocks) if hits + ds.fetched_blocks else 0,
+                "evictions": st.evictions,
+                "integrity_failures": ds.integrity_failures,
+            },
+            "registry": {
+                "requests": rs.requests,
+                "bytes_downloaded": rs.bytes_downloaded,
+                "bytes_uploaded": rs.bytes_uploaded,
+                "retries": rs.retries,
+                "errors": rs.errors,
+                "offline_answers": registry.offline_answers,
+                "by_kind": dict(rs.by_kind),
+            },
+            "uploads": {
+                **fs.upload_stats,
+                "in_flight": fs.uploads_in_flight,
+                "recovery_items": len(spool.leftovers()) if spool else 0,
+            },
+            "fuse_failures": dict(ops.failures),
+        }
+
+    reporter = Reporter(cfg.mountpoint, cfg.metrics, snapshot)
     check_mountpoint(cfg.mountpoint)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -225,6 +269,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
             nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
             if token_file is not None:
                 nursery.start_soon(watch_token, token_file, client)
+            nursery.start_soon(_report, reporter)
             readahead_kb = min(cfg.block_size * max(cfg.readahead_blocks, 1), 64 << 20) >> 10
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready, readahead_kb)
             await pyfuse3.main()
@@ -232,8 +277,20 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
     finally:
         # unmounting an already unmounted session (fusermount3 -u) is harmless
         pyfuse3.close(unmount=True)
+        with contextlib.suppress(OSError):
+            reporter.write()  # the last numbers (metrics textfile stays for the collector)
+            reporter.remove()
         await registry.aclose()
         log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _report(reporter: Reporter, every: float = 2.0) -> None:
+    while True:
+        try:
+            await trio.to_thread.run_sync(reporter.write)
+        except OSError as e:
+            log.warning("cannot write status/metrics: %s", e)
+        await trio.sleep(every)
 
 
 async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:

@@ -12,6 +12,7 @@ All methods are synchronous and thread-safe: callers run them in worker threads.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -53,6 +54,11 @@ class BlockStore:
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # -> payload size
         self._by_key: dict[str, set[int]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
+        self._pins_file = self.root / "pins.json"
+        try:
+            self.pins: set[str] = set(json.loads(self._pins_file.read_text()))
+        except (OSError, ValueError):
+            self.pins = set()
         self._scan()
 
     # -- layout -------------------------------------------------------------------------
@@ -183,21 +189,31 @@ class BlockStore:
                 if not idxs:
                     del self._by_key[key]
 
+    def pin(self, key: str, on: bool = True) -> None:
+        """Keep (or stop keeping) every block of `key` out of eviction; survives restarts."""
+        self.check_key(key)
+        with self._lock:
+            (self.pins.add if on else self.pins.discard)(key)
+            text = json.dumps(sorted(self.pins))
+        tmp = self._pins_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self._pins_file)
+
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return sum(self._lru[(k, i)] for k in self.pins for i in self._by_key.get(k, ()))
+
     def _evict(self, protect: str | None = None) -> None:
         victims: list[tuple[str, int]] = []
         with self._lock:
-            # the file being written is evicted last, so one huge file can still stream
-            for k in list(self._lru):
-                if self.stats.stored_bytes <= self.capacity:
-                    break
-                if k[0] == protect:
-                    continue
-                self._forget(*k)
-                victims.append(k)
-            if self.stats.stored_bytes > self.capacity:
+            # pinned files are never evicted; the file being written goes last, so one huge
+            # file can still stream through a small cache
+            for skip in ({protect, *self.pins}, self.pins):
                 for k in list(self._lru):
                     if self.stats.stored_bytes <= self.capacity:
                         break
+                    if k[0] in skip:
+                        continue
                     self._forget(*k)
                     victims.append(k)
             self.stats.evictions += len(victims)

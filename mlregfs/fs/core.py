@@ -569,11 +569,23 @@ class Filesystem:
                 except MlregfsError as e:
                     log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
 
+    @property
+    def uploads_in_flight(self) -> int:
+        return self._uploading
+
     async def drain(self, seconds: float) -> bool:
         """Wait (bounded) for uploads in flight; True if none is left."""
         with trio.move_on_after(seconds):
             await self._idle.wait()
         return self._uploading == 0
+
+    async def pin(self, ino: int, on: bool) -> None:
+        """Keep a file's cached blocks from eviction (`mlregfs warm --pin`)."""
+        node = self.node(ino)
+        if node.kind is not Kind.FILE:
+            raise IsADirectory("only files can be pinned")
+        f = await self._remote_file(node)
+        await trio.to_thread.run_sync(self.data.store.pin, self.cache_key(f), on)
 
     # -- namespace ----------------------------------------------------------------------
     async def mkdir(self, parent_ino: int, name: str) -> Attr:

@@ -45,3 +45,20 @@ def test_verified_marker_dropped_with_blocks(tmp_path: Path) -> None:
     assert s.is_verified("abc")
     s.drop("abc")
     assert not s.is_verified("abc") and s.count("abc") == 0
+
+
+def test_pinned_blocks_survive_eviction_and_restart(tmp_path: Path) -> None:
+    s = BlockStore(tmp_path, 3000)
+    s.pin("keep")
+    for i in range(2):
+        s.put("keep", i, b"k" * 1000)
+    for i in range(5):
+        s.put("other", i, b"o" * 1000)
+    assert s.has("keep", 0) and s.has("keep", 1)
+    assert s.stats.stored_bytes <= 3000
+    s2 = BlockStore(tmp_path, 3000)
+    assert "keep" in s2.pins and s2.pinned_bytes() == 2000
+    s2.pin("keep", False)
+    for i in range(3):
+        s2.put("more", i, b"m" * 1000)
+    assert not s2.has("keep", 0)

@@ -1,0 +1,147 @@
+"""Runtime counters of a mount: a JSON state file for `mlregfs status`, Prometheus text for
+`-o metrics=PATH`. Both are rewritten every few seconds by the daemon (atomic renames)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/mlregfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "mlregfs" if runtime else Path(f"/tmp/mlregfs-{os.getuid()}")
+
+
+def state_path(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(str(Path(mountpoint).absolute()).encode()).hexdigest()[:24]
+    return state_dir() / f"{digest}.json"
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prometheus(snapshot: dict[str, Any]) -> str:
+    """The counters in Prometheus text exposition format."""
+    labels = f'mountpoint="{snapshot["mountpoint"]}"'
+    lines = []
+    for name, (kind, help_text) in METRICS.items():
+        value: Any = snapshot
+        for part in name.split("."):
+            value = value.get(part, 0) if isinstance(value, dict) else 0
+        metric = "mlregfs_" + name.replace(".", "_")
+        lines += [
+            f"# HELP {metric} {help_text}",
+            f"# TYPE {metric} {kind}",
+            f"{metric}{{{labels}}} {float(value):g}",
+        ]
+    for op, n in sorted(snapshot.get("fuse_failures", {}).items()):
+        lines.append(f'mlregfs_fuse_failures_total{{{labels},op="{op}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+METRICS = {
+    "cache.stored_bytes": ("gauge", "Bytes in the on-disk block cache"),
+    "cache.capacity_bytes": ("gauge", "Configured cache_size"),
+    "cache.pinned_bytes": ("gauge", "Bytes of pinned files"),
+    "cache.hits": ("counter", "Block reads answered from memory or disk"),
+    "cache.misses": ("counter", "Blocks fetched from the registry"),
+    "cache.hit_ratio": ("gauge", "hits / (hits + misses)"),
+    "cache.evictions": ("counter", "Blocks evicted"),
+    "cache.integrity_failures": ("counter", "Files whose bytes did not match sha256"),
+    "registry.requests": ("counter", "HTTP requests sent"),
+    "registry.bytes_downloaded": ("counter", "Bytes downloaded"),
+    "registry.bytes_uploaded": ("counter", "Bytes uploaded"),
+    "registry.retries": ("counter", "Retried requests"),
+    "registry.errors": ("counter", "Requests that failed after retries"),
+    "registry.offline_answers": ("counter", "Listings answered from the catalog"),
+    "uploads.uploaded": ("counter", "Files uploaded"),
+    "uploads.failed": ("counter", "Uploads that failed"),
+    "uploads.in_flight": ("gauge", "Uploads running now"),
+    "uploads.recovery_items": ("gauge", "Spooled files kept for mlregfs recover"),
+}
+
+
+class Reporter:
+    """Collects a snapshot from the running mount and writes the state (and metrics) files."""
+
+    def __init__(self, mountpoint: Path, metrics: Path | None, collect: Any) -> None:
+        self.path = state_path(mountpoint)
+        self.metrics = metrics
+        self.collect = collect  # () -> dict
+
+    def write(self) -> None:
+        snap = self.collect()
+        _write(self.path, json.dumps(snap, indent=1))
+        if self.metrics is not None:
+            _write(self.metrics, prometheus(snap))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def render(s: dict[str, Any]) -> str:
+    c, r, u = s["cache"], s["registry"], s["uploads"]
+    age = time.time() - s["written_at"]
+    out = [
+        f"mlregfs at {s['mountpoint']} (pid {s['pid']}, up {s['uptime']:.0f}s, "
+        f"{'read-only' if s['read_only'] else 'read-write'}, updated {age:.0f}s ago)",
+        f"  source      {s['source']}",
+        f"  cache       {_human(c['stored_bytes'])} of {_human(c['capacity_bytes'])} "
+        f"({_human(c['pinned_bytes'])} pinned) in {s['cache_dir']}",
+        f"  hit ratio   {c['hit_ratio']:.1%} ({c['hits']} hits, {c['misses']} misses, "
+        f"{c['evictions']} evictions, {c['integrity_failures']} sha256 failures)",
+        f"  registry    {r['requests']} requests, {_human(r['bytes_downloaded'])} fetched, "
+        f"{_human(r['bytes_uploaded'])} uploaded, {r['retries']} retries, {r['errors']} errors"
+        + (f", {r['offline_answers']} answered offline" if r["offline_answers"] else ""),
+        f"  uploads     {u['uploaded']} done, {u['failed']} failed, {u['in_flight']} in flight, "
+        f"{u['recovery_items']} kept for 'mlregfs recover'",
+    ]
+    if s.get("fuse_failures"):
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(s["fuse_failures"].items()))
+        out.append(f"  failed ops  {fails}")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mlregfs status", description="Counters of a running mount.")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw snapshot")
+    args = p.parse_args(argv)
+    path = state_path(args.mountpoint)
+    try:
+        snap = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"mlregfs status: no mlregfs daemon reports for {args.mountpoint}", file=sys.stderr)
+        return 1
+    try:
+        os.kill(int(snap["pid"]), 0)
+    except ProcessLookupError:
+        print(
+            f"mlregfs status: the daemon of {args.mountpoint} (pid {snap['pid']}) is gone;"
+            " the numbers below are its last report",
+            file=sys.stderr,
+        )
+        print(render(snap))
+        return 1
+    print(json.dumps(snap, indent=1) if args.json else render(snap))
+    return 0
