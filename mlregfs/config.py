@@ -115,19 +115,26 @@ _IGNORED = {
 
 
 def split_options(text: str) -> list[str]:
-    """Split a `-o` string on commas; a backslash escapes a comma."""
-    parts, cur, esc = [], [], False
+    """Split a `-o` string on commas. A backslash keeps the next character literally (`\\,`);
+    libmount's `"quoted,values"` work too (the quotes are removed)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    quoted = esc = False
     for ch in text:
         if esc:
             cur.append(ch)
             esc = False
         elif ch == "\\":
             esc = True
-        elif ch == ",":
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
+    if quoted:
+        raise ConfigError(f"unbalanced quote in options {text!r}")
     parts.append("".join(cur))
     return [p.strip() for p in parts if p.strip()]
 

@@ -53,30 +53,13 @@ class Request:
 
 
 def split_mount_options(text: str) -> list[str]:
-    """Split an `-o` string on commas, honouring libmount's `"quoted,values"` and mlregfs's `\\,`.
+    """Split an `-o` string as mlregfs does (config.split_options: `\\,` and `"quoted"`)."""
+    from mlregfs.config import ConfigError, split_options  # stdlib-only module: cheap
 
-    Quotes are removed; a backslash keeps the next character literally.
-    """
-    parts: list[str] = []
-    cur: list[str] = []
-    quoted = esc = False
-    for ch in text:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if quoted:
-        raise UsageError(f"unbalanced quote in options {text!r}")
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
+    try:
+        return split_options(text)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def join_options(options: list[str]) -> str:

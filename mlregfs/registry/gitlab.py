@@ -700,14 +700,8 @@ class GitLabRegistry:
                 if length is not None and length.isdigit() and int(length) != file.size:
                     raise _Failure(_changed(where, int(length), file), retryable=False)
                 return await self._read_body(where, resp, start, end - start, exact=False)
-        except httpx.TimeoutException as exc:
-            raise _Failure(
-                RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
-            ) from exc
-        except httpx.TransportError as exc:
-            raise _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))) from exc
         except httpx.HTTPError as exc:
-            raise _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+            raise self._transport_failure(where, exc) from exc
 
     def _blocking_range_get(
         self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
@@ -890,16 +884,8 @@ class GitLabRegistry:
             }
             try:
                 resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
-            except httpx.TimeoutException as exc:
-                raise _Failure(
-                    RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
-                ) from exc
-            except httpx.TransportError as exc:
-                raise _Failure(
-                    RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))
-                ) from exc
             except httpx.HTTPError as exc:
-                raise _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+                raise self._transport_failure(where, exc) from exc
             if resp.status_code != 201:
                 raise self._status_failure("PUT", url, resp, resp.content)
             self.stats.bytes_uploaded += size
@@ -1036,16 +1022,8 @@ class GitLabRegistry:
                 resp = await self._client.request(
                     method, url, params=params, json=body, headers=headers
                 )
-            except httpx.TimeoutException as exc:
-                raise _Failure(
-                    RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
-                ) from exc
-            except httpx.TransportError as exc:
-                raise _Failure(
-                    RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))
-                ) from exc
             except httpx.HTTPError as exc:
-                raise _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+                raise self._transport_failure(where, exc) from exc
             log.debug("%s -> %d", where, resp.status_code)
             if resp.status_code not in _REDIRECTS or method != "GET":
                 break
@@ -1148,6 +1126,14 @@ class GitLabRegistry:
             cls = ProtocolError
         retryable = status == 429 or status >= 500
         return _Failure(cls(message, status=status), retryable=retryable, retry_after=retry_after)
+
+    def _transport_failure(self, where: str, exc: httpx.HTTPError) -> _Failure:
+        """An httpx exception (no HTTP status) as the error we raise if we give up."""
+        if isinstance(exc, httpx.TimeoutException):
+            return _Failure(RegistryTimeout(f"{where}: no answer within {self._timeout:g} s"))
+        if isinstance(exc, httpx.TransportError):
+            return _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}")))
+        return _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}")))
 
     def _scrub(self, text: str) -> str:
         """Belt and braces: no server echo or library message may carry the token."""
