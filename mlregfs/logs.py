@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,22 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class JournalFormatter(logging.Formatter):
+    """`<N>` syslog-priority prefixes, which journald turns into log levels."""
+
+    PRIORITY = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
 def setup(
     *, debug: bool = False, log_file: Path | None = None, secrets: list[str] | None = None
 ) -> None:
@@ -38,7 +55,11 @@ def setup(
         handler = logging.StreamHandler(sys.stderr)
         # journald adds its own timestamps; keep lines short and greppable
         fmt = "%(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    # under systemd (stderr connected to the journal) levels travel as <N> prefixes
+    journal = log_file is None and bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(
+        JournalFormatter("%(name)s: %(message)s") if journal else logging.Formatter(fmt)
+    )
     handler.addFilter(RedactSecrets(secrets or []))
     root = logging.getLogger()
     root.handlers[:] = [handler]

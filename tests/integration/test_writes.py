@@ -347,3 +347,27 @@ def test_unmount_waits_for_upload_in_flight(ww: WWorld, tmp_path: Path) -> None:
     assert m.proc.wait(60) == 0
     assert files_of(ww, "1.0.0")["u.bin"] == (96 << 20, file_sha(src))
     m.stop()
+
+
+def test_too_large_is_efbig_at_close(tmp_path: Path) -> None:
+    """Semantics 19. An upload over the registry's size limit fails close() with EFBIG; the
+    bytes are kept for `mlregfs recover`."""
+    with ServerProcess(tmp_path / "srv", extra_args=["--max-file-size", "1M"]) as srv:
+        st = srv.store
+        st.create_project("x/y", "private")
+        token = st.create_token("x/y", "developer")
+        st.create_model("x/y", "m")
+        st.create_version("x/y", "m", "1.0.0")
+        m = Mount(f"{srv.url}/x/y", tmp_path / "mnt", tmp_path / "c", token=token).start()
+        try:
+            f = open(m.path / "models/m/1.0.0/big.bin", "wb")
+            f.write(b"x" * (2 << 20))
+            with pytest.raises(OSError) as ei:
+                f.close()
+            assert ei.value.errno == errno.EFBIG
+            r = subprocess.run(["cp", "/etc/hostname", str(m.path / "models/m/1.0.0/ok.txt")])
+            assert r.returncode == 0  # small files still go through
+        finally:
+            m.stop()
+        listing = _recover(m.cache_dir, token, "list")
+        assert "models/m/1.0.0/big.bin" in listing.stdout and "too large" in listing.stdout
