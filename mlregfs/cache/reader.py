@@ -25,6 +25,9 @@ log = logging.getLogger("mlregfs.cache")
 
 Fetcher = Callable[[int, int], Awaitable[bytes]]
 
+SMALL_READ = 64 << 10  # a non-sequential read up to this size is "small"...
+SMALL_WINDOW = 256 << 10  # ...and is served by fetching this aligned window only
+
 
 @dataclass(frozen=True)
 class FileSpec:
@@ -76,6 +79,7 @@ class DataStats:
     fetched_blocks: int = 0
     fetched_bytes: int = 0
     prefetched_blocks: int = 0
+    small_reads: int = 0
     integrity_failures: int = 0
 
 
@@ -97,6 +101,7 @@ class DataCache:
         self.readahead = readahead
         self.stats = DataStats()
         self._mem: LRUCache[tuple[str, int], bytes] = LRUCache(max(memory_bytes, 1), getsizeof=len)
+        self._small: LRUCache[tuple[str, int], bytes] = LRUCache(16 << 20, getsizeof=len)
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._files: dict[str, CachedFile] = {}
         self._nursery: trio.Nursery | None = None
@@ -145,6 +150,14 @@ class DataCache:
         first, last = off // bs, (end - 1) // bs
         if stream is not None:
             self._maybe_readahead(cf, stream, off, end, last)
+            if (
+                first == last
+                and self.block_size > SMALL_WINDOW
+                and stream.sequential_hits == 0
+                and end - off <= SMALL_READ
+                and not self._have(cf, first)
+            ):
+                return await self._small_read(cf, off, end)
         if first == last:
             block = await self._block(cf, first)
             self.stats.bytes_served += end - off
@@ -157,6 +170,32 @@ class DataCache:
             out += memoryview(block)[lo:hi]
         self.stats.bytes_served += len(out)
         return out
+
+    def _have(self, cf: CachedFile, idx: int) -> bool:
+        key = (cf.spec.key, idx)
+        return key in self._mem or idx in cf.inflight or self.store.has(*key)
+
+    async def _small_read(self, cf: CachedFile, off: int, end: int) -> bytes | memoryview:
+        """A random small read of an uncached block: fetch only the aligned window around it.
+
+        A whole block would cost its transfer time in latency (8 MiB: several ms); a random
+        reader (4 KiB preads, index lookups) wants one short Range request. Windows are kept in
+        memory only: they are not whole blocks, so they cannot be checked against sha256 and
+        are not persisted."""
+        w0 = off - off % SMALL_WINDOW
+        w1 = min(cf.spec.size, -(-end // SMALL_WINDOW) * SMALL_WINDOW)
+        key = (cf.spec.key, -1 - w0)  # negative index: a window, never a block
+        data = self._small.get(key)
+        if data is None or len(data) < w1 - w0:
+            async with self._limiter:
+                data = await cf.fetch(w0, w1)
+            if len(data) != w1 - w0:
+                raise ProtocolError(f"expected {w1 - w0} bytes of {cf.spec.key}, got {len(data)}")
+            self.stats.small_reads += 1
+            self.stats.fetched_bytes += len(data)
+            self._small[key] = bytes(data)
+        self.stats.bytes_served += end - off
+        return memoryview(data)[off - w0 : end - w0]
 
     def _maybe_readahead(
         self, cf: CachedFile, stream: ReadStream, off: int, end: int, last: int

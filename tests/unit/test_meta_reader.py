@@ -111,3 +111,28 @@ async def test_random_pread_fetches_only_its_block(tmp_path: Path) -> None:
         await dc.read(cf, 5 * bs + 7, 4096, stream)
         await dc.read(cf, 2 * bs, 4096, stream)
     assert fetched == [5, 2]
+
+
+async def test_small_random_reads_fetch_a_window_not_a_block(tmp_path: Path) -> None:
+    bs = 4 << 20
+    data = bytes(range(256)) * (3 * bs // 256)
+    fetched: list[tuple[int, int]] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        fetched.append((start, end))
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=4)
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(FileSpec("w", len(data), None), fetch)
+        stream = ReadStream()
+        off = 5_000_000
+        assert bytes(await dc.read(cf, off, 4096, stream)) == data[off : off + 4096]
+        assert fetched == [(4_980_736, 5_242_880)]  # the aligned 256 KiB window
+        assert bytes(await dc.read(cf, off + 8192, 4096, stream)) == data[off + 8192 : off + 12288]
+        assert len(fetched) == 1  # same window, from memory
+        # sequential reading switches back to whole blocks
+        for o in range(0, 3 * 65536, 65536):
+            await dc.read(cf, o, 65536, stream)
+        assert (0, bs) in fetched
