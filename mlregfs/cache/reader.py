@@ -152,6 +152,7 @@ class DataCache:
             self._maybe_readahead(cf, stream, off, end, last)
             if (
                 first == last
+                and cf.nblocks > 1  # a one-block file is always fetched whole and verified
                 and self.block_size > SMALL_WINDOW
                 and stream.sequential_hits == 0
                 and end - off <= SMALL_READ
