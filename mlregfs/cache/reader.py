@@ -47,7 +47,7 @@ class CachedFile:
     nblocks: int
     refs: int = 0
     verified: bool = False
-    poisoned: bool = False  # a background check failed: fail the next read
+    poisoned: bool = False  # a sha256 check failed: every read fails until all handles close
     inflight: dict[int, BlockFetch] = field(default_factory=dict)
     # sha256 computed while blocks arrive in order, so a sequential read needs no re-read
     hasher: Any = field(default_factory=hashlib.sha256)
@@ -114,7 +114,7 @@ class DataCache:
     # -- open/close ---------------------------------------------------------------------
     def open(self, spec: FileSpec, fetch: Fetcher) -> CachedFile:
         cf = self._files.get(spec.key)
-        if cf is None or cf.spec != spec:
+        if cf is None or cf.spec != spec or (cf.poisoned and not cf.inflight):
             nblocks = max(1, -(-spec.size // self.block_size))
             cf = CachedFile(spec, fetch, nblocks)
             cf.verified = spec.sha256 is None or self.store.is_verified(spec.key)
@@ -141,8 +141,9 @@ class DataCache:
     ) -> bytes | bytearray | memoryview:
         """Bytes [off, off+size) clipped at EOF."""
         if cf.poisoned:
-            cf.poisoned = False
-            raise IntegrityError(f"cached bytes of {cf.spec.key} did not match sha256; refetching")
+            # sticky while the file stays open: the kernel retries a failed read page by page,
+            # and no retry may succeed with bytes from the mismatching download
+            raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
         end = min(off + size, cf.spec.size)
         if off >= end:
             return b""
@@ -360,6 +361,7 @@ class DataCache:
 
     def _corrupt(self, cf: CachedFile) -> None:
         key = cf.spec.key
+        cf.poisoned = True
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
         self.stats.integrity_failures += 1
         log.error("sha256 mismatch for %s: cached blocks discarded", key)

@@ -158,3 +158,24 @@ async def test_listing_is_cached(fs: Filesystem, reg: InMemoryRegistry) -> None:
         await names(fs, "models/llama/1.0.0/weights")
         await names(fs, "models")
     assert reg.stats.requests == n
+
+
+async def test_reads_after_a_mismatch_keep_failing_until_reopen(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """The kernel retries a failed read page by page: no retry may return unverified bytes."""
+    reg.corrupt.add("weights/model.bin")
+    opened = await fs.open(await walk(fs, "models/llama/1.0.0/weights/model.bin"), os.O_RDONLY)
+    with pytest.raises(IntegrityError):
+        off = 0
+        while True:
+            b = await fs.read(opened.fh, off, 100_000)
+            if not b:
+                break
+            off += len(b)
+    for retry_off in (0, 5 * BS, 3 * BS + 7):
+        with pytest.raises(IntegrityError):
+            await fs.read(opened.fh, retry_off, 4096)
+    await fs.release(opened.fh)
+    reg.corrupt.clear()
+    assert len(await read_all(fs, "models/llama/1.0.0/weights/model.bin")) == 5 * BS + 123
