@@ -285,8 +285,10 @@ class DataCache:
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed, except the last blocks of a file: those wait for the sha256
             # check, so a reader of the whole file gets EIO, not success, on a mismatch.
-            last = cf.verified or self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks
-            if self._remember(key, data) and not last:
+            last = not cf.verified and (
+                self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks
+            )
+            if not last and self._remember(key, data):
                 release()
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             if not cf.verified:
@@ -294,6 +296,8 @@ class DataCache:
                 if self.store.count(spec.key) >= cf.nblocks:
                     async with cf.hash_lock:
                         await self._verify(cf)
+            if last:  # only now may readers see it (from memory)
+                self._remember(key, data)
             return data
         except Exception as e:
             flight.error = e

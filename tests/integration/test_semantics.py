@@ -152,6 +152,27 @@ def test_9_corrupt_download_is_never_served(tmp_path: Path, mount_factory) -> No
         assert (m.path / "models/m/1.0.0/a.txt").read_bytes() == b"the real bytes\n"
 
 
+def test_9_corrupt_large_file_fails_the_reader(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Verified bytes. Once every block of a file is cached, the file is checked against the
+    registry's `file_sha256`; on a mismatch the read fails with `EIO` (also the kernel's
+    page-by-page retries), so `cp` and `cat` of a corrupt file fail."""
+    data = os.urandom(20 << 20)
+    with ServerProcess(tmp_path / "srv") as srv:
+        srv.store.create_project("x/y", "public")
+        srv.store.create_model("x/y", "m")
+        v = srv.store.create_version("x/y", "m", "1.0.0")
+        srv.store.add_file("x/y", v, "w.bin", data)
+        (blob_path,) = _blob_files(srv, data)
+        bad = bytearray(data)
+        bad[12_345_678] ^= 0x01  # one bit, in the middle
+        blob_path.write_bytes(bytes(bad))
+        m = mount_factory(f"{srv.url}/x/y")
+        r = subprocess.run(["cat", str(m.path / "models/m/1.0.0/w.bin")], capture_output=True)
+        assert r.returncode != 0 and b"Input/output error" in r.stderr
+        blob_path.write_bytes(data)
+        assert file_sha(m.path / "models/m/1.0.0/w.bin") == sha(data)  # reopened: refetched
+
+
 def test_9_damaged_cache_block_is_refetched(
     world: World, mount_factory, server: ServerProcess, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
