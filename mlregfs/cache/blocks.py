@@ -112,15 +112,21 @@ class BlockStore:
     def get(self, key: str, index: int) -> bytes | None:
         """The block's payload, or None if absent or corrupt (a corrupt block is deleted)."""
         path = self._path(key, index)
+        payload: bytes | None = None
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            with open(path, "rb", buffering=0) as f:
+                header = f.read(_HEADER.size)
+                if len(header) == _HEADER.size:
+                    length = _HEADER.unpack_from(header)[2]
+                    buf = bytearray(length)  # one buffer, filled in place: no slicing copy
+                    n = f.readinto(buf)
+                    if n == length and not f.read(1):
+                        payload = self._check(header, buf, key, index)
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
                 self._forget(key, index)
             return None
-        payload = self._check(raw, key, index)
         with self._lock:
             if payload is None:
                 self.stats.corrupt += 1
@@ -142,11 +148,8 @@ class BlockStore:
         return payload
 
     @staticmethod
-    def _check(raw: bytes, key: str, index: int) -> bytes | None:
-        if len(raw) < _HEADER.size:
-            return None
-        magic, idx, length, crc, kd = _HEADER.unpack_from(raw)
-        payload = raw[_HEADER.size :]
+    def _check(header: bytes, payload: bytearray, key: str, index: int) -> bytes | None:
+        magic, idx, length, crc, kd = _HEADER.unpack_from(header)
         if (
             magic != _MAGIC
             or idx != index
@@ -155,7 +158,7 @@ class BlockStore:
             or zlib.crc32(payload) != crc
         ):
             return None
-        return payload
+        return payload  # type: ignore[return-value]  # bytes-like; never mutated
 
     def put(self, key: str, index: int, data: bytes | memoryview) -> None:
         """Store a block atomically, then evict least recently used blocks over capacity."""

@@ -212,10 +212,28 @@ class DataCache:
             return
         for idx in range(last + 1, min(last + 1 + self.readahead, cf.nblocks)):
             key = (cf.spec.key, idx)
-            if key in self._mem or idx in cf.inflight or self.store.has(*key):
+            if key in self._mem or idx in cf.inflight:
                 continue
             cf.inflight[idx] = BlockFetch()  # claim it now so the foreground waits for it
-            self._nursery.start_soon(self._prefetch, cf, idx)
+            if self.store.has(*key):  # on disk: load it into memory ahead of the reader
+                self._nursery.start_soon(self._preload, cf, idx)
+            else:
+                self._nursery.start_soon(self._prefetch, cf, idx)
+
+    async def _preload(self, cf: CachedFile, idx: int) -> None:
+        flight = cf.inflight[idx]
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, cf.spec.key, idx)
+            if data is not None:
+                self.stats.disk_hits += 1
+                self._remember((cf.spec.key, idx), data)
+                await self._advance_hash(cf, idx, data)
+        except Exception as e:  # the foreground read will try again and report
+            log.debug("read-ahead of %s block %d from disk failed: %s", cf.spec.key, idx, e)
+        finally:
+            if cf.inflight.get(idx) is flight:
+                del cf.inflight[idx]
+            flight.done.set()
 
     async def _prefetch(self, cf: CachedFile, idx: int) -> None:
         try:
