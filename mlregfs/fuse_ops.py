@@ -142,7 +142,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.fs.write(fh, off, buf)
+        return await self.fs.write(fh, off, buf)
 
     @_guard
     async def flush(self, fh: int) -> None:

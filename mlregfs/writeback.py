@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -125,13 +126,24 @@ class SpoolFile:
         self.fd = fd
         self.size = 0
         self.dirty = True  # a new (or truncated) file must be uploaded even if empty
+        # sha256 kept while bytes arrive in order (cp, dd): no re-read at close
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # -1: given up (out-of-order rewrite)
+        self._hash_lock = threading.Lock()
 
     @property
     def path(self) -> Path:
         return self.spool.data_path(self.entry.id)
 
     def write(self, off: int, data: bytes) -> int:
+        """Write at `off` (run in a worker thread: it touches the disk and hashes)."""
         n = os.pwrite(self.fd, data, off)
+        with self._hash_lock:  # the kernel may send several writes of one file at once
+            if off == self._hashed:
+                self._hasher.update(memoryview(data)[:n])
+                self._hashed += n
+            elif off < self._hashed:  # hashed bytes were rewritten: hash from disk at close
+                self._hashed = -1
         self.size = max(self.size, off + n)
         self.dirty = True
         return n
@@ -143,16 +155,24 @@ class SpoolFile:
         os.ftruncate(self.fd, size)
         self.size = size
         self.dirty = True
+        with self._hash_lock:
+            if size < self._hashed:  # the running hash covers bytes that are gone
+                self._hashed = -1
 
     def finish(self) -> tuple[int, str]:
-        """Flush to disk and hash (run in a worker thread: it reads the whole file)."""
-        os.fsync(self.fd)
-        h = hashlib.sha256()
+        """Size and sha256 of the spooled bytes (run in a worker thread).
+
+        No fsync: the journal records size and sha256, and `mlregfs recover` checks the bytes
+        against them, so a spool cut short by a power loss is never uploaded."""
+        size = os.fstat(self.fd).st_size
+        self.size = size
+        if self._hashed == size:
+            return size, self._hasher.hexdigest()
+        h = hashlib.sha256()  # written out of order: hash what is on disk
         off = 0
         while chunk := os.pread(self.fd, 4 << 20, off):
             h.update(chunk)
             off += len(chunk)
-        self.size = off
         return off, h.hexdigest()
 
     def close(self) -> None:

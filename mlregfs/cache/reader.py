@@ -303,9 +303,7 @@ class DataCache:
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed, except the last blocks of a file: those wait for the sha256
             # check, so a reader of the whole file gets EIO, not success, on a mismatch.
-            last = not cf.verified and (
-                self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks
-            )
+            last = not cf.verified and (self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks)
             if not last and self._remember(key, data):
                 release()
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)

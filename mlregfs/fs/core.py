@@ -482,14 +482,15 @@ class Filesystem:
         opened = await self._new_writer(node, ())
         return opened, await self.attr_of(node)
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
+    async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handles.get(fh)
         if (
             not isinstance(h, WriteHandle)
             or self._writing.get((h.node.owner, h.node.path)) is not h
         ):
             raise NotPermitted("handle not open for writing")
-        return h.spool.write(off, data)
+        # disk write and hashing run on the second core; the FUSE loop keeps serving
+        return await trio.to_thread.run_sync(h.spool.write, off, data)
 
     async def flush(self, fh: int) -> None:
         """close(2): upload if anything changed since the last upload; report its failure."""

@@ -47,7 +47,7 @@ async def write_file(fs: Filesystem, path: str, data: bytes) -> None:
     parent, _, name = path.rpartition("/")
     opened, _ = await fs.create(await walk(fs, parent), name, os.O_WRONLY | os.O_CREAT)
     for off in range(0, len(data), 4096):
-        fs.write(opened.fh, off, data[off : off + 4096])
+        await fs.write(opened.fh, off, data[off : off + 4096])
     try:
         await fs.flush(opened.fh)
     finally:
@@ -67,7 +67,7 @@ async def test_create_write_close_uploads(fs: Filesystem, reg: InMemoryRegistry)
 async def test_visible_while_written(fs: Filesystem) -> None:
     v = await walk(fs, "models/llama/1.0.0")
     opened, _ = await fs.create(v, "w.bin", os.O_WRONLY | os.O_CREAT)
-    fs.write(opened.fh, 0, b"x" * 1234)
+    await fs.write(opened.fh, 0, b"x" * 1234)
     a = await fs.lookup(v, "w.bin")
     assert a.size == 1234
     await fs.flush(opened.fh)
@@ -96,7 +96,7 @@ async def test_permission_checked_at_open(fs: Filesystem, reg: InMemoryRegistry)
 async def test_failed_upload_is_reported_and_kept(fs: Filesystem, reg: InMemoryRegistry) -> None:
     v = await walk(fs, "models/llama/1.0.0")
     opened, _ = await fs.create(v, "f.bin", os.O_WRONLY | os.O_CREAT)
-    fs.write(opened.fh, 0, b"precious")
+    await fs.write(opened.fh, 0, b"precious")
     reg.down = True
     with pytest.raises(RegistryUnavailable):
         await fs.flush(opened.fh)
@@ -112,7 +112,7 @@ async def test_overwrite_replaces_and_deletes_old_copy(
 ) -> None:
     ino = await walk(fs, "models/llama/1.0.0/config.json")
     opened = await fs.open(ino, os.O_WRONLY | os.O_TRUNC)
-    fs.write(opened.fh, 0, b"new!")
+    await fs.write(opened.fh, 0, b"new!")
     await fs.flush(opened.fh)
     await fs.release(opened.fh)
     (f,) = await reg.list_files((await reg.list_models())[0].versions[0])
@@ -168,3 +168,21 @@ async def test_second_writer_is_busy(fs: Filesystem) -> None:
         await fs.open(await walk(fs, "candidates/3/m.json"), os.O_WRONLY | os.O_TRUNC)
     await fs.flush(opened.fh)
     await fs.release(opened.fh)
+
+
+async def test_out_of_order_and_rewritten_writes_hash_correctly(tmp_path: Path) -> None:
+    from mlregfs.writeback import Spool as _Spool
+
+    sf = _Spool(tmp_path).new("src", ("c", "1"), "f.bin")
+    sf.write(4, b"5678")
+    sf.write(0, b"1234")
+    assert sf.finish() == (8, hashlib.sha256(b"12345678").hexdigest())
+    sf2 = _Spool(tmp_path).new("src", ("c", "1"), "g.bin")
+    sf2.write(0, b"aaaa")
+    sf2.write(4, b"bbbb")
+    sf2.write(0, b"cc")  # rewrite of hashed bytes
+    assert sf2.finish() == (8, hashlib.sha256(b"ccaabbbb").hexdigest())
+    sf3 = _Spool(tmp_path).new("src", ("c", "1"), "h.bin")
+    sf3.write(0, b"abcdef")
+    sf3.truncate(3)
+    assert sf3.finish() == (3, hashlib.sha256(b"abc").hexdigest())
