@@ -273,12 +273,10 @@ class Filesystem:
                 str(i): Node(Kind.CANDIDATE, owner=("c", str(i))) for i in await self.candidates()
             }
         if k in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
-            tree = await self.file_tree(node.owner)
-            d = tree.get(node.path)
+            d = (await self.file_tree(node.owner)).get(node.path)
             local_dirs, local_files = self._local_entries(node.owner, node.path)
-            if d is None and not local_dirs and not local_files and node.kind is Kind.DIR:
-                if (node.owner, node.path) not in self._local_dirs:
-                    raise NotFound(f"directory {node.path!r} no longer exists")
+            if node.kind is Kind.DIR:
+                self._check_dir(node, d)
             base = f"{node.path}/" if node.path else ""
             dirs = set(d.dirs if d else ()) | local_dirs
             files = (set(d.files) if d else set()) | local_files
@@ -286,6 +284,13 @@ class Filesystem:
             out.update({n: Node(Kind.FILE, owner=node.owner, path=base + n) for n in files - dirs})
             return out
         raise NotADirectory(f"{node} is not a directory")
+
+    def _check_dir(self, node: Node, remote: FileDir | None) -> None:
+        """A directory inside a version exists through remote files, local ones, or mkdir."""
+        if remote is None and (node.owner, node.path) not in self._local_dirs:
+            dirs, files = self._local_entries(node.owner, node.path)
+            if not dirs and not files:
+                raise NotFound(f"directory {node.path!r} no longer exists")
 
     def _local_entries(self, owner: tuple[str, ...], path: str) -> tuple[set[str], set[str]]:
         """Names under `path` that exist only in this mount: made dirs, files being written."""
@@ -427,9 +432,6 @@ class Filesystem:
             del self._writing[key]
             if h.error is None:
                 h.spool.spool.remove(h.spool.entry)
-
-    def open_handles(self) -> int:
-        return len(self._handles)
 
     # -- writes -------------------------------------------------------------------------
     def _writable(self) -> Spool:
