@@ -23,6 +23,7 @@ import re
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -171,8 +172,10 @@ class GitLabRegistry:
             headers={"User-Agent": USER_AGENT},
         )
         self.stats = RegistryStats()
-        # ranged reads run in worker threads over http.client unless a test injects a transport
-        self._blocking_reads = transport is None
+        # ranged reads and uploads run in worker threads over http.client, unless a test
+        # injects a transport or a proxy is configured (httpx honours HTTP(S)_PROXY, the lean
+        # path does not)
+        self._blocking_reads = transport is None and not urllib.request.getproxies()
         self._local = threading.local()
 
         self._resolve_lock = trio.Lock()
