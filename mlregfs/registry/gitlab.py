@@ -771,14 +771,9 @@ class GitLabRegistry:
                 conn.close()  # unread rest of a full answer: don't reuse this connection
             # one copy, on this worker thread, so the cache gets immutable bytes
             return bytes(buf), received
-        except TimeoutError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             conn.close()
-            raise _Failure(
-                RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
-            ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+            raise self._socket_failure(where, exc) from exc
 
     def _blocking_upload(self, url: str, where: str, source: Path, size: int) -> None:
         """The upload byte path, on a worker thread: http.client streams the spool file in
@@ -797,14 +792,9 @@ class GitLabRegistry:
                 conn.request("PUT", target, body=_Limited(f, size), headers=headers)
             resp = conn.getresponse()
             body = resp.read()
-        except TimeoutError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             conn.close()
-            raise _Failure(
-                RegistryTimeout(f"{where}: no answer within {self._timeout:g} s")
-            ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}"))) from exc
+            raise self._socket_failure(where, exc) from exc
         if resp.status != 201:
             fake = httpx.Response(resp.status, headers=resp.getheaders(), content=body)
             raise self._status_failure("PUT", url, fake, body)
@@ -1167,6 +1157,12 @@ class GitLabRegistry:
             cls = ProtocolError
         retryable = status == 429 or status >= 500
         return _Failure(cls(message, status=status), retryable=retryable, retry_after=retry_after)
+
+    def _socket_failure(self, where: str, exc: Exception) -> _Failure:
+        """A socket or http.client error of the lean byte path, as the error we would raise."""
+        if isinstance(exc, TimeoutError):
+            return _Failure(RegistryTimeout(f"{where}: no answer within {self._timeout:g} s"))
+        return _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}")))
 
     def _transport_failure(self, where: str, exc: httpx.HTTPError) -> _Failure:
         """An httpx exception (no HTTP status) as the error we raise if we give up."""
