@@ -54,11 +54,14 @@ def check_mountpoint(mp: Path) -> None:
         if e.errno != errno.ENOTCONN:
             raise MountError(f"mount point {mp}: {e.strerror}") from None
         # "Transport endpoint is not connected": a daemon died and left its mount behind
-        r = subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, text=True)
-        if r.returncode != 0:
+        try:
+            r = subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, text=True)
+            failed = r.stderr.strip() if r.returncode else ""
+        except OSError as err:  # fusermount3 missing
+            failed = str(err)
+        if failed:
             raise MountError(
-                f"{mp} is a stale mount (daemon gone) and 'fusermount3 -uz' failed:"
-                f" {r.stderr.strip()}"
+                f"{mp} is a stale mount (daemon gone) and 'fusermount3 -uz' failed: {failed}"
             ) from None
         log.warning("cleaned a stale mount at %s (its daemon had died)", mp)
         st = os.stat(mp)
@@ -218,7 +221,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     started = time.time()
 
-    def snapshot() -> dict[str, object]:
+    def snapshot(recovery_items: int) -> dict[str, object]:
         st, ds, rs = store.stats, data.stats, registry.stats
         hits = ds.memory_hits + ds.disk_hits
         return {
@@ -251,7 +254,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
             "uploads": {
                 **fs.upload_stats,
                 "in_flight": fs.uploads_in_flight,
-                "recovery_items": len(spool.leftovers()) if spool else 0,
+                "recovery_items": recovery_items,
             },
             "fuse_failures": dict(ops.failures),
         }
@@ -269,7 +272,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
             nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
             if token_file is not None:
                 nursery.start_soon(watch_token, token_file, client)
-            nursery.start_soon(_report, reporter)
+            nursery.start_soon(_report, reporter, spool)
             readahead_kb = min(cfg.block_size * max(cfg.readahead_blocks, 1), 64 << 20) >> 10
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready, readahead_kb)
             await pyfuse3.main()
@@ -278,17 +281,21 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         # unmounting an already unmounted session (fusermount3 -u) is harmless
         pyfuse3.close(unmount=True)
         with contextlib.suppress(OSError):
-            reporter.write()  # the last numbers (metrics textfile stays for the collector)
+            # the last numbers (the metrics textfile stays for the collector)
+            reporter.write(reporter.collect(len(spool.leftovers()) if spool else 0))
             reporter.remove()
         await registry.aclose()
         log.info("unmounted %s", cfg.mountpoint)
 
 
-async def _report(reporter: Reporter, every: float = 2.0) -> None:
+async def _report(reporter: Reporter, spool: Spool | None, every: float = 2.0) -> None:
     while True:
         try:
-            await trio.to_thread.run_sync(reporter.write)
-        except OSError as e:
+            kept = len(await trio.to_thread.run_sync(spool.leftovers)) if spool else 0
+            # the snapshot reads live counters: take it on the trio thread, write it off it
+            snap = reporter.collect(kept)
+            await trio.to_thread.run_sync(reporter.write, snap)
+        except Exception as e:  # status reporting must never take the mount down
             log.warning("cannot write status/metrics: %s", e)
         await trio.sleep(every)
 
@@ -334,11 +341,14 @@ def tune_kernel(minor: int, readahead_kb: int) -> None:
         log.debug("cannot set %s: %s", bdi, e)
     conn = Path(f"/sys/fs/fuse/connections/{minor}")
     if not conn.exists() and Path("/sys/fs/fuse/connections").is_dir():
-        subprocess.run(
-            ["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
-            capture_output=True,
-            check=False,
-        )
+        try:
+            subprocess.run(
+                ["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
+                capture_output=True,
+                check=False,
+            )
+        except OSError as e:  # no mount(8): keep the defaults
+            log.debug("cannot mount fusectl: %s", e)
     for name, value in (("max_background", 64), ("congestion_threshold", 48)):
         try:
             (conn / name).write_text(str(value))

@@ -79,10 +79,9 @@ class Reporter:
     def __init__(self, mountpoint: Path, metrics: Path | None, collect: Any) -> None:
         self.path = state_path(mountpoint)
         self.metrics = metrics
-        self.collect = collect  # () -> dict
+        self.collect = collect  # (recovery_items) -> dict
 
-    def write(self) -> None:
-        snap = self.collect()
+    def write(self, snap: dict[str, Any]) -> None:
         _write(self.path, json.dumps(snap, indent=1))
         if self.metrics is not None:
             _write(self.metrics, prometheus(snap))
