@@ -298,20 +298,25 @@ def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_pa
     assert "nothing to recover" in _recover(m.cache_dir, ww.tokens["developer"], "list").stdout
 
 
+def _start_upload(m: Mount, tmp: Path, name: str, mib: int) -> subprocess.Popen[bytes]:
+    """`cp` a fresh `mib` MiB file into models/m/1.0.0/<name>; return once it is uploading."""
+    src = tmp / name
+    with open(src, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    cp = subprocess.Popen(["cp", str(src), str(m.path / "models/m/1.0.0" / name)])
+    spool = m.cache_dir / "spool"
+    deadline = time.monotonic() + 30
+    while not any('"uploading"' in p.read_text() for p in spool.glob("*.json")):
+        assert time.monotonic() < deadline, "the upload never started"
+        time.sleep(0.01)
+    return cp
+
+
 def test_kill_during_upload_leaves_journal(ww: WWorld, tmp_path: Path) -> None:
     """Semantics 20. A daemon killed mid-upload leaves its journal; the next mount logs it."""
     m = mount(ww, tmp_path, "developer")
-    src = tmp_path / "k.bin"
-    with open(src, "wb") as f:
-        for _ in range(128):
-            f.write(os.urandom(1 << 20))
-    cp = subprocess.Popen(["cp", str(src), str(m.path / "models/m/1.0.0/k.bin")])
-    deadline = time.monotonic() + 30
-    spool = m.cache_dir / "spool"
-    while time.monotonic() < deadline:  # wait until the upload started
-        if any('"uploading"' in p.read_text() for p in spool.glob("*.json")):
-            break
-        time.sleep(0.01)
+    cp = _start_upload(m, tmp_path, "k.bin", 128)
     assert m.proc is not None
     m.proc.send_signal(signal.SIGKILL)
     m.proc.wait()
@@ -331,16 +336,7 @@ def test_unmount_waits_for_upload_in_flight(ww: WWorld, tmp_path: Path) -> None:
     """Semantics 20. SIGTERM waits for uploads in flight before unmounting."""
     m = mount(ww, tmp_path, "developer")
     src = tmp_path / "u.bin"
-    with open(src, "wb") as f:
-        for _ in range(96):
-            f.write(os.urandom(1 << 20))
-    cp = subprocess.Popen(["cp", str(src), str(m.path / "models/m/1.0.0/u.bin")])
-    spool = m.cache_dir / "spool"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if any('"uploading"' in p.read_text() for p in spool.glob("*.json")):
-            break
-        time.sleep(0.01)
+    cp = _start_upload(m, tmp_path, "u.bin", 96)
     assert m.proc is not None
     m.proc.send_signal(signal.SIGTERM)
     assert cp.wait(60) == 0  # the upload finished and close() succeeded
