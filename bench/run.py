@@ -731,6 +731,20 @@ class Bench:
         opts = ",".join(x for x in (self.cfg.mount_opts, opts) if x)
         return self.mnts.mlregfs(self.url, cache, opts), cache
 
+    def profile_read(
+        self, label: str, cache: Path, subdir: str, name: str, action: Callable[[Path], object]
+    ) -> None:
+        """py-spy of the daemon while `action(file)` runs on a mount of `cache`, page cache
+        dropped (`cache` empty: a cold read; reused: a disk-cache read)."""
+        assert self.profiler is not None
+        m = self.mnts.mlregfs(self.url, cache, self.cfg.mount_opts)
+        with self.mnts.mounted(m):
+            f = self.mnt_file(m, subdir, name)
+            os.stat(f)
+            drop_caches()
+            with self.profiler.record(label, m.pid):
+                action(f)
+
     # -- 1, 2, 3: sequential, warm, disk cache ---------------------------------------------
     def w_sequential(self) -> None:
         size = self.cfg.seq_size
@@ -791,20 +805,10 @@ class Bench:
             log(msg.format(**d))
         self.raw["sequential"] = {"size": size, "runs": runs}
         if self.profiler and self.profiler.enabled:
-            m, cache = self.fresh_mount()
-            with self.mnts.mounted(m):
-                f = self.mnt_file(m, "seq", "big.bin")
-                os.stat(f)
-                drop_caches()
-                with self.profiler.record("cold-seq-read", m.pid):
-                    dd(f, to)
-            m = self.mnts.mlregfs(self.url, cache, self.cfg.mount_opts)
-            with self.mnts.mounted(m):
-                f = self.mnt_file(m, "seq", "big.bin")
-                os.stat(f)
-                drop_caches()
-                with self.profiler.record("diskcache-re-read", m.pid):
-                    dd(f, to)
+            cache = self.mnts.new_dir("cache")
+            self.profile_read("cold-seq-read", cache, "seq", "big.bin", lambda f: dd(f, to))
+            # the same cache_dir again: the re-read comes from the disk cache
+            self.profile_read("diskcache-re-read", cache, "seq", "big.bin", lambda f: dd(f, to))
             shutil.rmtree(cache)
 
         def ratio(a: str, b: str) -> float:
@@ -910,13 +914,11 @@ class Bench:
             runs.append(d)
         self.raw["random"] = {"size": size, "runs": runs}
         if self.profiler and self.profiler.enabled:
-            m, cache = self.fresh_mount()
-            with self.mnts.mounted(m):
-                f = self.mnt_file(m, "seq", "big.bin")
-                os.stat(f)
-                drop_caches()
-                with self.profiler.record("random-4k", m.pid):
-                    rand_preads(f, self.offsets(size, 99))
+            cache = self.mnts.new_dir("cache")
+            offsets = self.offsets(size, 99)
+            self.profile_read(
+                "random-4k", cache, "seq", "big.bin", lambda f: rand_preads(f, offsets)
+            )
             shutil.rmtree(cache)
 
         def fig(k: str) -> str:
@@ -980,13 +982,14 @@ class Bench:
             runs.append(d)
         self.raw["safetensors"] = {"size": size, "runs": runs}
         if self.profiler and self.profiler.enabled:
-            m, cache = self.fresh_mount()
-            with self.mnts.mounted(m):
-                f = self.mnt_file(m, "st", "model.safetensors")
-                os.stat(f)
-                drop_caches()
-                with self.profiler.record("safetensors-load", m.pid):
-                    load_safetensors(f, to)
+            cache = self.mnts.new_dir("cache")
+            self.profile_read(
+                "safetensors-load",
+                cache,
+                "st",
+                "model.safetensors",
+                lambda f: load_safetensors(f, to),
+            )
             shutil.rmtree(cache)
         self.rows.append(
             Row(
@@ -1253,14 +1256,16 @@ http {{
                         drop_caches()
                         d["read_bytes"], d["read_s"] = read_seq(f, budget)
                         d["rss_hwm"] = proc_status(m.pid, "VmHWM")
-                    shutil.rmtree(m.cache, ignore_errors=True)
+                    if m.cache is not None:
+                        shutil.rmtree(m.cache, ignore_errors=True)
                     m = self.peer_mount(kind)
                     with self.mnts.mounted(m):
                         f = m.path / "big.bin"
                         os.stat(f)
                         drop_caches()
                         lat = rand_preads(f, self.offsets(size, r))
-                    shutil.rmtree(m.cache, ignore_errors=True)
+                    if m.cache is not None:
+                        shutil.rmtree(m.cache, ignore_errors=True)
                     d["seq_MBps"] = mbps(d["read_bytes"], d["read_s"])
                     d["partial"] = d["read_bytes"] < size
                     d["p50_ms"], d["p99_ms"] = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
