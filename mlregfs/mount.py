@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from mlregfs import logs, sdnotify
+from mlregfs.buffers import POOL
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
 from mlregfs.config import Config
@@ -193,6 +194,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         public_source(cfg.source),
     )
     store = await trio.to_thread.run_sync(BlockStore, cfg.cache_dir / "blocks", cfg.cache_size)
+    POOL.configure(cfg.block_size)  # download and cache-load buffers, recycled on eviction
     data = DataCache(
         store,
         block_size=cfg.block_size,

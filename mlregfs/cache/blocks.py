@@ -1,10 +1,13 @@
 """On-disk block store: fixed-size blocks of remote files, self-validating, LRU-bounded.
 
-Layout: ``<root>/v1/<key[:2]>/<key>/<index>.blk``. Each block file is a header (magic, index,
-payload length, crc32 of the payload, digest of the key) followed by the payload, written to a
-temp file and renamed into place, so a crash leaves either a whole block or none; a block whose
-header or crc does not match is deleted and treated as missing. ``<key>/verified`` marks a
-file whose complete bytes matched the registry's sha256.
+Layout: ``<root>/v2/<key[:2]>/<key>/<index>.blk``. Each block file is a header (magic, index,
+payload length, crc32 of the payload, digest of the key) padded to 4 KiB, followed by the
+payload, written to a temp file and renamed into place, so a crash leaves either a whole block
+or none; a block whose header or crc does not match is deleted and treated as missing.
+``<key>/verified`` marks a file whose complete bytes matched the registry's sha256.
+
+Blocks are written and read with O_DIRECT where the filesystem allows it (the 4 KiB header keeps
+the payload aligned): see `directio` for why, and for the buffered fallback.
 
 All methods are synchronous and thread-safe: callers run them in worker threads.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -23,10 +27,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlregfs.buffers import POOL, Buffer
+from mlregfs.cache import directio
+
 log = logging.getLogger("mlregfs.cache")
 
 _MAGIC = b"MLRGFSB1"
 _HEADER = struct.Struct("<8sQQI16s")  # magic, index, length, crc32, blake2b(key, 16)
+_HDR_SPACE = directio.ALIGN  # the header is padded to one page: the payload stays aligned
+_LAYOUT = "v2"  # v1 (mlregfs < 0.2): unpadded header; its blocks are dropped at start
 _KEY_OK = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-_.")
 
 
@@ -47,9 +56,15 @@ class BlockStore:
     """Blocks keyed by (file key, block index) under a byte capacity with LRU eviction."""
 
     def __init__(self, root: Path, capacity: int) -> None:
-        self.root = Path(root) / "v1"
+        old = Path(root) / "v1"
+        if old.is_dir():
+            log.info("dropping block cache of an older layout: %s", old)
+            shutil.rmtree(old, ignore_errors=True)
+        self.root = Path(root) / _LAYOUT
         self.capacity = capacity
         self.stats = BlockStats()
+        self.direct = directio.O_DIRECT != 0  # cleared for good if the filesystem refuses it
+        self._staging = directio.StagingPool(keep=2)
         self._lock = threading.Lock()
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # -> payload size
         self._by_key: dict[str, set[int]] = {}
@@ -92,7 +107,7 @@ class BlockStore:
                         idx = int(f.name[:-4])
                     except (OSError, ValueError):
                         continue
-                    found.append((st.st_mtime, kdir.name, idx, st.st_size - _HEADER.size))
+                    found.append((st.st_mtime, kdir.name, idx, st.st_size - _HDR_SPACE))
         found.sort()
         with self._lock:
             for _, key, idx, size in found:
@@ -109,19 +124,14 @@ class BlockStore:
         with self._lock:
             return len(self._by_key.get(key, ()))
 
-    def get(self, key: str, index: int) -> bytes | None:
+    def get(self, key: str, index: int) -> mmap.mmap | bytearray | None:
         """The block's payload, or None if absent or corrupt (a corrupt block is deleted)."""
         path = self._path(key, index)
-        payload: bytes | None = None
+        payload: mmap.mmap | bytearray | None = None
         try:
-            with open(path, "rb", buffering=0) as f:
-                header = f.read(_HEADER.size)
-                if len(header) == _HEADER.size:
-                    length = _HEADER.unpack_from(header)[2]
-                    buf = bytearray(length)  # one buffer, filled in place: no slicing copy
-                    n = f.readinto(buf)
-                    if n == length and not f.read(1):
-                        payload = self._check(header, buf, key, index)
+            header, payload = self._read(path)
+            if payload is not None and not self._check(header, payload, key, index):
+                payload = None
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
@@ -147,20 +157,75 @@ class BlockStore:
             pass
         return payload
 
-    @staticmethod
-    def _check(header: bytes, payload: bytearray, key: str, index: int) -> bytes | None:
-        magic, idx, length, crc, kd = _HEADER.unpack_from(header)
-        if (
-            magic != _MAGIC
-            or idx != index
-            or length != len(payload)
-            or kd != _key_digest(key)
-            or zlib.crc32(payload) != crc
-        ):
-            return None
-        return payload  # type: ignore[return-value]  # bytes-like; never mutated
+    def _read(self, path: Path) -> tuple[bytes, mmap.mmap | bytearray | None]:
+        """Header and payload of a block file; payload None if the file is too short."""
+        if self.direct:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | directio.O_DIRECT)
+            except OSError as e:
+                if not directio.unsupported(e):
+                    raise
+                self._no_direct(e)
+            else:
+                try:
+                    return self._read_direct(fd)
+                except OSError as e:
+                    if not directio.unsupported(e):
+                        raise
+                    self._no_direct(e)
+                finally:
+                    os.close(fd)
+        with open(path, "rb", buffering=0) as f:
+            length = os.fstat(f.fileno()).st_size - _HDR_SPACE
+            header = f.read(_HDR_SPACE)
+            if length < 0 or len(header) != _HDR_SPACE:
+                return header, None
+            payload = POOL.take(length)
+            if (f.readinto(payload) or 0) != length:
+                return header, None
+            return header, payload
 
-    def put(self, key: str, index: int, data: bytes | memoryview) -> None:
+    def _read_direct(self, fd: int) -> tuple[bytes, mmap.mmap | bytearray | None]:
+        size = os.fstat(fd).st_size
+        length = size - _HDR_SPACE
+        if length < 0:
+            return b"", None
+        payload = POOL.take(length)
+        if isinstance(payload, mmap.mmap) and length % directio.ALIGN == 0:
+            # the usual case, a whole block: straight into its page-aligned buffer, no copy
+            header = mmap.mmap(-1, _HDR_SPACE)
+            if directio.read_all(fd, [header, payload]) != size:
+                return b"", None
+            return header[: _HEADER.size], payload
+        staging = self._staging.take(directio.round_up(size))
+        try:
+            n = directio.read_all(fd, [memoryview(staging)[: directio.round_up(size)]])
+            if n != size:
+                return b"", None
+            payload[:] = staging[_HDR_SPACE:size]
+            return staging[: _HEADER.size], payload
+        finally:
+            self._staging.give(staging)
+
+    def _no_direct(self, exc: OSError) -> None:
+        if self.direct:
+            self.direct = False
+            log.info("block cache %s: no O_DIRECT (%s); using buffered I/O", self.root, exc)
+
+    @staticmethod
+    def _check(header: bytes, payload: mmap.mmap | bytearray, key: str, index: int) -> bool:
+        if len(header) < _HEADER.size:
+            return False
+        magic, idx, length, crc, kd = _HEADER.unpack_from(header)
+        return (
+            magic == _MAGIC
+            and idx == index
+            and length == len(payload)
+            and kd == _key_digest(key)
+            and zlib.crc32(payload) == crc
+        )
+
+    def put(self, key: str, index: int, data: Buffer) -> None:
         """Store a block atomically, then evict least recently used blocks over capacity."""
         self.check_key(key)
         d = self._dir(key)
@@ -168,14 +233,59 @@ class BlockStore:
         path = self._path(key, index)
         tmp = path.with_name(f"{index}.{threading.get_ident()}.tmp")
         header = _HEADER.pack(_MAGIC, index, len(data), zlib.crc32(data), _key_digest(key))
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            if not (self.direct and self._put_direct(tmp, header, data)):
+                with open(tmp, "wb") as f:
+                    f.write(header.ljust(_HDR_SPACE, b"\0"))
+                    f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         with self._lock:
             self._forget(key, index)
             self._remember(key, index, len(data))
         self._evict(protect=key)
+
+    def _put_direct(self, tmp: Path, header: bytes, data: Buffer) -> bool:
+        """Write header and payload with O_DIRECT; False: unsupported here (the caller writes
+        buffered). A page-aligned block buffer is written as it is, anything else through a
+        staging buffer."""
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | directio.O_DIRECT, 0o600
+            )
+        except OSError as e:
+            if not directio.unsupported(e):
+                raise
+            self._no_direct(e)
+            return False
+        try:
+            if isinstance(data, mmap.mmap) and len(data) % directio.ALIGN == 0:
+                head = mmap.mmap(-1, _HDR_SPACE)
+                head[: len(header)] = header
+                directio.write_all(fd, [head, data])
+                return True
+            total = _HDR_SPACE + len(data)
+            padded = directio.round_up(total)
+            buf = self._staging.take(padded)
+            try:
+                buf[: len(header)] = header
+                buf[len(header) : _HDR_SPACE] = bytes(_HDR_SPACE - len(header))
+                buf[_HDR_SPACE:total] = data
+                directio.write_all(fd, [memoryview(buf)[:padded]])
+            finally:
+                self._staging.give(buf)
+            if padded != total:  # the padding only made the length aligned
+                os.ftruncate(fd, total)
+            return True
+        except OSError as e:
+            if not directio.unsupported(e):
+                raise
+            self._no_direct(e)
+            return False
+        finally:
+            os.close(fd)
 
     def _remember(self, key: str, index: int, size: int) -> None:
         self._lru[(key, index)] = size

@@ -18,15 +18,29 @@ from typing import Any
 import trio
 from cachetools import LRUCache
 
+from mlregfs.buffers import POOL, Buffer
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.errors import IntegrityError, ProtocolError
 
 log = logging.getLogger("mlregfs.cache")
 
-Fetcher = Callable[[int, int], Awaitable[bytes]]
+Block = Buffer  # a block's bytes: whatever the fetcher or the disk filled
+Fetcher = Callable[[int, int], Awaitable[Block]]
 
 SMALL_READ = 64 << 10  # a non-sequential read up to this size is "small"...
 SMALL_WINDOW = 256 << 10  # ...and is served by fetching this aligned window only
+MAX_UNHASHED = 4  # blocks held for the running sha256 while an earlier one is still in flight
+HASH_BATCH = 16  # blocks hashed per worker-thread call
+
+
+class _BlockLRU(LRUCache[tuple[str, int], Block]):
+    """The memory cache: an evicted block's buffer goes back to the pool if no one else
+    still holds it (a reader's view, a hash or a disk write in progress)."""
+
+    def popitem(self) -> tuple[tuple[str, int], Block]:
+        key, value = super().popitem()
+        POOL.give(value, refs=1)
+        return key, value
 
 
 @dataclass(frozen=True)
@@ -52,15 +66,26 @@ class CachedFile:
     # sha256 computed while blocks arrive in order, so a sequential read needs no re-read
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_upto: int = 0  # blocks [0, hashed_upto) are in `hasher`
+    # blocks that arrived ahead of `hashed_upto` (parallel fetches finish out of order); held
+    # here, not in the memory LRU, so the last blocks of a file need no re-read from disk
+    unhashed: dict[int, Block] = field(default_factory=dict)
     hash_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
 class BlockFetch:
-    """One block download in progress; waiters share its outcome, including its error."""
+    """One block download in progress; waiters share its outcome, including its error.
 
+    `ready`: the bytes are in memory (or it failed), readers may go on. `done`: also stored on
+    disk and fed to the sha256, or failed; only then does it leave `inflight`."""
+
+    ready: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     error: Exception | None = None
+
+    def finish(self) -> None:
+        self.ready.set()
+        self.done.set()
 
 
 @dataclass
@@ -100,8 +125,8 @@ class DataCache:
         self.block_size = block_size
         self.readahead = readahead
         self.stats = DataStats()
-        self._mem: LRUCache[tuple[str, int], bytes] = LRUCache(max(memory_bytes, 1), getsizeof=len)
-        self._small: LRUCache[tuple[str, int], bytes] = LRUCache(16 << 20, getsizeof=len)
+        self._mem = _BlockLRU(max(memory_bytes, 1), getsizeof=len)
+        self._small: LRUCache[tuple[str, int], Block] = LRUCache(16 << 20, getsizeof=len)
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._files: dict[str, CachedFile] = {}
         self._nursery: trio.Nursery | None = None
@@ -162,16 +187,30 @@ class DataCache:
                 return await self._small_read(cf, off, end)
         if first == last:
             block = await self._block(cf, first)
-            self.stats.bytes_served += end - off
-            return memoryview(block)[off - first * bs : end - first * bs]
-        out = bytearray()
-        for idx in range(first, last + 1):
-            block = await self._block(cf, idx)
-            lo = max(off, idx * bs) - idx * bs
-            hi = min(end, (idx + 1) * bs) - idx * bs
-            out += memoryview(block)[lo:hi]
+            out: bytearray | memoryview = memoryview(block)[off - first * bs : end - first * bs]
+        else:
+            out = bytearray()
+            for idx in range(first, last + 1):
+                block = await self._block(cf, idx)
+                lo = max(off, idx * bs) - idx * bs
+                hi = min(end, (idx + 1) * bs) - idx * bs
+                out += memoryview(block)[lo:hi]
+        if last == cf.nblocks - 1 and not cf.verified:
+            await self._settle(cf)
         self.stats.bytes_served += len(out)
         return out
+
+    async def _settle(self, cf: CachedFile) -> None:
+        """Before the end of a file is served: if the whole file is (about to be) cached,
+        finish its sha256 check, so whoever reads a file to its end gets EIO, not success, when
+        the download does not match. (A reader of the tail alone does not wait for the rest.)"""
+        for flight in list(cf.inflight.values()):
+            await flight.done.wait()
+        if cf.spec.sha256 is not None and self.store.count(cf.spec.key) >= cf.nblocks:
+            async with cf.hash_lock:
+                await self._verify(cf)
+        if cf.poisoned:
+            raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
 
     def _have(self, cf: CachedFile, idx: int) -> bool:
         key = (cf.spec.key, idx)
@@ -228,23 +267,25 @@ class DataCache:
                 self.stats.disk_hits += 1
                 self._remember((cf.spec.key, idx), data)
                 await self._advance_hash(cf, idx, data)
+                self._recycle(cf, idx, data)
         except Exception as e:  # the foreground read will try again and report
             log.debug("read-ahead of %s block %d from disk failed: %s", cf.spec.key, idx, e)
         finally:
             if cf.inflight.get(idx) is flight:
                 del cf.inflight[idx]
-            flight.done.set()
+            flight.finish()
 
     async def _prefetch(self, cf: CachedFile, idx: int) -> None:
         try:
-            await self._fetch(cf, idx, claimed=True)
+            data = await self._fetch(cf, idx, claimed=True)
             self.stats.prefetched_blocks += 1
+            self._recycle(cf, idx, data)
         except IntegrityError:
             cf.poisoned = True
         except Exception as e:  # the foreground read will retry and report
             log.debug("read-ahead of %s block %d failed: %s", cf.spec.key, idx, e)
 
-    async def _block(self, cf: CachedFile, idx: int) -> bytes:
+    async def _block(self, cf: CachedFile, idx: int) -> Block:
         key = (cf.spec.key, idx)
         while True:
             data = self._mem.get(key)
@@ -253,7 +294,9 @@ class DataCache:
                 return data
             flight = cf.inflight.get(idx)
             if flight is not None:
-                await flight.done.wait()
+                await flight.ready.wait()
+                if key not in self._mem and not self.store.has(*key):
+                    await flight.done.wait()  # evicted from memory before it reached the disk
                 if flight.error is not None:
                     # share the failure: N waiters must not each wait out the retries again
                     raise flight.error
@@ -268,7 +311,7 @@ class DataCache:
                     return data
             return await self._fetch(cf, idx, claimed=False)
 
-    async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> bytes:
+    async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> Block:
         spec = cf.spec
         flight = cf.inflight.get(idx) if claimed else None
         if flight is None:
@@ -278,7 +321,7 @@ class DataCache:
         def release() -> None:
             if cf.inflight.get(idx) is flight:
                 del cf.inflight[idx]
-            flight.done.set()
+            flight.finish()
 
         try:
             start = idx * self.block_size
@@ -287,7 +330,6 @@ class DataCache:
                 data = await cf.fetch(start, end)
             if len(data) != end - start:
                 raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
-            data = bytes(data)
             self.stats.fetched_blocks += 1
             self.stats.fetched_bytes += len(data)
             if cf.nblocks == 1 and spec.sha256 is not None:
@@ -301,19 +343,15 @@ class DataCache:
                 self._remember(key, data)
                 return data
             # Readers may have the block as soon as it is in memory, while it is written to
-            # disk and hashed, except the last blocks of a file: those wait for the sha256
-            # check, so a reader of the whole file gets EIO, not success, on a mismatch.
-            last = not cf.verified and (self.store.count(spec.key) + len(cf.inflight) >= cf.nblocks)
-            if not last and self._remember(key, data):
-                release()
+            # disk and hashed; the end of the file waits for the sha256 check (`_settle`).
+            if self._remember(key, data):
+                flight.ready.set()
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             if not cf.verified:
                 await self._advance_hash(cf, idx, data)
                 if self.store.count(spec.key) >= cf.nblocks:
                     async with cf.hash_lock:
                         await self._verify(cf)
-            if last:  # only now may readers see it (from memory)
-                self._remember(key, data)
             return data
         except Exception as e:
             flight.error = e
@@ -321,59 +359,85 @@ class DataCache:
         finally:
             release()
 
-    def _remember(self, key: tuple[str, int], data: bytes) -> bool:
+    def _recycle(self, cf: CachedFile, idx: int, data: Block) -> None:
+        """A read-ahead task is done with `data`: if the memory cache already let it go (it
+        was evicted while being stored or hashed) and no one else holds it, reuse it."""
+        if self._mem.get((cf.spec.key, idx)) is not data and idx not in cf.unhashed:
+            POOL.give(data, refs=2)  # this frame's `data` and the caller's
+
+    def _remember(self, key: tuple[str, int], data: Block) -> bool:
         # a block larger than the whole memory budget is simply not kept in memory
         if len(data) <= self._mem.maxsize:
             self._mem[key] = data
             return True
         return False
 
-    def _store_verified(self, key: str, idx: int, data: bytes) -> None:
+    def _store_verified(self, key: str, idx: int, data: Block) -> None:
         self.store.put(key, idx, data)
         self.store.mark_verified(key)
 
-    async def _advance_hash(self, cf: CachedFile, idx: int, data: bytes) -> None:
-        """Feed blocks to the running sha256 in file order (hashing runs off the FUSE thread)."""
-        if cf.verified or idx != cf.hashed_upto:
-            return  # out of order: picked up from memory when its turn comes, or rehashed
+    async def _advance_hash(self, cf: CachedFile, idx: int, data: Block) -> None:
+        """Feed blocks to the running sha256 in file order, off the FUSE thread. Call only once
+        block `idx` is stored on disk.
+
+        Parallel fetches finish out of order: a block ahead of the hash waits in `cf.unhashed`;
+        past MAX_UNHASHED of them it is left on disk, and the hash reads it back when its turn
+        comes. So a complete file is always checked without hashing it all again."""
+        if cf.verified or idx < cf.hashed_upto:
+            return
+        if idx > cf.hashed_upto:
+            if len(cf.unhashed) < MAX_UNHASHED:
+                cf.unhashed[idx] = data
+            return
         async with cf.hash_lock:
-            while cf.hashed_upto < cf.nblocks and not cf.verified:
-                i = cf.hashed_upto
-                block = data if i == idx else self._mem.get((cf.spec.key, i))
+            await self._hash_forward(cf, idx, data)
+
+    async def _hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
+        """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
+        per run of blocks. Call with `cf.hash_lock` held."""
+        key = cf.spec.key
+        while cf.hashed_upto < cf.nblocks and not cf.verified:
+            batch: list[Block | None] = []  # None: on disk, loaded by the worker
+            for i in range(cf.hashed_upto, min(cf.nblocks, cf.hashed_upto + HASH_BATCH)):
+                block = data if i == idx else cf.unhashed.get(i)
                 if block is None:
-                    return
-                await trio.to_thread.run_sync(cf.hasher.update, block)
-                cf.hashed_upto += 1
+                    block = self._mem.get((key, i))
+                if block is None and not self.store.has(key, i):
+                    break  # not fetched yet: its own _advance_hash continues from here
+                batch.append(block)
+            if not batch:
+                return
+            start = cf.hashed_upto
+
+            def work(batch: list[Block | None] = batch, start: int = start) -> int:
+                for n, block in enumerate(batch):
+                    if block is None:
+                        block = self.store.get(key, start + n)
+                        if block is None:  # evicted or damaged meanwhile
+                            return n
+                    cf.hasher.update(block)
+                return len(batch)
+
+            done = await trio.to_thread.run_sync(work)
+            for i in range(start, start + done):
+                cf.unhashed.pop(i, None)
+            cf.hashed_upto = start + done
+            if done < len(batch):
+                return
 
     async def _verify(self, cf: CachedFile) -> None:
-        """Check a complete file: the running hash if it saw every block, else hash it from
-        disk (in a thread). Discard everything on mismatch. Call with `cf.hash_lock` held."""
+        """Check a complete file against its sha256; discard everything on mismatch. Call with
+        `cf.hash_lock` held."""
         spec = cf.spec
         if cf.verified:
             return
-        if cf.hashed_upto == cf.nblocks:
-            if cf.hasher.hexdigest() == spec.sha256:
-                self.store.mark_verified(spec.key)
-                cf.verified = True
-                return
-            self._corrupt(cf)
-            raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256; discarded")
-
-        def digest() -> str | None:
-            h = hashlib.sha256()
-            for i in range(cf.nblocks):
-                block = self.store.get(spec.key, i)
-                if block is None:
-                    return None  # evicted meanwhile: check again when complete
-                h.update(block)
-            return h.hexdigest()
-
-        got = await trio.to_thread.run_sync(digest)
-        if got is None:
-            return
-        if got == spec.sha256:
+        await self._hash_forward(cf)
+        if cf.hashed_upto < cf.nblocks:
+            return  # a block was evicted meanwhile: checked once it is back
+        if cf.hasher.hexdigest() == spec.sha256:
             self.store.mark_verified(spec.key)
             cf.verified = True
+            cf.unhashed.clear()
             log.debug("%s verified against sha256", spec.key)
             return
         self._corrupt(cf)
@@ -383,6 +447,7 @@ class DataCache:
         key = cf.spec.key
         cf.poisoned = True
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
+        cf.unhashed.clear()
         self.stats.integrity_failures += 1
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         for k in [k for k in self._mem if k[0] == key]:

@@ -19,6 +19,7 @@ from itertools import count
 import semver
 import trio
 
+from mlregfs.buffers import Buffer
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import CachedFile, DataCache, FileSpec, ReadStream
 from mlregfs.errors import (
@@ -388,7 +389,7 @@ class Filesystem:
         spec = FileSpec(self.cache_key(f), f.size, f.sha256)
         registry = self.registry
 
-        async def fetch(start: int, end: int) -> bytes:
+        async def fetch(start: int, end: int) -> Buffer:
             return await registry.read_range(owner, f, start, end)
 
         cached = self.data.open(spec, fetch)

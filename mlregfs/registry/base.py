@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from mlregfs.buffers import Buffer
 from mlregfs.registry.types import (
     Candidate,
     FileOwner,
@@ -57,7 +58,7 @@ class Registry(Protocol):
         """Files of a version or candidate, one entry per path (the newest copy)."""
         ...
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
+    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
         ...
 

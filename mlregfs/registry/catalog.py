@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from mlregfs.buffers import Buffer
 from mlregfs.errors import RegistryUnavailable, ServerError
 from mlregfs.registry.base import Registry, RegistryStats
 from mlregfs.registry.types import (
@@ -155,7 +156,7 @@ class CatalogRegistry:
         return files
 
     # -- pass-through -------------------------------------------------------------------
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
+    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
         return await self.inner.read_range(owner, file, start, end)
 
     async def authorize_upload(self, owner: FileOwner, path: str) -> None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mlregfs.buffers import Buffer
 from mlregfs.errors import BadRequest, Conflict, Forbidden, NotFound, RegistryUnavailable
 from mlregfs.registry.base import RegistryStats
 from mlregfs.registry.types import (
@@ -98,7 +99,7 @@ class InMemoryRegistry:
         self._check("list_files")
         return [f for f, _ in self._files.get(self._key(owner), {}).values()]
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
+    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
         self._check("read_range")
         entry = self._files.get(self._key(owner), {}).get(file.path)
         if entry is None:

@@ -35,6 +35,7 @@ import httpcore
 import httpx
 import trio
 
+from mlregfs.buffers import POOL, Buffer
 from mlregfs.errors import (
     BadRequest,
     Conflict,
@@ -583,7 +584,7 @@ class GitLabRegistry:
 
     # ------------------------------------------------------------------------------ reads
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> bytes:
+    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
         if not 0 <= start <= end:
             raise ValueError(f"invalid range [{start}, {end})")
@@ -595,7 +596,7 @@ class GitLabRegistry:
         url, route = self._download_url(owner, file)
         key = (file.package_id, file.file_id, file.path)
 
-        async def attempt() -> bytes:
+        async def attempt() -> Buffer:
             cached = self._signed_url(key)
             if cached is not None:
                 try:
@@ -644,7 +645,7 @@ class GitLabRegistry:
         end: int,
         file: RemoteFile,
         cache_key: tuple[int, int, str] | None = None,
-    ) -> bytes:
+    ) -> Buffer:
         """One Range GET, following redirects to storage without GitLab credentials."""
         kind = "read_storage" if route == "storage" else "read"
         result = await self._range_get(url, route, kind, start, end, file)
@@ -665,7 +666,7 @@ class GitLabRegistry:
 
     async def _range_get(
         self, url: str, route: Route, kind: str, start: int, end: int, file: RemoteFile
-    ) -> bytes | _Redirect:
+    ) -> Buffer | _Redirect:
         where = f"GET {_where(url)}"
         headers = self._auth_headers(route)
         headers["Range"] = f"bytes={start}-{end - 1}"
@@ -708,7 +709,7 @@ class GitLabRegistry:
 
     def _blocking_range_get(
         self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
-    ) -> tuple[bytes | _Redirect, int]:
+    ) -> tuple[Buffer | _Redirect, int]:
         """The byte path, run in a worker thread (the second core): http.client reads straight
         into one preallocated buffer with the GIL released, where httpx under trio costs the
         FUSE thread 1.5-2.4 s of CPU per GiB (fuse-ceiling.md §5, §6)."""
@@ -748,7 +749,7 @@ class GitLabRegistry:
                     raise _Failure(_changed(where, int(length), file), retryable=False)
                 skip = start
             want = end - start
-            buf = bytearray(want)
+            buf = POOL.take(want)  # recycled block buffer: fresh memory is slow on our VMs
             view = memoryview(buf)
             received = 0
             while skip:
@@ -769,8 +770,8 @@ class GitLabRegistry:
                 raise _Failure(ProtocolError(f"{where}: short body, got {pos} of {want} bytes"))
             if status == 200 or resp.length:
                 conn.close()  # unread rest of a full answer: don't reuse this connection
-            # one copy, on this worker thread, so the cache gets immutable bytes
-            return bytes(buf), received
+            # the buffer itself, no copy: nothing writes to it once it is returned
+            return buf, received
         except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             conn.close()
             raise self._socket_failure(where, exc) from exc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import trio
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import DataCache, FileSpec, ReadStream
-from mlregfs.errors import NotFound, RegistryUnavailable
+from mlregfs.errors import IntegrityError, NotFound, RegistryUnavailable
 
 
 async def test_single_flight_shares_one_fetch() -> None:
@@ -136,3 +138,54 @@ async def test_small_random_reads_fetch_a_window_not_a_block(tmp_path: Path) -> 
         for o in range(0, 3 * 65536, 65536):
             await dc.read(cf, o, 65536, stream)
         assert (0, bs) in fetched
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["intact", "one_byte_flipped"])
+async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
+    tmp_path: Path, corrupt: bool
+) -> None:
+    """Parallel read-ahead finishes blocks out of order and the running sha256 falls behind;
+    the file is still checked once complete, reading back from disk only the few blocks it
+    could not hold, and a wrong byte anywhere still fails the read."""
+    bs = 1 << 16
+    nblocks = 40
+    data = os.urandom(bs * nblocks + 123)
+    served = bytearray(data)
+    if corrupt:
+        served[bs * 23 + 7] ^= 1
+    rng = random.Random(7)
+
+    async def fetch(start: int, end: int) -> bytes:
+        await trio.sleep(rng.random() * 0.004)  # uneven latency: completions out of order
+        return bytes(served[start:end])
+
+    store = BlockStore(tmp_path, 1 << 30)
+    loads = 0
+    real_get = store.get
+
+    def counting_get(key: str, idx: int):  # type: ignore[no-untyped-def]
+        nonlocal loads
+        loads += 1
+        return real_get(key, idx)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    dc = DataCache(store, block_size=bs, memory_bytes=8 * bs, readahead=4)  # the defaults
+    spec = FileSpec("ooo" + str(corrupt).lower(), len(data), hashlib.sha256(data).hexdigest())
+    got = bytearray()
+    failed = False
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(spec, fetch)
+        stream = ReadStream()
+        try:
+            while len(got) < len(data):
+                got += await dc.read(cf, len(got), 1 << 15, stream)
+        except IntegrityError:
+            failed = True
+        await trio.sleep(0.05)
+        dc.close(cf)
+    if corrupt:
+        assert failed and not store.is_verified(spec.key) and store.count(spec.key) == 0
+    else:
+        assert not failed and bytes(got) == data and store.is_verified(spec.key)
+        assert loads < nblocks // 2  # never a second pass over the whole file

@@ -1,0 +1,63 @@
+"""Block buffers: recycled only when provably unreferenced; direct I/O helpers."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from mlregfs.buffers import BufferPool
+from mlregfs.cache import directio
+
+
+def test_pool_hands_out_aligned_buffers_of_its_size_only() -> None:
+    pool = BufferPool(1 << 16)
+    buf = pool.take(1 << 16)
+    assert isinstance(buf, mmap.mmap) and len(buf) == 1 << 16
+    assert directio.address(buf) % directio.ALIGN == 0
+    other = pool.take(1000)
+    assert isinstance(other, bytearray) and len(other) == 1000
+    assert not pool.give(other, refs=1)  # not of the pool's size: never pooled
+
+
+def test_buffer_with_a_live_view_is_not_reused() -> None:
+    pool = BufferPool(4096)
+    buf = pool.take(4096)
+    buf[:5] = b"hello"
+    view = memoryview(buf)[1:3]
+    view2 = memoryview(view)[0:1]  # a view of a view still pins the buffer
+    del view
+    assert not pool.give(buf, refs=1)
+    assert pool.take(4096) is not buf  # a new buffer: the reader's bytes stay intact
+    assert bytes(view2) == b"e"
+    del view2
+    assert pool.give(buf, refs=1)
+    assert pool.take(4096) is buf and pool.reused == 1
+
+
+def test_buffer_held_elsewhere_is_not_reused() -> None:
+    pool = BufferPool(4096)
+    buf = pool.take(4096)
+    holders = {"cache": buf}
+    assert not pool.give(buf, refs=1)
+    holders.clear()
+    assert pool.give(buf, refs=1)
+
+
+def test_pool_keeps_a_bounded_number_of_free_buffers() -> None:
+    pool = BufferPool(4096, keep=2)
+    bufs = [pool.take(4096) for _ in range(3)]
+    # a temporary holds no reference of the caller: refs=0
+    assert [pool.give(bufs.pop(), refs=0) for _ in range(3)] == [True, True, False]
+
+
+def test_read_all_and_write_all_span_several_buffers(tmp_path: Path) -> None:
+    data = os.urandom(3 * directio.ALIGN)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        directio.write_all(fd, [memoryview(data)[:4096], memoryview(data)[4096:]])
+        a, b = bytearray(1000), bytearray(3 * directio.ALIGN)
+        assert directio.read_all(fd, [memoryview(a), memoryview(b)]) == len(data)
+        assert bytes(a) + bytes(b[: len(data) - 1000]) == data
+    finally:
+        os.close(fd)
