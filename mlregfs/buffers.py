@@ -6,7 +6,7 @@ buffer is fresh memory. Downloads and cache loads therefore fill buffers taken f
 and the memory cache gives a buffer back when it evicts a block.
 
 Pooled buffers are anonymous mmaps: page-aligned, so the block cache can read and write them
-with O_DIRECT and no staging copy (see `cache.directio`).
+with O_DIRECT and no staging copy (see `directio`).
 
 A buffer is reused only if nothing else refers to it: CPython counts every reference, and every
 memoryview of a bytearray holds one, so `sys.getrefcount` proves that no reader, hasher or

@@ -24,7 +24,13 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlregfs import directio
+
 log = logging.getLogger("mlregfs.writeback")
+
+_STAGE = 1 << 20  # FUSE writes are at most 1 MiB (max_write)
+_STAGING = directio.StagingPool(keep=4)
+_AHEAD_MAX = 32 << 20  # out-of-order bytes held for the running sha256 before giving up
 
 
 @dataclass
@@ -118,7 +124,7 @@ class Spool:
 
 
 class SpoolFile:
-    """One open spooled file. Positional writes; size tracked; hashed when finished."""
+    """One open spooled file. Positional writes; size tracked; hashed while bytes arrive."""
 
     def __init__(self, spool: Spool, entry: JournalEntry, fd: int) -> None:
         self.spool = spool
@@ -126,10 +132,21 @@ class SpoolFile:
         self.fd = fd
         self.size = 0
         self.dirty = True  # a new (or truncated) file must be uploaded even if empty
-        # sha256 kept while bytes arrive in order (cp, dd): no re-read at close
+        # sha256 kept while bytes arrive (cp, dd): no re-read at close. The kernel sends
+        # several writes at once and they can land out of order: those wait in `_ahead`.
         self._hasher = hashlib.sha256()
-        self._hashed = 0  # -1: given up (out-of-order rewrite)
+        self._hashed = 0  # -1: given up (a rewrite, or too much out of order)
+        self._ahead: dict[int, bytes] = {}
+        self._ahead_bytes = 0
         self._hash_lock = threading.Lock()
+        # Whole aligned pages are written with O_DIRECT (see directio: page-cache writes
+        # are the dearest part of a write on our VMs); the rest through `fd`.
+        self._dfd = -1
+        if directio.O_DIRECT:
+            try:
+                self._dfd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | directio.O_DIRECT)
+            except OSError:
+                self._dfd = -1
 
     @property
     def path(self) -> Path:
@@ -137,16 +154,59 @@ class SpoolFile:
 
     def write(self, off: int, data: bytes) -> int:
         """Write at `off` (run in a worker thread: it touches the disk and hashes)."""
-        n = os.pwrite(self.fd, data, off)
-        with self._hash_lock:  # the kernel may send several writes of one file at once
-            if off == self._hashed:
-                self._hasher.update(memoryview(data)[:n])
-                self._hashed += n
-            elif off < self._hashed:  # hashed bytes were rewritten: hash from disk at close
-                self._hashed = -1
+        n = self._pwrite(off, data)
+        self._hash(off, data, n)
         self.size = max(self.size, off + n)
         self.dirty = True
         return n
+
+    def _pwrite(self, off: int, data: bytes) -> int:
+        if (
+            self._dfd >= 0
+            and off % directio.ALIGN == 0
+            and len(data) % directio.ALIGN == 0
+            and 0 < len(data) <= _STAGE
+        ):
+            buf = _STAGING.take(len(data))
+            try:
+                buf[: len(data)] = data
+                return os.pwrite(self._dfd, memoryview(buf)[: len(data)], off)
+            except OSError as e:
+                if not directio.unsupported(e):
+                    raise
+                log.info("spool %s: no O_DIRECT (%s); writing buffered", self.path, e)
+                os.close(self._dfd)
+                self._dfd = -1
+            finally:
+                _STAGING.give(buf)
+        return os.pwrite(self.fd, data, off)
+
+    def _hash(self, off: int, data: bytes, n: int) -> None:
+        with self._hash_lock:  # the kernel may send several writes of one file at once
+            if self._hashed < 0:
+                return
+            if off < self._hashed:  # hashed bytes were rewritten: hash from disk at close
+                self._give_up()
+                return
+            if off > self._hashed:
+                if self._ahead_bytes + n > _AHEAD_MAX or off in self._ahead:
+                    self._give_up()
+                    return
+                self._ahead[off] = data[:n] if n < len(data) else data
+                self._ahead_bytes += n
+                return
+            self._hasher.update(memoryview(data)[:n])
+            self._hashed += n
+            while self._hashed in self._ahead:
+                chunk = self._ahead.pop(self._hashed)
+                self._ahead_bytes -= len(chunk)
+                self._hasher.update(chunk)
+                self._hashed += len(chunk)
+
+    def _give_up(self) -> None:
+        self._hashed = -1
+        self._ahead.clear()
+        self._ahead_bytes = 0
 
     def read(self, off: int, size: int) -> bytes:
         return os.pread(self.fd, size, off)
@@ -156,8 +216,8 @@ class SpoolFile:
         self.size = size
         self.dirty = True
         with self._hash_lock:
-            if size < self._hashed:  # the running hash covers bytes that are gone
-                self._hashed = -1
+            if size < self._hashed or any(off + len(c) > size for off, c in self._ahead.items()):
+                self._give_up()  # the running hash covers bytes that are gone
 
     def finish(self) -> tuple[int, str]:
         """Size and sha256 of the spooled bytes (run in a worker thread).
@@ -166,8 +226,9 @@ class SpoolFile:
         against them, so a spool cut short by a power loss is never uploaded."""
         size = os.fstat(self.fd).st_size
         self.size = size
-        if self._hashed == size:
-            return size, self._hasher.hexdigest()
+        with self._hash_lock:
+            if self._hashed == size and not self._ahead:
+                return size, self._hasher.hexdigest()
         h = hashlib.sha256()  # written out of order: hash what is on disk
         off = 0
         while chunk := os.pread(self.fd, 4 << 20, off):
@@ -176,6 +237,9 @@ class SpoolFile:
         return off, h.hexdigest()
 
     def close(self) -> None:
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

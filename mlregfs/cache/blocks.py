@@ -27,8 +27,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlregfs import directio
 from mlregfs.buffers import POOL, Buffer
-from mlregfs.cache import directio
 
 log = logging.getLogger("mlregfs.cache")
 

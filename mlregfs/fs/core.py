@@ -523,6 +523,7 @@ class Filesystem:
             entry.state, entry.size, entry.sha256, entry.error = "uploading", size, digest, None
             await trio.to_thread.run_sync(spool.save, entry)
             h.spool.dirty = False
+            started = time.monotonic()
             try:
                 owner = await self.owner(h.node.owner)
                 await self.registry.upload(owner, h.node.path, h.spool.path, size)
@@ -546,7 +547,10 @@ class Filesystem:
             self.upload_stats["bytes"] += size
             entry.state = "uploaded"
             await trio.to_thread.run_sync(spool.save, entry)
-            log.info("uploaded %s (%d bytes, sha256 %s)", entry.target, size, digest)
+            elapsed = time.monotonic() - started
+            log.info(
+                "uploaded %s (%d bytes, sha256 %s) in %.2f s", entry.target, size, digest, elapsed
+            )
             self.meta.invalidate(("files", h.node.owner))
             await self._drop_replaced(h)
         finally:

@@ -35,6 +35,7 @@ import httpcore
 import httpx
 import trio
 
+from mlregfs import directio
 from mlregfs.buffers import POOL, Buffer
 from mlregfs.errors import (
     BadRequest,
@@ -789,8 +790,9 @@ class GitLabRegistry:
         }
         conn = self._connection(parts.scheme, parts.netloc)
         try:
-            with open(source, "rb") as f:
-                conn.request("PUT", target, body=_Limited(f, size), headers=headers)
+            with directio.SequentialReader(source, UPLOAD_CHUNK) as f:
+                payload = _Limited(f, size)  # gives memoryviews: http.client sends any buffer
+                conn.request("PUT", target, body=payload, headers=headers)  # type: ignore[arg-type]
             resp = conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
@@ -1400,7 +1402,7 @@ class _Limited:
     def __init__(self, f: Any, size: int) -> None:
         self.f, self.left = f, size
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | memoryview:
         n = self.left if n < 0 else min(n, self.left)
         data = self.f.read(n) if n else b""
         self.left -= len(data)

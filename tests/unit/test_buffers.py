@@ -6,8 +6,8 @@ import mmap
 import os
 from pathlib import Path
 
+from mlregfs import directio
 from mlregfs.buffers import BufferPool
-from mlregfs.cache import directio
 
 
 def test_pool_hands_out_aligned_buffers_of_its_size_only() -> None:

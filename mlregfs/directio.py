@@ -115,3 +115,51 @@ def _from(views: list[memoryview], offset: int) -> list[memoryview]:
         out.append(v[offset:])
         offset = 0
     return out
+
+
+class SequentialReader:
+    """A file read front to back with O_DIRECT (buffered where refused) into one reused aligned
+    buffer: `read(n)` returns a view of that buffer, valid until the next call.
+
+    For the upload of a spool written with O_DIRECT: its bytes are not in the page cache, and
+    reading them through it would fill fresh page-cache memory for nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], chunk: int = 1 << 20) -> None:
+        self._buf = mmap.mmap(-1, round_up(chunk))
+        self._pos = 0
+        self._direct = bool(O_DIRECT)
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | O_DIRECT)
+        except OSError as e:
+            if not (O_DIRECT and unsupported(e)):
+                raise
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._direct = False
+
+    def read(self, n: int = -1) -> memoryview:
+        n = len(self._buf) if n < 0 else min(n, len(self._buf))
+        view = memoryview(self._buf)
+        if self._direct:
+            try:
+                got = os.preadv(self._fd, [view[: round_up(n)]], self._pos)
+            except OSError as e:
+                if not unsupported(e):
+                    raise
+                self._direct = False
+                got = os.preadv(self._fd, [view[:n]], self._pos)
+        else:
+            got = os.preadv(self._fd, [view[:n]], self._pos)
+        got = min(got, n)
+        self._pos += got
+        return view[:got]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SequentialReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
