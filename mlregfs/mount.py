@@ -243,6 +243,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 "hit_ratio": hits / (hits + ds.fetched_blocks) if hits + ds.fetched_blocks else 0,
                 "evictions": st.evictions,
                 "integrity_failures": ds.integrity_failures,
+                "block_buffers_reused": POOL.reused,
+                "block_buffers_allocated": POOL.allocated,
             },
             "registry": {
                 "requests": rs.requests,

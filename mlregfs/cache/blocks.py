@@ -35,7 +35,7 @@ log = logging.getLogger("mlregfs.cache")
 _MAGIC = b"MLRGFSB1"
 _HEADER = struct.Struct("<8sQQI16s")  # magic, index, length, crc32, blake2b(key, 16)
 _HDR_SPACE = directio.ALIGN  # the header is padded to one page: the payload stays aligned
-_LAYOUT = "v2"  # v1 (mlregfs < 0.2): unpadded header; its blocks are dropped at start
+_LAYOUT = "v2"  # v1, the first layout, had an unpadded header: its blocks are dropped at start
 _KEY_OK = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-_.")
 
 

@@ -346,12 +346,13 @@ class DataCache:
             # disk and hashed; the end of the file waits for the sha256 check (`_settle`).
             if self._remember(key, data):
                 flight.ready.set()
+            # hashed as it arrives (arrival order is nearly file order; the disk write can finish
+            # in any order); `_verify` finds whatever the running hash had to skip on disk
+            await self._advance_hash(cf, idx, data)
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
-            if not cf.verified:
-                await self._advance_hash(cf, idx, data)
-                if self.store.count(spec.key) >= cf.nblocks:
-                    async with cf.hash_lock:
-                        await self._verify(cf)
+            if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
+                async with cf.hash_lock:
+                    await self._verify(cf)
             return data
         except Exception as e:
             flight.error = e
@@ -377,12 +378,12 @@ class DataCache:
         self.store.mark_verified(key)
 
     async def _advance_hash(self, cf: CachedFile, idx: int, data: Block) -> None:
-        """Feed blocks to the running sha256 in file order, off the FUSE thread. Call only once
-        block `idx` is stored on disk.
+        """Feed blocks to the running sha256 in file order, off the FUSE thread.
 
         Parallel fetches finish out of order: a block ahead of the hash waits in `cf.unhashed`;
-        past MAX_UNHASHED of them it is left on disk, and the hash reads it back when its turn
-        comes. So a complete file is always checked without hashing it all again."""
+        past MAX_UNHASHED of them it is left to the memory cache or the disk, and the hash
+        picks it up there when its turn comes (at the latest in `_verify`, once every block is
+        stored). So a complete file is checked without hashing it all again."""
         if cf.verified or idx < cf.hashed_upto:
             return
         if idx > cf.hashed_upto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import stat
@@ -299,6 +300,61 @@ def test_13_cache_size_bounds_disk(world: World, mount_factory, tmp_path: Path) 
     assert file_sha(m.path / p) == sha(world.files[p])
     used = sum(b.stat().st_size for b in cache.rglob("*.blk"))
     assert used <= (16 << 20) + 4096 * 8, used
+
+
+def _direct_io_works(d: Path) -> bool:
+    probe = d / "odirect-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        buf = mmap.mmap(-1, 4096)
+        os.write(fd, buf)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _resident_bytes(f: Path) -> int:
+    """Bytes of `f` in the page cache (mincore over a mapping of it)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(f)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split()[0])
+
+
+def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Persistence. Blocks are written and read with `O_DIRECT` where the filesystem allows it
+    (buffered elsewhere), so the cache does not fill the page cache a second time."""
+    cache = tmp_path / "direct-cache"
+    cache.mkdir()
+    direct = _direct_io_works(cache)
+    p = "models/llama/1.0.0/weights/model.safetensors"
+    m = mount_factory(
+        world.private, token=world.tokens["developer"], cache=cache, options=["block_size=1M"]
+    )
+    assert file_sha(m.path / p) == sha(world.files[p])
+    m.stop()
+    blocks = list(cache.rglob("*.blk"))
+    assert len(blocks) == -(-len(world.files[p]) // (1 << 20))
+    resident = sum(_resident_bytes(b) for b in blocks)
+    if direct:
+        assert resident == 0, f"{resident} bytes of cache blocks in the page cache"
+    else:  # the fallback is buffered I/O, said once in the log
+        assert "no O_DIRECT" in m.stderr()
+    m2 = mount_factory(
+        world.private, token=world.tokens["developer"], cache=cache, options=["block_size=1M"]
+    )
+    assert file_sha(m2.path / p) == sha(world.files[p])  # and they read back whole
+    if direct:
+        assert sum(_resident_bytes(b) for b in blocks) == 0
 
 
 def test_14_object_storage_redirects(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
