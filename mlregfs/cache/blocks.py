@@ -1,9 +1,9 @@
 """On-disk block store: fixed-size blocks of remote files, self-validating, LRU-bounded.
 
 Layout: ``<root>/v2/<key[:2]>/<key>/<index>.blk``. Each block file is a header (magic, index,
-payload length, crc32 of the payload, digest of the key) padded to 4 KiB, followed by the
+payload length, xxh3-64 of the payload, digest of the key) padded to 4 KiB, followed by the
 payload, written to a temp file and renamed into place, so a crash leaves either a whole block
-or none; a block whose header or crc does not match is deleted and treated as missing.
+or none; a block whose header or checksum does not match is deleted and treated as missing.
 ``<key>/verified`` marks a file whose complete bytes matched the registry's sha256.
 
 Blocks are written and read with O_DIRECT where the filesystem allows it (the 4 KiB header keeps
@@ -22,18 +22,19 @@ import os
 import shutil
 import struct
 import threading
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from mlregfs import directio
 from mlregfs.buffers import POOL, Buffer
 
 log = logging.getLogger("mlregfs.cache")
 
-_MAGIC = b"MLRGFSB1"
-_HEADER = struct.Struct("<8sQQI16s")  # magic, index, length, crc32, blake2b(key, 16)
+_MAGIC = b"MLRGFSB2"  # B1: crc32 checksums (no longer read)
+_HEADER = struct.Struct("<8sQQQ16s")  # magic, index, length, xxh3_64, blake2b(key, 16)
 _HDR_SPACE = directio.ALIGN  # the header is padded to one page: the payload stays aligned
 _LAYOUT = "v2"  # v1, the first layout, had an unpadded header: its blocks are dropped at start
 _KEY_OK = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-_.")
@@ -216,13 +217,13 @@ class BlockStore:
     def _check(header: bytes, payload: mmap.mmap | bytearray, key: str, index: int) -> bool:
         if len(header) < _HEADER.size:
             return False
-        magic, idx, length, crc, kd = _HEADER.unpack_from(header)
+        magic, idx, length, check, kd = _HEADER.unpack_from(header)
         return (
             magic == _MAGIC
             and idx == index
             and length == len(payload)
             and kd == _key_digest(key)
-            and zlib.crc32(payload) == crc
+            and xxhash.xxh3_64_intdigest(payload) == check
         )
 
     def put(self, key: str, index: int, data: Buffer) -> None:
@@ -232,7 +233,9 @@ class BlockStore:
         d.mkdir(parents=True, exist_ok=True)
         path = self._path(key, index)
         tmp = path.with_name(f"{index}.{threading.get_ident()}.tmp")
-        header = _HEADER.pack(_MAGIC, index, len(data), zlib.crc32(data), _key_digest(key))
+        header = _HEADER.pack(
+            _MAGIC, index, len(data), xxhash.xxh3_64_intdigest(data), _key_digest(key)
+        )
         try:
             if not (self.direct and self._put_direct(tmp, header, data)):
                 with open(tmp, "wb") as f:
