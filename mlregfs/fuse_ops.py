@@ -122,7 +122,9 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         opened = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=opened.fh, keep_cache=opened.keep_cache)
+        return pyfuse3.FileInfo(
+            fh=opened.fh, keep_cache=opened.keep_cache, direct_io=opened.direct_io
+        )
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -138,7 +140,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         opened, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
-        return pyfuse3.FileInfo(fh=opened.fh, keep_cache=False), self._entry(attr)
+        info = pyfuse3.FileInfo(fh=opened.fh, keep_cache=False, direct_io=opened.direct_io)
+        return info, self._entry(attr)
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -157,7 +160,7 @@ class Operations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         if fields.update_size:
-            self.fs.truncate(inode, attr.st_size)
+            await self.fs.truncate(inode, attr.st_size)
         # mode, owner and times are not stored by the registry: accepted and not kept, so that
         # `cp -p`, `touch` and the writeback cache's mtime updates work
         return self._entry(await self.fs.getattr(inode))

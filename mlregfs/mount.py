@@ -273,6 +273,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
     try:
         async with trio.open_nursery() as nursery:
             data.start(nursery)
+            fs.start(nursery)
             nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
             if token_file is not None:
                 nursery.start_soon(watch_token, token_file, client)

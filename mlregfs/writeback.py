@@ -14,6 +14,7 @@ is treated as failed by the next mount and by `mlregfs recover`: nothing is dele
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -156,9 +157,27 @@ class SpoolFile:
         """Write at `off` (run in a worker thread: it touches the disk and hashes)."""
         n = self._pwrite(off, data)
         self._hash(off, data, n)
+        self.note_write(off, n)
+        return n
+
+    # The queued path (fs.writer) does the three steps of `write` separately: the disk write
+    # and the hash in parallel, the size at once.
+    def note_write(self, off: int, n: int) -> None:
         self.size = max(self.size, off + n)
         self.dirty = True
-        return n
+
+    def put(self, off: int, data: bytes) -> None:
+        """Write all of `data` at `off` (worker thread)."""
+        done = 0
+        while done < len(data):
+            n = self._pwrite(off + done, data[done:] if done else data)
+            if n <= 0:
+                raise OSError(errno.EIO, f"spool write made no progress at {off + done}")
+            done += n
+
+    def hash_chunk(self, off: int, data: bytes) -> None:
+        """Feed `data` at `off` to the running sha256 (worker thread)."""
+        self._hash(off, data, len(data))
 
     def _pwrite(self, off: int, data: bytes) -> int:
         if (

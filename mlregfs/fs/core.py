@@ -6,6 +6,7 @@ pyfuse3 replies and errno. Everything here can be driven without a kernel.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -35,8 +36,10 @@ from mlregfs.errors import (
     NotFound,
     NotPermitted,
     ReadOnly,
+    SpoolFailure,
 )
 from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
+from mlregfs.fs.writer import SpoolWriter
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
 from mlregfs.writeback import Spool, SpoolFile
@@ -131,12 +134,16 @@ class WriteHandle:
     replaces: tuple[RemoteFile, ...] = ()  # the copy being overwritten (O_TRUNC)
     error: MlregfsError | None = None  # the last upload failure, reported again on fsync/close
     uploads: int = 0
+    writer: SpoolWriter | None = None  # queued writes (when the filesystem has a nursery)
 
 
 @dataclass(frozen=True)
 class Opened:
     fh: int
     keep_cache: bool  # immutable bytes (sha256 known): the kernel may keep its page cache
+    # writes bypass the page cache: 1 MiB requests straight to the spool, ~2x the rate of
+    # the writeback cache on our VMs (its page-cache fill is fresh memory per write)
+    direct_io: bool = False
 
 
 # GitLab's ml_model_file_name_regex for the last path segment (reference §8.4)
@@ -202,6 +209,7 @@ class Filesystem:
         self._uploading = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._nursery: trio.Nursery | None = None
         self.upload_stats = {"uploaded": 0, "failed": 0, "bytes": 0}
 
     # -- inodes -------------------------------------------------------------------------
@@ -218,6 +226,10 @@ class Filesystem:
             return self._node_of[ino]
         except KeyError:
             raise NotFound(f"unknown inode {ino}") from None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Enable queued writes (background tasks in `nursery`)."""
+        self._nursery = nursery
 
     # -- registry views (cached) --------------------------------------------------------
     async def models(self) -> dict[str, Model]:
@@ -409,6 +421,7 @@ class Filesystem:
         if h is None:
             raise NotFound(f"unknown file handle {fh}")
         if isinstance(h, WriteHandle):
+            await self._drain(h)  # a reader sees every byte written so far
             return h.spool.read(off, size)
         return await self.data.read(h.cached, off, size, h.stream)
 
@@ -424,10 +437,17 @@ class Filesystem:
         if self._writing.get(key) is not h:
             return  # a reader of a file being written
         try:
+            await self._drain(h)
             if h.spool.dirty and h.error is None:
                 await self._upload(h)  # errors here reach no caller: logged, spool kept
         except MlregfsError:
             pass
+        except OSError as e:  # a spool write failed: the writer was told (write, close)
+            log.error("not uploading %s: writing its spool failed: %s", h.spool.entry.target, e)
+            h.spool.entry.state, h.spool.entry.error = "failed", f"spool write failed: {e}"
+            h.error = SpoolFailure(str(e))
+            with contextlib.suppress(OSError):
+                self._writable().save(h.spool.entry)
         finally:
             h.spool.close()
             del self._writing[key]
@@ -451,10 +471,12 @@ class Filesystem:
         await self.registry.authorize_upload(owner, node.path)
         sf = await trio.to_thread.run_sync(spool.new, self.source_id, node.owner, node.path)
         h = WriteHandle(node, sf, replaces)
+        if self._nursery is not None:
+            h.writer = SpoolWriter(sf, self._nursery)
         self._writing[key] = h
         fh = next(self._next_fh)
         self._handles[fh] = h
-        return Opened(fh, keep_cache=False)
+        return Opened(fh, keep_cache=False, direct_io=True)
 
     async def _open_for_write(self, node: Node, flags: int) -> Opened:
         self._writable()
@@ -492,6 +514,8 @@ class Filesystem:
             or self._writing.get((h.node.owner, h.node.path)) is not h
         ):
             raise NotPermitted("handle not open for writing")
+        if h.writer is not None:  # queued: disk write and hash overlap the next request
+            return await h.writer.write(off, data)
         # disk write and hashing run on the second core; the FUSE loop keeps serving
         return await trio.to_thread.run_sync(h.spool.write, off, data)
 
@@ -499,6 +523,7 @@ class Filesystem:
         """close(2): upload if anything changed since the last upload; report its failure."""
         h = self._handles.get(fh)
         if isinstance(h, WriteHandle) and self._writing.get((h.node.owner, h.node.path)) is h:
+            await self._drain(h)
             if h.spool.dirty:
                 await self._upload(h)
             elif h.error is not None:
@@ -506,12 +531,19 @@ class Filesystem:
 
     fsync = flush
 
-    def truncate(self, ino: int, size: int) -> None:
+    async def truncate(self, ino: int, size: int) -> None:
         node = self.node(ino)
         w = self._writing.get((node.owner, node.path))
         if w is None:
             raise NotPermitted("only a file being written can be truncated (open it with O_TRUNC)")
+        await self._drain(w)
         w.spool.truncate(size)
+
+    async def _drain(self, h: WriteHandle) -> None:
+        """Wait for the queued writes of the file `h` writes or reads; raise their failure."""
+        w = self._writing.get((h.node.owner, h.node.path))
+        if w is not None and w.spool is h.spool and w.writer is not None:
+            await w.writer.drain()
 
     async def _upload(self, h: WriteHandle) -> None:
         spool = self._writable()

@@ -367,3 +367,27 @@ def test_too_large_is_efbig_at_close(tmp_path: Path) -> None:
             m.stop()
         listing = _recover(m.cache_dir, token, "list")
         assert "models/m/1.0.0/big.bin" in listing.stdout and "too large" in listing.stdout
+
+
+def test_full_spool_disk_fails_cp_and_uploads_nothing(ww: WWorld, tmp_path: Path) -> None:
+    """Writes are queued and stored in the background: a spool that cannot take the bytes
+    (a full disk) still makes `cp` fail with ENOSPC, and nothing partial reaches the registry."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    try:
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(12 << 20))
+        m = mount(ww, tmp_path, "developer", cache=small / "cache")
+        try:
+            r = subprocess.run(
+                ["cp", str(src), str(m.path / "models/m/1.0.0/too-big.bin")],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+            assert "too-big.bin" not in files_of(ww, "1.0.0")
+        finally:
+            m.stop()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
