@@ -91,20 +91,6 @@ def write_all(fd: int, bufs: Buffers) -> None:
         done += n
 
 
-def read_all(fd: int, bufs: Buffers) -> int:
-    """preadv into `bufs` from offset 0 until they are full or the file ends; bytes read."""
-    views = [memoryview(b) for b in bufs]
-    total = sum(len(v) for v in views)
-    done = 0
-    while done < total:
-        start = done - done % ALIGN  # go on from an aligned offset after a short read
-        n = os.preadv(fd, _from(views, start), start)
-        if n <= 0 or start + n <= done:
-            break
-        done = start + n
-    return min(done, total)
-
-
 def _from(views: list[memoryview], offset: int) -> list[memoryview]:
     """The iovec list that starts `offset` bytes into `views`."""
     out = []

@@ -331,8 +331,9 @@ def _resident_bytes(f: Path) -> int:
 
 
 def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Persistence. Blocks are written and read with `O_DIRECT` where the filesystem allows it
-    (buffered elsewhere), so the cache does not fill the page cache a second time."""
+    """Persistence. Blocks are written with `O_DIRECT` where the filesystem allows it (buffered
+    elsewhere) and dropped from the page cache after each read, so the cache does not fill the
+    page cache a second time."""
     cache = tmp_path / "direct-cache"
     cache.mkdir()
     direct = _direct_io_works(cache)
@@ -353,8 +354,11 @@ def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_
         world.private, token=world.tokens["developer"], cache=cache, options=["block_size=1M"]
     )
     assert file_sha(m2.path / p) == sha(world.files[p])  # and they read back whole
-    if direct:
-        assert sum(_resident_bytes(b) for b in blocks) == 0
+    left = {b.name: _resident_bytes(b) for b in blocks}
+    # ext4 may keep the one partial page at the end of the file's last, short block
+    last = f"{len(blocks) - 1}.blk"
+    assert left.pop(last) <= 4096
+    assert sum(left.values()) == 0, {k: v for k, v in left.items() if v}
 
 
 def test_14_object_storage_redirects(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]

@@ -51,13 +51,11 @@ def test_pool_keeps_a_bounded_number_of_free_buffers() -> None:
     assert [pool.give(bufs.pop(), refs=0) for _ in range(3)] == [True, True, False]
 
 
-def test_read_all_and_write_all_span_several_buffers(tmp_path: Path) -> None:
+def test_write_all_spans_several_buffers(tmp_path: Path) -> None:
     data = os.urandom(3 * directio.ALIGN)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         directio.write_all(fd, [memoryview(data)[:4096], memoryview(data)[4096:]])
-        a, b = bytearray(1000), bytearray(3 * directio.ALIGN)
-        assert directio.read_all(fd, [memoryview(a), memoryview(b)]) == len(data)
-        assert bytes(a) + bytes(b[: len(data) - 1000]) == data
+        assert os.pread(fd, len(data) + 1, 0) == data
     finally:
         os.close(fd)
