@@ -13,6 +13,7 @@ fall back to buffered I/O for good.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -21,6 +22,8 @@ import threading
 
 ALIGN = 4096
 O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+DONTNEED: int = getattr(os, "POSIX_FADV_DONTNEED", 4)
+DROP_EVERY = 64 << 20  # a sequential reader drops what it has read from the page cache
 
 
 def round_up(n: int) -> int:
@@ -104,43 +107,37 @@ def _from(views: list[memoryview], offset: int) -> list[memoryview]:
 
 
 class SequentialReader:
-    """A file read front to back with O_DIRECT (buffered where refused) into one reused aligned
-    buffer: `read(n)` returns a view of that buffer, valid until the next call.
+    """A file read front to back into one reused buffer: `read(n)` returns a view of that
+    buffer, valid until the next call.
 
-    For the upload of a spool written with O_DIRECT: its bytes are not in the page cache, and
-    reading them through it would fill fresh page-cache memory for nothing."""
+    For the upload of a spool, whose pages were written with O_DIRECT and are on disk only:
+    buffered reads with POSIX_FADV_SEQUENTIAL let the kernel's readahead fetch the next part
+    while the current one is sent (O_DIRECT reads here waited for the disk between sends), and
+    what was read is dropped from the page cache as it goes."""
 
     def __init__(self, path: str | os.PathLike[str], chunk: int = 1 << 20) -> None:
         self._buf = mmap.mmap(-1, round_up(chunk))
         self._pos = 0
-        self._direct = bool(O_DIRECT)
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | O_DIRECT)
-        except OSError as e:
-            if not (O_DIRECT and unsupported(e)):
-                raise
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._direct = False
+        self._dropped = 0
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def read(self, n: int = -1) -> memoryview:
         n = len(self._buf) if n < 0 else min(n, len(self._buf))
         view = memoryview(self._buf)
-        if self._direct:
-            try:
-                got = os.preadv(self._fd, [view[: round_up(n)]], self._pos)
-            except OSError as e:
-                if not unsupported(e):
-                    raise
-                self._direct = False
-                got = os.preadv(self._fd, [view[:n]], self._pos)
-        else:
-            got = os.preadv(self._fd, [view[:n]], self._pos)
-        got = min(got, n)
+        got = os.preadv(self._fd, [view[:n]], self._pos)
         self._pos += got
+        if self._pos - self._dropped >= DROP_EVERY:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, self._dropped, self._pos - self._dropped, DONTNEED)
+            self._dropped = self._pos
         return view[:got]
 
     def close(self) -> None:
         if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, 0, 0, DONTNEED)
             os.close(self._fd)
             self._fd = -1
 
