@@ -226,16 +226,11 @@ class BlockStore:
         """Write header and payload with O_DIRECT; False: unsupported here (the caller writes
         buffered). A page-aligned block buffer is written as it is, anything else through a
         staging buffer."""
+        fd = -1
         try:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | directio.O_DIRECT, 0o600
             )
-        except OSError as e:
-            if not directio.unsupported(e):
-                raise
-            self._no_direct(e)
-            return False
-        try:
             if isinstance(data, mmap.mmap) and len(data) % directio.ALIGN == 0:
                 head = mmap.mmap(-1, _HDR_SPACE)
                 head[: len(header)] = header
@@ -260,7 +255,8 @@ class BlockStore:
             self._no_direct(e)
             return False
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _remember(self, key: str, index: int, size: int) -> None:
         self._lru[(key, index)] = size
