@@ -44,6 +44,9 @@ def cmd_mount(argv: list[str]) -> int:
     except (ConfigError, MountError) as e:
         print(f"mlregfs mount: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # starting the daemon itself failed (pipe, exec, fork)
+        print(f"mlregfs mount: cannot start the daemon: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_unmount(argv: list[str]) -> int:

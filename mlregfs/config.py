@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlregfs.registry.source import candidates
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -53,8 +55,8 @@ class Config:
     memory_cache: int = 64 << 20
     listing_ttl: float = 30.0  # models, versions, candidates, candidate files
     file_ttl: float = 300.0  # files of a model version (immutable in practice)
-    timeout: float = 30.0  # per HTTP request
-    retry_deadline: float = 30.0  # total time one operation may spend retrying
+    timeout: float = 30.0  # total per HTTP request: connect, headers, body (+size/256K/s uploads)
+    retry_deadline: float = 30.0  # total time one operation may take, all attempts included
     read_only: bool = False
     uid: int | None = None  # owner shown for every file (default: the mounting user)
     gid: int | None = None
@@ -65,6 +67,7 @@ class Config:
     foreground: bool = False
     log_file: Path | None = None
     metrics: Path | None = None  # Prometheus textfile, rewritten every few seconds
+    metrics_mode: int = 0o600  # private by default: it names the project (see README)
     fsname: str = "mlregfs"
 
     @property
@@ -86,6 +89,7 @@ _VALUE_OPTIONS = {
     "retry_deadline": ("retry_deadline", parse_duration),
     "log_file": ("log_file", Path),
     "metrics": ("metrics", Path),
+    "metrics_mode": ("metrics_mode", lambda v: int(v, 8)),
     "drain_timeout": ("drain_timeout", parse_duration),
     "uid": ("uid", int),
     "gid": ("gid", int),
@@ -206,6 +210,12 @@ def from_options(
         raise ConfigError("cache_size must hold at least 4 blocks")
     if not 0 <= cfg.umask <= 0o777:
         raise ConfigError("umask must be an octal number between 000 and 777")
+    if not 0 <= cfg.metrics_mode <= 0o666:
+        raise ConfigError("metrics_mode must be an octal file mode between 000 and 666")
+    try:
+        candidates(cfg.source)  # a bad SOURCE is a one-line error before anything starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.drain_timeout < 0:
         raise ConfigError("drain_timeout must not be negative")
     if cfg.readahead_blocks < 0 or cfg.readahead_blocks > 64:

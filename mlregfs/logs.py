@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from mlregfs.localstate import FILE_MODE, private_dir
+
 
 class RedactSecrets(logging.Filter):
     """Defence in depth: replace any known secret in a formatted record with '[MASKED]'."""
@@ -42,13 +44,26 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
+def _private_log(log_file: Path) -> None:
+    """Create the log file 0600 (it names models and files of a private project), or make an
+    existing one so; a missing parent directory is created 0700."""
+    if not log_file.parent.exists():
+        private_dir(log_file.parent)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def setup(
     *, debug: bool = False, log_file: Path | None = None, secrets: list[str] | None = None
 ) -> None:
     """Configure the root logger for the mount daemon (stderr, or `log_file` if given)."""
     handler: logging.Handler
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        _private_log(log_file)
         handler = logging.FileHandler(log_file)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     else:

@@ -25,6 +25,7 @@ from mlregfs.config import Config
 from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
 from mlregfs.fs.core import Filesystem, Timeouts
 from mlregfs.fuse_ops import Operations
+from mlregfs.localstate import private_dir
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.gitlab import GitLabRegistry
 from mlregfs.status import Reporter
@@ -70,6 +71,25 @@ def check_mountpoint(mp: Path) -> None:
         raise MountError(f"mount point {mp} is not a directory")
     if os.path.ismount(mp):
         raise MountError(f"mount point {mp} is busy (something is already mounted there)")
+
+
+def prepare_cache_dir(cfg: Config) -> None:
+    """Create cache_dir 0700, or make an existing one so (it holds names, sizes and sha256
+    of a private project); MountError if that is impossible."""
+    try:
+        private_dir(cfg.cache_dir)
+    except OSError as e:
+        raise MountError(f"cache_dir {cfg.cache_dir}: {e.strerror or e}") from None
+
+
+def _unexpected(e: BaseException, cfg: Config) -> str:
+    """One line for an error nobody anticipated (secret-free; trio's groups unwrapped)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    text = explain(e, cfg) if isinstance(e, RegistryError) else f"{type(e).__name__}: {e}"
+    if cfg.token:
+        text = text.replace(cfg.token, "[MASKED]")
+    return " ".join(text.split())  # one line, whatever the exception said
 
 
 def explain(e: BaseException, cfg: Config) -> str:
@@ -172,6 +192,7 @@ def fuse_options(cfg: Config) -> set[str]:
 async def serve(cfg: Config, ready: ReadySignal) -> None:
     """Connect, mount, serve until unmounted or signalled, then unmount."""
     catalog_name = hashlib.sha256(public_source(cfg.source).encode()).hexdigest()[:32]
+    prepare_cache_dir(cfg)
     token_file = TokenFile(cfg.token_file, cfg.token) if cfg.token_file else None
     client = build_registry(cfg, token_file)
     registry = CatalogRegistry(client, cfg.cache_dir / "catalog" / f"{catalog_name}.json")
@@ -263,7 +284,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
             "fuse_failures": dict(ops.failures),
         }
 
-    reporter = Reporter(cfg.mountpoint, cfg.metrics, snapshot)
+    reporter = Reporter(cfg.mountpoint, cfg.metrics, snapshot, metrics_mode=cfg.metrics_mode)
     check_mountpoint(cfg.mountpoint)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -271,16 +292,18 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         await registry.aclose()
         raise MountError(f"cannot mount {cfg.mountpoint}: {e} (is /dev/fuse available?)") from None
     try:
+        fuse_loop = trio.CancelScope()  # cancelled by _on_signals if requests outlive the stop
         async with trio.open_nursery() as nursery:
             data.start(nursery)
             fs.start(nursery)
-            nursery.start_soon(_on_signals, fs, cfg.drain_timeout)
+            nursery.start_soon(_on_signals, fs, cfg.drain_timeout, fuse_loop)
             if token_file is not None:
                 nursery.start_soon(watch_token, token_file, client)
             nursery.start_soon(_report, reporter, spool)
             readahead_kb = min(cfg.block_size * max(cfg.readahead_blocks, 1), 64 << 20) >> 10
             nursery.start_soon(_announce_ready, cfg.mountpoint, ready, readahead_kb)
-            await pyfuse3.main()
+            with fuse_loop:
+                await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         # unmounting an already unmounted session (fusermount3 -u) is harmless
@@ -305,7 +328,11 @@ async def _report(reporter: Reporter, spool: Spool | None, every: float = 2.0) -
         await trio.sleep(every)
 
 
-async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:
+STOP_GRACE = 5.0  # after the drain, how long requests still running may take to answer
+
+
+async def _on_signals(fs: Filesystem, drain_timeout: float, fuse_loop: trio.CancelScope) -> None:
+    """SIGTERM/SIGINT: wait up to drain_timeout for uploads, then stop within STOP_GRACE."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
             if sig == signal.SIGHUP:
@@ -314,12 +341,17 @@ async def _on_signals(fs: Filesystem, drain_timeout: float) -> None:
             sdnotify.notify("STOPPING=1\nSTATUS=waiting for uploads in flight")
             if not await fs.drain(drain_timeout):
                 log.error(
-                    "uploads still running after %.0fs; their spool files are kept for"
-                    " 'mlregfs recover'",
+                    "uploads still running after drain_timeout (%gs): abandoned; their spool"
+                    " files are kept for 'mlregfs recover' (it asks the registry before"
+                    " sending them again)",
                     drain_timeout,
                 )
-            pyfuse3.terminate()
-            return
+            pyfuse3.terminate()  # no new request; main() returns once the running ones answer
+            break
+        # (still receiving: another signal now neither kills the daemon nor starts over)
+        await trio.sleep(STOP_GRACE)
+        log.warning("requests still running %gs after the drain: cancelling them", STOP_GRACE)
+        fuse_loop.cancel()
 
 
 async def _announce_ready(mp: Path, ready: ReadySignal, readahead_kb: int) -> None:
@@ -369,8 +401,12 @@ class ReadySignal:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.answered = False  # READY or ERROR sent (or would have been, without a pipe)
 
     def _send(self, text: str) -> None:
+        if self.answered:
+            return
+        self.answered = True
         if self.fd is None:
             return
         try:
@@ -412,8 +448,12 @@ def run_foreground(cfg: Config, ready_fd: int | None = None) -> int:
     """Mount and serve in this process. Returns the exit status."""
     bound_malloc()
     log_file = cfg.log_file if cfg.log_file else None
-    logs.setup(debug=cfg.debug, log_file=log_file, secrets=[cfg.token] if cfg.token else [])
     ready = ReadySignal(ready_fd)
+    try:
+        logs.setup(debug=cfg.debug, log_file=log_file, secrets=[cfg.token] if cfg.token else [])
+    except OSError as e:
+        ready.fail(f"cannot open log_file {log_file}: {e.strerror or e}")
+        raise MountError(f"cannot open log_file {log_file}: {e.strerror or e}") from None
     try:
         check_mountpoint(cfg.mountpoint)
         trio.run(serve, cfg, ready)
@@ -423,12 +463,22 @@ def run_foreground(cfg: Config, ready_fd: int | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except Exception as e:  # any other failure: its reason, in the log and to `mlregfs mount`
+        reason = _unexpected(e, cfg)
+        if ready.answered:
+            log.error("mount failed: %s", reason, exc_info=True)
+        else:
+            log.error("cannot start: %s", reason)
+            log.debug("cannot start", exc_info=True)
+        ready.fail(f"cannot start: {reason}")
+        return 1
     return 0
 
 
 def run_daemon(cfg: Config, argv: list[str]) -> int:
     """Start the mount in a detached child and return once it is ready (or failed)."""
     check_mountpoint(cfg.mountpoint)
+    prepare_cache_dir(cfg)  # also where the log goes: its errors are the caller's to see
     r, w = os.pipe()
     log_file = cfg.log_file or (cfg.cache_dir / "mlregfs.log")
     # -P: never import a stray ./mlregfs from the caller's directory

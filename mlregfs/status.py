@@ -4,16 +4,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from mlregfs.localstate import write_private
+
+log = logging.getLogger("mlregfs.status")
+
 
 def state_dir() -> Path:
+    """Where the daemon reports: /run/mlregfs (root), $XDG_RUNTIME_DIR/mlregfs, else
+    /tmp/mlregfs-<uid> - a predictable name, so `checked_state_dir` verifies it is ours."""
     if os.geteuid() == 0:
         return Path("/run/mlregfs")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -25,11 +34,33 @@ def state_path(mountpoint: Path) -> Path:
     return state_dir() / f"{digest}.json"
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def checked_state_dir(path: Path, *, create: bool) -> Path:
+    """`path` if it is a real directory (not a symlink) owned by us and closed to others.
+
+    Another local user may have created it (or a symlink) first, in /tmp: then we refuse
+    (PermissionError) rather than write where they can read or redirect us. Ours but too
+    open: tightened to 0700."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+        with contextlib.suppress(FileExistsError):  # lost a race: checked below
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"refusing status directory {path}: not a directory (a symlink?)")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(
+            f"refusing status directory {path}: owned by uid {st.st_uid}, not by us"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _write(path: Path, text: str, mode: int = 0o600) -> None:
+    write_private(path, text, mode)
 
 
 def prometheus(snapshot: dict[str, Any]) -> str:
@@ -76,15 +107,30 @@ METRICS = {
 class Reporter:
     """Collects a snapshot from the running mount and writes the state (and metrics) files."""
 
-    def __init__(self, mountpoint: Path, metrics: Path | None, collect: Any) -> None:
+    def __init__(
+        self, mountpoint: Path, metrics: Path | None, collect: Any, metrics_mode: int = 0o600
+    ) -> None:
         self.path = state_path(mountpoint)
         self.metrics = metrics
+        self.metrics_mode = metrics_mode  # -o metrics_mode: e.g. 0644 for a node exporter
         self.collect = collect  # (recovery_items) -> dict
+        self._refused: str | None = None
 
     def write(self, snap: dict[str, Any]) -> None:
-        _write(self.path, json.dumps(snap, indent=1))
+        """Rewrite the state file (0600) and the metrics textfile (`metrics_mode`).
+
+        Neither write follows a symlink planted at the file's name; a state directory that
+        is not ours is refused, with one warning (metrics are still written)."""
+        try:
+            checked_state_dir(self.path.parent, create=True)
+        except OSError as e:
+            if str(e) != self._refused:
+                log.warning("no status file for `mlregfs status`: %s", e)
+                self._refused = str(e)
+        else:
+            _write(self.path, json.dumps(snap, indent=1))
         if self.metrics is not None:
-            _write(self.metrics, prometheus(snap))
+            _write(self.metrics, prometheus(snap), self.metrics_mode)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -128,7 +174,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     path = state_path(args.mountpoint)
     try:
-        snap = json.loads(path.read_text())
+        checked_state_dir(path.parent, create=False)
+        with open(path, "rb") as f:  # a real file in our own directory
+            snap = json.loads(f.read())
+    except PermissionError as e:
+        print(f"mlregfs status: {e}", file=sys.stderr)
+        return 1
     except (OSError, ValueError):
         print(f"mlregfs status: no mlregfs daemon reports for {args.mountpoint}", file=sys.stderr)
         return 1

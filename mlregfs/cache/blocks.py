@@ -4,7 +4,11 @@ Layout: ``<root>/v2/<key[:2]>/<key>/<index>.blk``. Each block file is a header (
 payload length, xxh3-64 of the payload, digest of the key) padded to 4 KiB, followed by the
 payload, written to a temp file and renamed into place, so a crash leaves either a whole block
 or none; a block whose header or checksum does not match is deleted and treated as missing.
-``<key>/verified`` marks a file whose complete bytes matched the registry's sha256.
+``<key>/verified`` marks a file whose complete bytes matched the registry's sha256, and lists
+the digest of each of its blocks (xxh3-128 seeded with this cache's secret, ``<root>/seed``):
+a block of a verified file is compared with that list whenever it is loaded from disk, so a
+damaged block whose header checksum was rewritten is not served, and a block fetched again
+after eviction is compared with it on arrival.
 
 Blocks are written with O_DIRECT where the filesystem allows it (the 4 KiB header keeps the
 payload aligned; see `directio` for why, and for the buffered fallback) and read buffered, then
@@ -22,6 +26,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -32,6 +37,14 @@ import xxhash
 
 from mlregfs import directio
 from mlregfs.buffers import POOL, Buffer
+from mlregfs.localstate import (
+    DIR_MODE,
+    FILE_MODE,
+    private_dir,
+    set_aside,
+    tighten,
+    write_private,
+)
 
 log = logging.getLogger("mlregfs.cache")
 
@@ -40,6 +53,7 @@ _HEADER = struct.Struct("<8sQQQ16s")  # magic, index, length, xxh3_64, blake2b(k
 _HDR_SPACE = directio.ALIGN  # the header is padded to one page: the payload stays aligned
 _LAYOUT = "v2"  # v1, the first layout, had an unpadded header: its blocks are dropped at start
 _KEY_OK = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-_.")
+_TOP_FILES = frozenset({"pins.json", "seed"})  # regular files that belong in <root>/v2
 
 
 @dataclass
@@ -51,12 +65,19 @@ class BlockStats:
     corrupt: int = 0
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _key_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 class BlockStore:
     """Blocks keyed by (file key, block index) under a byte capacity with LRU eviction."""
+
+    _seed: int | None = None  # the digest seed, read or made on first use (`_secret`)
 
     def __init__(self, root: Path, capacity: int) -> None:
         old = Path(root) / "v1"
@@ -71,13 +92,38 @@ class BlockStore:
         self._lock = threading.Lock()
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # -> payload size
         self._by_key: dict[str, set[int]] = {}
-        self.root.mkdir(parents=True, exist_ok=True)
+        # private (0700) whatever the umask; a file where a directory belongs is set aside
+        self._damaged = Path(root) / "damaged"  # outside the layout: never scanned
+        private_dir(Path(root), repair=True)
+        private_dir(self.root, repair=True)
         self._pins_file = self.root / "pins.json"
-        try:
-            self.pins: set[str] = set(json.loads(self._pins_file.read_text()))
-        except (OSError, ValueError):
-            self.pins = set()
+        self.pins: set[str] = self._load_pins()
         self._scan()
+
+    def _load_pins(self) -> set[str]:
+        """pins.json: a list of cache keys. Anything else is set aside and no file is pinned."""
+        try:
+            raw = json.loads(self._pins_file.read_bytes())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            self._aside(self._pins_file, f"unreadable: {e}")
+            return set()
+        if not isinstance(raw, list):
+            self._aside(self._pins_file, f"not a list of keys but {type(raw).__name__}")
+            return set()
+        good = {k for k in raw if isinstance(k, str) and self._valid_key(k)}
+        if len(good) != len(raw):
+            self._aside(self._pins_file, f"{len(raw) - len(good)} malformed key(s)")
+            self._write_pins(good)
+        else:
+            tighten(self._pins_file, FILE_MODE)
+        return good
+
+    def _write_pins(self, pins: set[str]) -> None:
+        if self._pins_file.is_dir():  # a rename cannot replace a directory
+            self._aside(self._pins_file, "a directory where pins.json belongs")
+        write_private(self._pins_file, json.dumps(sorted(pins)))
 
     # -- layout -------------------------------------------------------------------------
     @staticmethod
@@ -92,25 +138,75 @@ class BlockStore:
     def _path(self, key: str, index: int) -> Path:
         return self._dir(key) / f"{index}.blk"
 
-    def _scan(self) -> None:
-        """Rebuild the LRU from disk, oldest access first; drop temp files of a crash."""
-        found: list[tuple[float, str, int, int]] = []
-        for sub in self.root.iterdir():
-            if not sub.is_dir():
+    @classmethod
+    def _valid_key(cls, key: str) -> bool:
+        try:
+            cls.check_key(key)
+        except ValueError:
+            return False
+        return True
+
+    def _aside(self, path: Path, why: str) -> None:
+        """Move a damaged or foreign entry of the block tree to `<root>/damaged/`."""
+        set_aside(path, why, into=self._damaged)
+
+    def _entries(self, d: Path) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+        """`d`'s entries with their lstat; an unreadable directory is set aside (empty)."""
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            self._aside(d, f"unreadable: {err.strerror or err}")
+            return []
+        out: list[tuple[os.DirEntry[str], os.stat_result]] = []
+        for e in entries:
+            try:
+                out.append((e, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:  # removed meanwhile (e.g. a temp file renamed)
                 continue
-            for kdir in sub.iterdir():
-                for f in kdir.iterdir():
-                    if f.name.endswith(".tmp"):
-                        f.unlink(missing_ok=True)
-                        continue
-                    if not f.name.endswith(".blk"):
-                        continue
-                    try:
-                        st = f.stat()
-                        idx = int(f.name[:-4])
-                    except (OSError, ValueError):
-                        continue
-                    found.append((st.st_mtime, kdir.name, idx, st.st_size - _HDR_SPACE))
+            except OSError as err:
+                self._aside(Path(e.path), f"unreadable: {err.strerror or err}")
+        return out
+
+    def _scan(self) -> None:
+        """Rebuild the LRU from disk, oldest access first; drop temp files of a crash.
+
+        Defensive: anything that does not belong to the layout (a file where a directory
+        belongs or the reverse, a symlink, a foreign name, an unreadable directory) is set
+        aside under `damaged/` with a warning; a block too short for its header is dropped."""
+        found: list[tuple[float, str, int, int]] = []
+        for sub, sst in self._entries(self.root):
+            if sub.name.endswith(".tmp") and stat.S_ISREG(sst.st_mode):
+                _unlink(sub.path)  # pins or seed of an interrupted write
+                continue
+            if sub.name in _TOP_FILES and stat.S_ISREG(sst.st_mode):
+                continue
+            if not (stat.S_ISDIR(sst.st_mode) and len(sub.name) <= 2 and self._valid_key(sub.name)):
+                self._aside(Path(sub.path), "not part of the block cache layout")
+                continue
+            tighten(Path(sub.path), DIR_MODE, sst)
+            for kdir, kst in self._entries(Path(sub.path)):
+                key = kdir.name
+                is_key = key[:2] == sub.name and self._valid_key(key)
+                if not (stat.S_ISDIR(kst.st_mode) and is_key):
+                    self._aside(Path(kdir.path), "not a cache key directory")
+                    continue
+                tighten(Path(kdir.path), DIR_MODE, kst)
+                for f, st in self._entries(Path(kdir.path)):
+                    regular = stat.S_ISREG(st.st_mode)
+                    stem = f.name[:-4] if f.name.endswith(".blk") else ""
+                    if regular and f.name.endswith(".tmp"):
+                        _unlink(f.path)
+                    elif regular and stem.isdigit() and stem.isascii():
+                        if st.st_size < _HDR_SPACE:
+                            log.warning("cache block %s is too short; dropped", f.path)
+                            _unlink(f.path)
+                            continue
+                        found.append((st.st_mtime, key, int(stem), st.st_size - _HDR_SPACE))
+                    elif not (regular and f.name == "verified"):
+                        self._aside(Path(f.path), "not a cache block")
         found.sort()
         with self._lock:
             for _, key, idx, size in found:
@@ -119,6 +215,7 @@ class BlockStore:
 
     # -- operations ---------------------------------------------------------------------
     def has(self, key: str, index: int) -> bool:
+        self.check_key(key)
         with self._lock:
             return (key, index) in self._lru
 
@@ -127,18 +224,33 @@ class BlockStore:
         with self._lock:
             return len(self._by_key.get(key, ()))
 
-    def get(self, key: str, index: int) -> mmap.mmap | bytearray | None:
-        """The block's payload, or None if absent or corrupt (a corrupt block is deleted)."""
-        path = self._path(key, index)
+    def get(
+        self, key: str, index: int, expect: str | None = None
+    ) -> mmap.mmap | bytearray | None:
+        """The block's payload, or None if absent or corrupt (a corrupt block is deleted).
+
+        `expect`: the block's digest from the verified marker; a block whose payload does not
+        have it is corrupt, even if its own header checksum matches."""
+        path = self._path(self.check_key(key), index)
         payload: mmap.mmap | bytearray | None = None
         try:
             header, payload = self._read(path)
             if payload is not None and not self._check(header, payload, key, index):
                 payload = None
+            if payload is not None and expect is not None and self.digest(payload) != expect:
+                payload = None
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
                 self._forget(key, index)
+            return None
+        except OSError as e:  # a directory or other non-file where the block belongs
+            with self._lock:
+                self.stats.misses += 1
+                self._forget(key, index)
+            self._aside(path, f"unreadable block: {e.strerror or e}")
+            with contextlib.suppress(OSError):
+                self.unverify(key)
             return None
         with self._lock:
             if payload is None:
@@ -202,7 +314,9 @@ class BlockStore:
         """Store a block atomically, then evict least recently used blocks over capacity."""
         self.check_key(key)
         d = self._dir(key)
-        d.mkdir(parents=True, exist_ok=True)
+        if not d.is_dir():
+            private_dir(d.parent, repair=True)
+            private_dir(d, repair=True)
         path = self._path(key, index)
         tmp = path.with_name(f"{index}.{threading.get_ident()}.tmp")
         header = _HEADER.pack(
@@ -210,7 +324,8 @@ class BlockStore:
         )
         try:
             if not (self.direct and self._put_direct(tmp, header, data)):
-                with open(tmp, "wb") as f:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                with open(os.open(tmp, flags, 0o600), "wb") as f:  # private, as the direct path
                     f.write(header.ljust(_HDR_SPACE, b"\0"))
                     f.write(data)
             os.replace(tmp, path)
@@ -278,10 +393,8 @@ class BlockStore:
         self.check_key(key)
         with self._lock:
             (self.pins.add if on else self.pins.discard)(key)
-            text = json.dumps(sorted(self.pins))
-        tmp = self._pins_file.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self._pins_file)
+            pins = set(self.pins)
+        self._write_pins(pins)
 
     def pinned_bytes(self) -> int:
         with self._lock:
@@ -307,16 +420,78 @@ class BlockStore:
 
     def drop(self, key: str) -> None:
         """Remove every block of `key` (e.g. after a sha256 mismatch)."""
+        d = self._dir(self.check_key(key))  # never anything but <root>/<key[:2]>/<key>
         with self._lock:
             for idx in list(self._by_key.get(key, ())):
                 self._forget(key, idx)
-        shutil.rmtree(self._dir(key), ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
 
-    def mark_verified(self, key: str) -> None:
-        (self._dir(key) / "verified").touch()
+    # -- verified marker ----------------------------------------------------------------
+    def _secret(self) -> int:
+        """This cache's digest seed: random, created once, private (0600). A registry never
+        learns it, so it cannot send other bytes with the digest of a verified block."""
+        with self._lock:
+            if self._seed is not None:
+                return self._seed
+            path = self.root / "seed"
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raw = b""
+            if len(raw) != 8:  # missing or damaged: a new seed invalidates every marker
+                raw = os.urandom(8)
+                tmp = path.with_name(f"seed.{threading.get_ident()}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, raw)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            self._seed = int.from_bytes(raw, "little")
+            return self._seed
+
+    def digest(self, data: Buffer) -> str:
+        """A block's digest as recorded in the verified marker (seeded xxh3-128, hex)."""
+        return xxhash.xxh3_128_hexdigest(data, seed=self._secret())
+
+    def _seed_id(self) -> str:
+        return xxhash.xxh3_64_hexdigest(b"mlregfs-seed-id", seed=self._secret())
+
+    def mark_verified(self, key: str, block_size: int, digests: list[str]) -> None:
+        """Record that `key`'s bytes matched its sha256, with the digest of each block;
+        written atomically, mode 0600."""
+        d = self._dir(self.check_key(key))
+        d.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(
+            {"seed": self._seed_id(), "block_size": block_size, "digests": digests}
+        ).encode()
+        tmp = d / f"verified.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+        os.replace(tmp, d / "verified")
+
+    def verified_digests(self, key: str, block_size: int | None = None) -> list[str] | None:
+        """The block digests of a verified `key` (for blocks of `block_size`, if given); None
+        if unverified or if the marker is unreadable, of another seed or of another layout."""
+        marker = self._dir(self.check_key(key)) / "verified"
+        try:
+            m = json.loads(marker.read_bytes())
+            digests = m["digests"]
+            ok = (
+                m["seed"] == self._seed_id()
+                and (block_size is None or m["block_size"] == block_size)
+                and isinstance(digests, list)
+                and all(isinstance(x, str) for x in digests)
+            )
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        return digests if ok and digests else None
 
     def unverify(self, key: str) -> None:
-        (self._dir(key) / "verified").unlink(missing_ok=True)
+        (self._dir(self.check_key(key)) / "verified").unlink(missing_ok=True)
 
     def is_verified(self, key: str) -> bool:
-        return (self._dir(key) / "verified").exists()
+        return self.verified_digests(key) is not None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import trio
 
 from mlregfs.buffers import Buffer
 from mlregfs.errors import RegistryUnavailable, ServerError
+from mlregfs.localstate import FILE_MODE, private_dir, set_aside, tighten, write_private
 from mlregfs.registry.base import Registry, RegistryStats
 from mlregfs.registry.types import (
     Candidate,
@@ -51,6 +53,153 @@ def _file(d: dict[str, Any]) -> RemoteFile:
     return RemoteFile(**d)
 
 
+# -- shape of the catalog file: each entry is checked field by field when it is loaded ------
+Check = Callable[[Any], bool]
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str) and bool(v) and "\0" not in v
+
+
+def _opt(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+def _sha256(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
+
+
+def _rel_path(v: Any) -> bool:
+    """A relative path without empty, '.' or '..' components."""
+    return _str(v) and all(p not in ("", ".", "..") for p in v.split("/"))
+
+
+def _ids(v: Any) -> bool:
+    return isinstance(v, list) and all(_int(i) for i in v)
+
+
+_PROJECT = {"id": _opt(_int), "path": _str, "visibility": _str}
+_VERSION = {
+    "model": _str,
+    "version": _str,
+    "id": _opt(_int),
+    "created_at": _num,
+    "package_id": _opt(_int),
+}
+_MODEL = {"name": _str, "id": _opt(_int), "created_at": _num}
+_CANDIDATE = {
+    "iid": _int,
+    "created_at": _num,
+    "eid": _opt(_str),
+    "name": _opt(_str),
+    "package_id": _opt(_int),
+}
+_FILE = {
+    "path": _rel_path,
+    "size": lambda v: _int(v) and v >= 0,
+    "sha256": _opt(_sha256),
+    "created_at": _num,
+    "file_id": _int,
+    "package_id": _int,
+    "older_ids": _opt(_ids),
+}
+
+
+def _entry(d: Any, spec: dict[str, Check]) -> dict[str, Any] | None:
+    """The fields of `spec` from `d` if every one passes its check (missing = None), else None."""
+    if not isinstance(d, dict):
+        return None
+    out = {k: d.get(k) for k in spec}
+    if not all(check(out[k]) for k, check in spec.items()):
+        return None
+    return {k: v for k, v in out.items() if v is not None or k not in ("older_ids",)}
+
+
+def _entries(items: Any, spec: dict[str, Check], dropped: list[str], what: str) -> list[Any]:
+    if not isinstance(items, list):
+        dropped.append(what)
+        return []
+    out = []
+    for item in items:
+        e = _entry(item, spec)
+        if e is None:
+            dropped.append(f"{what} entry")
+        else:
+            out.append(e)
+    return out
+
+
+def _validated(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """The well-formed part of a loaded catalog, and what was dropped from it."""
+    dropped: list[str] = []
+    if not isinstance(raw, dict):
+        return {"files": {}}, [f"not an object but {type(raw).__name__}"]
+    data: dict[str, Any] = {"files": {}}
+    if "project" in raw:
+        project = _entry(raw["project"], _PROJECT)
+        if project is None:
+            dropped.append("project")
+        else:
+            data["project"] = project
+    if "models" in raw:
+        models = []
+        for m in _entries(
+            raw["models"], {**_MODEL, "versions": _opt(lambda v: True)}, dropped, "models"
+        ):
+            m["versions"] = _entries(m.get("versions") or [], _VERSION, dropped, "versions")
+            models.append(m)
+        data["models"] = models
+    if "candidates" in raw:
+        data["candidates"] = _entries(raw["candidates"], _CANDIDATE, dropped, "candidates")
+    files = raw.get("files", {})
+    if not isinstance(files, dict):
+        dropped.append("files")
+        files = {}
+    for key, items in files.items():
+        if not isinstance(items, list):
+            dropped.append(f"files of {key}")
+            continue
+        data["files"][key] = _entries(items, _FILE, dropped, f"files of {key}")
+    if "saved_at" in raw:
+        if _num(raw["saved_at"]):
+            data["saved_at"] = raw["saved_at"]
+        else:
+            dropped.append("saved_at")
+    return data, dropped
+
+
+def load_catalog(path: Path) -> dict[str, Any]:
+    """The catalog at `path`, checked field by field.
+
+    Malformed entries are dropped; if anything was dropped or the file is unreadable, the
+    original is set aside (`<name>.damaged-<time>`, logged) and the valid part written back,
+    so the next start neither loses it nor meets the damage again."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {"files": {}}
+    except (OSError, ValueError) as e:  # garbage, a directory, unreadable
+        set_aside(path, f"unreadable: {e}")
+        return {"files": {}}
+    data, dropped = _validated(raw)
+    if dropped:
+        shown = ", ".join(sorted(set(dropped))[:5])
+        set_aside(path, f"dropped {len(dropped)} malformed part(s): {shown}")
+        try:
+            write_private(path, json.dumps(data))
+        except OSError as e:
+            log.warning("cannot rewrite the catalog %s: %s", path, e)
+    return data
+
+
 class CatalogRegistry:
     """Wraps a Registry; persists project, models, candidates and file lists to `path`."""
 
@@ -59,14 +208,13 @@ class CatalogRegistry:
         self.stats: RegistryStats = inner.stats  # the same counters object
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._data: dict[str, Any] = {}
         try:
-            self._data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable catalog %s: %s", self.path, e)
-        self._data.setdefault("files", {})
+            private_dir(self.path.parent, repair=True)
+        except OSError as e:  # listings still work, only the outage fallback is lost
+            log.warning("cannot create the catalog directory %s: %s", self.path.parent, e)
+        self._data: dict[str, Any] = load_catalog(self.path)
+        if self.path.is_file():
+            tighten(self.path, FILE_MODE)
         self.offline_answers = 0
 
     @property
@@ -79,10 +227,10 @@ class CatalogRegistry:
             with self._lock:
                 self._data["saved_at"] = time.time()
                 text = json.dumps(self._data)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
+            private_dir(self.path.parent, repair=True)
+            if self.path.is_dir():  # os.replace cannot replace a directory
+                set_aside(self.path, "a directory where the catalog file belongs")
+            write_private(self.path, text)
 
         try:
             await trio.to_thread.run_sync(write)
