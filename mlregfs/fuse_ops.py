@@ -3,6 +3,10 @@
 No decisions live here. An exception other than FUSEError escaping a handler would stop the
 whole mount (pyfuse3 runs all handlers in one trio nursery), so every handler goes through
 `_guard`, which turns anything into FUSEError(errno) and logs it once.
+
+Kernel bookkeeping lives here too: every entry the kernel receives (lookup, create, mkdir,
+readdirplus) is counted for the core's `forget`, and the pages of a file whose download did not
+match its sha256 are dropped from the kernel's page cache.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from mlregfs.errors import MlregfsError, to_errno
 from mlregfs.fs.core import Attr, Filesystem
@@ -67,6 +72,23 @@ class Operations(pyfuse3.Operations):
         self._next_dh = 1
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
+        fs.data.on_corrupt = self._drop_pages
+
+    def _drop_pages(self, key: str) -> None:
+        """A download of `key` failed its sha256 check: no page the kernel cached from it may
+        be served again. Called inside a read handler of that inode, so the invalidation runs
+        in its own task and thread (it waits for page locks that this read holds)."""
+        for ino in self.fs.inodes_of(key):
+            trio.lowlevel.spawn_system_task(self._invalidate, ino)
+
+    @staticmethod
+    async def _invalidate(ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                pyfuse3.invalidate_inode, ino, False, abandon_on_cancel=True
+            )
+        except Exception as e:  # e.g. the kernel forgot the inode meanwhile: no pages left
+            log.debug("invalidating the pages of inode %d: %s", ino, e)
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -89,19 +111,26 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        a = await self.fs.lookup(parent_inode, os.fsdecode(name))
+        self.fs.remember(a.ino)
+        return self._entry(a)
 
     @_guard
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.getattr(inode))
 
     async def forget(self, inode_list: Any) -> None:
-        # inode numbers are never reused, so there is nothing to release (and forget must not raise)
-        return None
+        # no reply and no errno: forget must not raise
+        for ino, n in inode_list:
+            try:
+                self.fs.forget(ino, n)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
 
     @_guard
     async def opendir(self, inode: int, ctx: Any) -> int:
         entries = await self.fs.readdir(inode)  # snapshot: offsets stay stable while listing
+        self.fs.hold([a.ino for _, a in entries])  # its inode numbers stay valid until released
         dh = self._next_dh
         self._next_dh += 1
         self._dirs[dh] = entries
@@ -114,10 +143,13 @@ class Operations(pyfuse3.Operations):
             name, a = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(a), i + 1):
                 break
+            self.fs.remember(a.ino)  # readdirplus: the kernel counts each entry it took
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        entries = self._dirs.pop(fh, None)
+        if entries is not None:
+            self.fs.unhold([a.ino for _, a in entries])
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -141,6 +173,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         opened, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
         info = pyfuse3.FileInfo(fh=opened.fh, keep_cache=False, direct_io=opened.direct_io)
+        self.fs.remember(attr.ino)
         return info, self._entry(attr)
 
     @_guard
@@ -169,7 +202,9 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.mkdir(parent_inode, os.fsdecode(name)))
+        a = await self.fs.mkdir(parent_inode, os.fsdecode(name))
+        self.fs.remember(a.ino)
+        return self._entry(a)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:

@@ -1,17 +1,25 @@
 """Range reads through the block cache: memory LRU -> disk blocks -> one fetch per block.
 
 The cache knows nothing of HTTP: a file comes with a ``fetch(start, end)`` coroutine. Fetches
-are single-flight per block and bounded in parallelism; sequential readers trigger read-ahead
-of the next blocks in the background. A file whose blocks are all present is checked once
-against its sha256; a mismatch discards every block and fails the read (EIO), so wrong bytes
-are never served from the cache.
+are single-flight per block and bounded in parallelism, fairly: a stalled file never holds
+another file's first fetch back (`FairLimiter`); sequential readers trigger read-ahead of the
+next blocks in the background.
+
+Integrity: blocks are hashed in file order as they arrive. The file is checked against its
+sha256 as soon as the hash is complete, and at the latest before the read that completes a
+reading of every block returns (blocks the running hash missed are re-read from disk or
+fetched again just for hashing), so whoever reads a whole file gets EIO on a mismatch, even
+for a file larger than the cache. A mismatch discards every block. A verified file's marker
+lists its block digests: every later load from disk or fetch of one of its blocks is compared
+with that list.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +78,48 @@ class CachedFile:
     # here, not in the memory LRU, so the last blocks of a file need no re-read from disk
     unhashed: dict[int, Block] = field(default_factory=dict)
     hash_lock: trio.Lock = field(default_factory=trio.Lock)
+    # digests of blocks [0, hashed_upto), for the verified marker
+    hashed_digests: list[str] = field(default_factory=list)
+    # known-good block digests once verified (from the marker or the check): every block
+    # loaded from disk or fetched again is compared with its entry
+    digests: list[str] | None = None
+    served: set[int] = field(default_factory=set)  # blocks served whole through this state
+
+
+class FairLimiter:
+    """Bounds parallel fetches without letting one file starve the others.
+
+    A file with no fetch in progress always gets a slot at once, so stalled downloads of some
+    files never hold back a read of another; further parallel fetches of a file wait until it
+    has fewer than `per_file` and the mount fewer than `total`."""
+
+    def __init__(self, total: int, per_file: int) -> None:
+        self.total = max(1, total)
+        self.per_file = max(1, per_file)
+        self.active: dict[str, int] = {}
+        self.in_use = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _admits(self, key: str) -> bool:
+        n = self.active.get(key, 0)
+        return n == 0 or (n < self.per_file and self.in_use < self.total)
+
+    @asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._admits(key):
+            await self._lot.park()
+        self.active[key] = self.active.get(key, 0) + 1
+        self.in_use += 1
+        try:
+            yield
+        finally:
+            self.in_use -= 1
+            if self.active[key] <= 1:
+                del self.active[key]
+            else:
+                self.active[key] -= 1
+            self._lot.unpark_all()  # waiters re-check their own condition
 
 
 @dataclass
@@ -127,10 +177,12 @@ class DataCache:
         self.stats = DataStats()
         self._mem = _BlockLRU(max(memory_bytes, 1), getsizeof=len)
         self._small: LRUCache[tuple[str, int], Block] = LRUCache(16 << 20, getsizeof=len)
-        self._limiter = trio.CapacityLimiter(max_parallel)
+        self._limiter = FairLimiter(total=max_parallel, per_file=max_parallel)
         self._files: dict[str, CachedFile] = {}
         self._nursery: trio.Nursery | None = None
-        self._on_corrupt = on_corrupt
+        # called with the key of a file whose download did not match its sha256 (the mount
+        # drops the kernel's cached pages of it)
+        self.on_corrupt = on_corrupt
 
     def start(self, nursery: trio.Nursery) -> None:
         """Enable background read-ahead in `nursery`."""
@@ -142,7 +194,11 @@ class DataCache:
         if cf is None or cf.spec != spec or (cf.poisoned and not cf.inflight):
             nblocks = max(1, -(-spec.size // self.block_size))
             cf = CachedFile(spec, fetch, nblocks)
-            cf.verified = spec.sha256 is None or self.store.is_verified(spec.key)
+            if spec.sha256 is not None:
+                digests = self.store.verified_digests(spec.key, self.block_size)
+                if digests is not None and len(digests) == nblocks:
+                    cf.digests = digests
+            cf.verified = spec.sha256 is None or cf.digests is not None
             self._files[spec.key] = cf
         cf.fetch = fetch  # newest handle's fetcher (fresh owner metadata)
         cf.refs += 1
@@ -195,20 +251,25 @@ class DataCache:
                 lo = max(off, idx * bs) - idx * bs
                 hi = min(end, (idx + 1) * bs) - idx * bs
                 out += memoryview(block)[lo:hi]
-        if last == cf.nblocks - 1 and not cf.verified:
-            await self._settle(cf)
+        if not cf.verified:
+            cf.served.update(range(first, last + 1))
+            whole = len(cf.served) >= cf.nblocks
+            if whole or last == cf.nblocks - 1:
+                await self._settle(cf, whole)
         self.stats.bytes_served += len(out)
         return out
 
-    async def _settle(self, cf: CachedFile) -> None:
-        """Before the end of a file is served: if the whole file is (about to be) cached,
-        finish its sha256 check, so whoever reads a file to its end gets EIO, not success, when
-        the download does not match. (A reader of the tail alone does not wait for the rest.)"""
+    async def _settle(self, cf: CachedFile, whole: bool) -> None:
+        """Before the end of a file, or the read that completes a reading of every block, is
+        served: finish the sha256 check, so whoever reads a whole file gets EIO, not success,
+        when the download does not match. `whole`: every block was served, so blocks the
+        running hash missed are re-read or fetched again for it; otherwise (a reader of the
+        tail alone) the check completes only if every block is at hand."""
         for flight in list(cf.inflight.values()):
             await flight.done.wait()
-        if cf.spec.sha256 is not None and self.store.count(cf.spec.key) >= cf.nblocks:
+        if cf.spec.sha256 is not None and (whole or self.store.count(cf.spec.key) >= cf.nblocks):
             async with cf.hash_lock:
-                await self._verify(cf)
+                await self._verify(cf, fill=whole)
         if cf.poisoned:
             raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
 
@@ -228,7 +289,7 @@ class DataCache:
         key = (cf.spec.key, -1 - w0)  # negative index: a window, never a block
         data = self._small.get(key)
         if data is None or len(data) < w1 - w0:
-            async with self._limiter:
+            async with self._limiter.slot(cf.spec.key):
                 data = await cf.fetch(w0, w1)
             if len(data) != w1 - w0:
                 raise ProtocolError(f"expected {w1 - w0} bytes of {cf.spec.key}, got {len(data)}")
@@ -262,7 +323,9 @@ class DataCache:
     async def _preload(self, cf: CachedFile, idx: int) -> None:
         flight = cf.inflight[idx]
         try:
-            data = await trio.to_thread.run_sync(self.store.get, cf.spec.key, idx)
+            data = await trio.to_thread.run_sync(
+                self.store.get, cf.spec.key, idx, self._expected(cf, idx)
+            )
             if data is not None:
                 self.stats.disk_hits += 1
                 self._remember((cf.spec.key, idx), data)
@@ -303,7 +366,7 @@ class DataCache:
                 if key in self._mem or self.store.has(*key):
                     continue
             if self.store.has(*key):
-                data = await trio.to_thread.run_sync(self.store.get, *key)
+                data = await trio.to_thread.run_sync(self.store.get, *key, self._expected(cf, idx))
                 if data is not None:
                     self.stats.disk_hits += 1
                     self._remember(key, data)
@@ -326,20 +389,34 @@ class DataCache:
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
-            async with self._limiter:
+            async with self._limiter.slot(spec.key):
                 data = await cf.fetch(start, end)
             if len(data) != end - start:
                 raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
             self.stats.fetched_blocks += 1
             self.stats.fetched_bytes += len(data)
+            if cf.digests is not None:
+                # a block of a verified file, fetched again (evicted or damaged on disk): it
+                # must be the block that was verified, before anyone sees it
+                known = cf.digests
+                if await trio.to_thread.run_sync(self.store.digest, data) != known[idx]:
+                    self._corrupt(cf)
+                    raise IntegrityError(f"{spec.key}: block {idx} differs from the verified one")
+                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data, known)
+                self._remember(key, data)
+                return data
             if cf.nblocks == 1 and spec.sha256 is not None:
                 # a one-block file is checked before anyone sees it
-                digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
-                if digest != spec.sha256:
+
+                def check() -> tuple[str, str]:
+                    return hashlib.sha256(data).hexdigest(), self.store.digest(data)
+
+                sha, digest = await trio.to_thread.run_sync(check)
+                if sha != spec.sha256:
                     self._corrupt(cf)
                     raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256")
-                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data)
-                cf.verified = True
+                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data, [digest])
+                cf.digests, cf.verified = [digest], True
                 self._remember(key, data)
                 return data
             # Readers may have the block as soon as it is in memory, while it is written to
@@ -350,6 +427,9 @@ class DataCache:
             # in any order); `_verify` finds whatever the running hash had to skip on disk
             await self._advance_hash(cf, idx, data)
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
+            if cf.poisoned:  # the check failed while this block was being stored
+                await trio.to_thread.run_sync(self.store.drop, spec.key)
+                raise IntegrityError(f"{spec.key} did not match its sha256; discarded")
             if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
                 async with cf.hash_lock:
                     await self._verify(cf)
@@ -373,9 +453,15 @@ class DataCache:
             return True
         return False
 
-    def _store_verified(self, key: str, idx: int, data: Block) -> None:
+    def _store_verified(self, key: str, idx: int, data: Block, digests: list[str]) -> None:
+        """Store a checked block; (re)write the marker if eviction or damage removed it."""
         self.store.put(key, idx, data)
-        self.store.mark_verified(key)
+        if not self.store.is_verified(key):
+            self.store.mark_verified(key, self.block_size, digests)
+
+    @staticmethod
+    def _expected(cf: CachedFile, idx: int) -> str | None:
+        return cf.digests[idx] if cf.digests is not None else None
 
     async def _advance_hash(self, cf: CachedFile, idx: int, data: Block) -> None:
         """Feed blocks to the running sha256 in file order, off the FUSE thread.
@@ -392,6 +478,8 @@ class DataCache:
             return
         async with cf.hash_lock:
             await self._hash_forward(cf, idx, data)
+            if cf.hashed_upto >= cf.nblocks:  # complete, whatever is still on disk
+                await self._conclude(cf)
 
     async def _hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
         """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
@@ -417,6 +505,7 @@ class DataCache:
                         if block is None:  # evicted or damaged meanwhile
                             return n
                     cf.hasher.update(block)
+                    cf.hashed_digests.append(self.store.digest(block))
                 return len(batch)
 
             done = await trio.to_thread.run_sync(work)
@@ -426,18 +515,39 @@ class DataCache:
             if done < len(batch):
                 return
 
-    async def _verify(self, cf: CachedFile) -> None:
-        """Check a complete file against its sha256; discard everything on mismatch. Call with
-        `cf.hash_lock` held."""
-        spec = cf.spec
+    async def _verify(self, cf: CachedFile, fill: bool = False) -> None:
+        """Check a complete file against its sha256; discard everything on mismatch. `fill`:
+        blocks the running hash cannot find in memory or on disk are fetched again just for
+        hashing (not stored). Call with `cf.hash_lock` held."""
         if cf.verified:
             return
         await self._hash_forward(cf)
+        while fill and cf.hashed_upto < cf.nblocks and not cf.verified:
+            idx = cf.hashed_upto
+            start = idx * self.block_size
+            end = min(start + self.block_size, cf.spec.size)
+            async with self._limiter.slot(cf.spec.key):
+                data = await cf.fetch(start, end)
+            if len(data) != end - start:
+                got = len(data)
+                raise ProtocolError(f"expected {end - start} bytes of {cf.spec.key}, got {got}")
+            self.stats.fetched_bytes += len(data)
+            await self._hash_forward(cf, idx, data)  # hashes at least block `idx`
         if cf.hashed_upto < cf.nblocks:
             return  # a block was evicted meanwhile: checked once it is back
+        await self._conclude(cf)
+
+    async def _conclude(self, cf: CachedFile) -> None:
+        """The running hash covers the whole file: compare it. Call with `cf.hash_lock` held."""
+        spec = cf.spec
+        if cf.verified or cf.poisoned:
+            return
         if cf.hasher.hexdigest() == spec.sha256:
-            self.store.mark_verified(spec.key)
-            cf.verified = True
+            digests = list(cf.hashed_digests)
+            await trio.to_thread.run_sync(
+                self.store.mark_verified, spec.key, self.block_size, digests
+            )
+            cf.digests, cf.verified = digests, True
             cf.unhashed.clear()
             log.debug("%s verified against sha256", spec.key)
             return
@@ -447,12 +557,14 @@ class DataCache:
     def _corrupt(self, cf: CachedFile) -> None:
         key = cf.spec.key
         cf.poisoned = True
+        cf.verified, cf.digests = False, None
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
+        cf.hashed_digests.clear()
         cf.unhashed.clear()
         self.stats.integrity_failures += 1
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         for k in [k for k in self._mem if k[0] == key]:
             self._mem.pop(k, None)
         self.store.drop(key)
-        if self._on_corrupt is not None:
-            self._on_corrupt(key)
+        if self.on_corrupt is not None:
+            self.on_corrupt(key)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import hashlib
 import logging
 import os
 import re
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -36,13 +38,12 @@ from mlregfs.errors import (
     NotFound,
     NotPermitted,
     ReadOnly,
-    SpoolFailure,
 )
 from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
-from mlregfs.writeback import Spool, SpoolFile
+from mlregfs.writeback import Spool, SpoolFile, UploadInterrupted, UploadState
 
 log = logging.getLogger("mlregfs.fs")
 
@@ -135,6 +136,8 @@ class WriteHandle:
     error: MlregfsError | None = None  # the last upload failure, reported again on fsync/close
     uploads: int = 0
     writer: SpoolWriter | None = None  # queued writes (when the filesystem has a nursery)
+    spool_error: OSError | None = None  # a spool write failed: nothing of it is ever uploaded
+    upload_lock: trio.Lock = field(default_factory=trio.Lock)  # one upload at a time per file
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ FILE_NAME_RE = re.compile(r"\A[A-Za-z0-9._+\- ]+\Z")
 MODEL_NAME_RE = re.compile(
     r"\A@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]+))@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]*))\Z"
 )
+_SHA256_RE = re.compile(r"\A[0-9a-f]{64}\Z")  # only such a sha256 names a cache entry
 # a directory name that is meant as a version: starts with a digit, or v + digit
 VERSION_LIKE_RE = re.compile(r"\A[vV]?\d")
 
@@ -199,7 +203,10 @@ class Filesystem:
         self.mounted_at = time.time()
         self._ino_of: dict[Node, int] = {Node(Kind.ROOT): ROOT_INO}
         self._node_of: dict[int, Node] = {ROOT_INO: Node(Kind.ROOT)}
-        self._next_ino = count(ROOT_INO + 1)
+        self._next_ino = count(ROOT_INO + 1)  # never reused, even after forget
+        self._lookups: dict[int, int] = {}  # the kernel's lookup count of each inode
+        self._holds: dict[int, int] = {}  # directory listings being read that name an inode
+        self._deferred: set[int] = set()  # forgotten while in use: dropped once unused
         self._handles: dict[int, FileHandle | WriteHandle] = {}
         self._next_fh = count(1)
         # files being written, by (owner, path): shown in listings with their spooled size
@@ -209,6 +216,8 @@ class Filesystem:
         self._uploading = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._upload_scopes: set[trio.CancelScope] = set()  # PUTs in flight, for shutdown
+        self._closing = False  # drain_timeout passed: no upload starts any more
         self._nursery: trio.Nursery | None = None
         self.upload_stats = {"uploaded": 0, "failed": 0, "bytes": 0}
 
@@ -226,6 +235,57 @@ class Filesystem:
             return self._node_of[ino]
         except KeyError:
             raise NotFound(f"unknown inode {ino}") from None
+
+    def remember(self, ino: int, n: int = 1) -> None:
+        """The kernel got `ino` in an entry (lookup, create, mkdir, readdirplus): +n."""
+        if ino in self._node_of:
+            self._lookups[ino] = self._lookups.get(ino, 0) + n
+            self._deferred.discard(ino)
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped `n` references to `ino`: at none, and unused, forget the inode."""
+        left = self._lookups.get(ino, 0) - n
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._drop_unused(ino)
+
+    def hold(self, inos: list[int]) -> None:
+        """Keep inodes while a directory listing that names them is being read."""
+        for ino in inos:
+            self._holds[ino] = self._holds.get(ino, 0) + 1
+
+    def unhold(self, inos: list[int]) -> None:
+        for ino in inos:
+            n = self._holds.get(ino, 0) - 1
+            if n > 0:
+                self._holds[ino] = n
+            else:
+                self._holds.pop(ino, None)
+                self._drop_unused(ino)
+
+    def _drop_unused(self, ino: int) -> None:
+        """Forget `ino` unless it is the root, the kernel knows it, a listing names it or a
+        handle uses its node. Its number is never given out again."""
+        node = self._node_of.get(ino)
+        if node is None or ino == ROOT_INO or self._lookups.get(ino, 0) > 0:
+            return
+        if ino in self._holds or any(h.node == node for h in self._handles.values()):
+            self._deferred.add(ino)
+            return
+        self._deferred.discard(ino)
+        del self._node_of[ino]
+        if self._ino_of.get(node) == ino:
+            del self._ino_of[node]
+
+    def inodes_of(self, key: str) -> set[int]:
+        """Inodes open for reading with cache key `key` (whose kernel pages may hold it)."""
+        return {
+            self._ino_of[h.node]
+            for h in self._handles.values()
+            if isinstance(h, FileHandle) and h.cached.spec.key == key and h.node in self._ino_of
+        }
 
     def start(self, nursery: trio.Nursery) -> None:
         """Enable queued writes (background tasks in `nursery`)."""
@@ -398,7 +458,7 @@ class Filesystem:
             return Opened(fh, keep_cache=False)
         f = await self._remote_file(node)
         owner = await self.owner(node.owner)
-        spec = FileSpec(self.cache_key(f), f.size, f.sha256)
+        spec = FileSpec(self.cache_key(f), f.size, f.sha256.lower() if f.sha256 else None)
         registry = self.registry
 
         async def fetch(start: int, end: int) -> Buffer:
@@ -407,11 +467,13 @@ class Filesystem:
         cached = self.data.open(spec, fetch)
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(node, f, cached)
-        return Opened(fh, keep_cache=f.sha256 is not None)
+        # the kernel may keep pages only of bytes checked against the sha256: an unverified
+        # file's pages are dropped at open, so no earlier open's unchecked bytes are served
+        return Opened(fh, keep_cache=f.sha256 is not None and cached.verified)
 
     def cache_key(self, f: RemoteFile) -> str:
         """Content address when the sha256 is known, else the registry's file identity."""
-        if f.sha256:
+        if f.sha256 and _SHA256_RE.match(f.sha256.lower()):
             return f.sha256.lower()
         ident = f"{self.source_id}|{f.package_id}|{f.file_id}|{f.size}"
         return "f" + hashlib.blake2b(ident.encode(), digest_size=20).hexdigest()
@@ -430,6 +492,9 @@ class Filesystem:
         h = self._handles.pop(fh, None)
         if h is None:
             return
+        ino = self._ino_of.get(h.node)
+        if ino in self._deferred:  # the kernel forgot it while the handle was open
+            self._drop_unused(ino)
         if isinstance(h, FileHandle):
             self.data.close(h.cached)
             return
@@ -438,20 +503,23 @@ class Filesystem:
             return  # a reader of a file being written
         try:
             await self._drain(h)
-            if h.spool.dirty and h.error is None:
+            if h.spool.dirty and h.error is None and h.spool_error is None:
                 await self._upload(h)  # errors here reach no caller: logged, spool kept
-        except MlregfsError:
-            pass
-        except OSError as e:  # a spool write failed: the writer was told (write, close)
-            log.error("not uploading %s: writing its spool failed: %s", h.spool.entry.target, e)
-            h.spool.entry.state, h.spool.entry.error = "failed", f"spool write failed: {e}"
-            h.error = SpoolFailure(str(e))
-            with contextlib.suppress(OSError):
-                self._writable().save(h.spool.entry)
+        except (MlregfsError, OSError):
+            pass  # logged where it happened; a spool write failure is in h.spool_error
         finally:
             h.spool.close()
             del self._writing[key]
-            if h.error is None:
+            if h.spool_error is not None:
+                # the writer was told (write or close failed): its partial bytes help nobody,
+                # and kept they would fill the spool's disk for every later upload
+                log.error(
+                    "not uploading %s: writing its spool failed: %s; its bytes are deleted",
+                    h.spool.entry.target,
+                    h.spool_error,
+                )
+                h.spool.spool.remove(h.spool.entry)
+            elif h.spool.entry.state is UploadState.UPLOADED:  # else kept, as journaled
                 h.spool.spool.remove(h.spool.entry)
 
     # -- writes -------------------------------------------------------------------------
@@ -514,16 +582,39 @@ class Filesystem:
             or self._writing.get((h.node.owner, h.node.path)) is not h
         ):
             raise NotPermitted("handle not open for writing")
-        if h.writer is not None:  # queued: disk write and hash overlap the next request
-            return await h.writer.write(off, data)
-        # disk write and hashing run on the second core; the FUSE loop keeps serving
-        return await trio.to_thread.run_sync(h.spool.write, off, data)
+        if h.spool_error is not None:
+            raise h.spool_error
+        if h.spool.entry.state is not UploadState.WRITING:
+            await self._rewrite(h)
+        try:
+            if h.writer is not None:  # queued: disk write and hash overlap the next request
+                return await h.writer.write(off, data)
+            # disk write and hashing run on the second core; the FUSE loop keeps serving
+            return await trio.to_thread.run_sync(h.spool.write, off, data)
+        except OSError as e:
+            h.spool_error = e
+            raise
+
+    async def _rewrite(self, h: WriteHandle) -> None:
+        """The first change after an upload: journal the entry as WRITING again, so a crash
+        before the next close never leaves "uploaded" over bytes that were not."""
+        entry = h.spool.entry
+        if not entry.can(UploadState.WRITING):
+            raise Busy(f"{h.node.path!r} is being uploaded (a close or fsync is running)")
+        entry.move(UploadState.WRITING)
+        try:
+            await trio.to_thread.run_sync(self._writable().save, entry)
+        except OSError as e:
+            h.spool_error = e
+            raise
 
     async def flush(self, fh: int) -> None:
         """close(2): upload if anything changed since the last upload; report its failure."""
         h = self._handles.get(fh)
         if isinstance(h, WriteHandle) and self._writing.get((h.node.owner, h.node.path)) is h:
             await self._drain(h)
+            if h.spool_error is not None:  # never upload a file some bytes of which are missing
+                raise h.spool_error
             if h.spool.dirty:
                 await self._upload(h)
             elif h.error is not None:
@@ -537,33 +628,70 @@ class Filesystem:
         if w is None:
             raise NotPermitted("only a file being written can be truncated (open it with O_TRUNC)")
         await self._drain(w)
+        if w.spool_error is not None:
+            raise w.spool_error
+        if w.spool.entry.state is not UploadState.WRITING:
+            await self._rewrite(w)
         w.spool.truncate(size)
 
     async def _drain(self, h: WriteHandle) -> None:
         """Wait for the queued writes of the file `h` writes or reads; raise their failure."""
         w = self._writing.get((h.node.owner, h.node.path))
         if w is not None and w.spool is h.spool and w.writer is not None:
-            await w.writer.drain()
+            try:
+                await w.writer.drain()
+            except Exception as e:  # whatever it was, some bytes are not in the spool
+                w.spool_error = e if isinstance(e, OSError) else OSError(errno.EIO, str(e))
+                raise w.spool_error from None
 
     async def _upload(self, h: WriteHandle) -> None:
+        """Upload the spooled file once: a second flush meanwhile waits for this one."""
+        async with h.upload_lock:
+            if not h.spool.dirty:  # uploaded by a concurrent flush/fsync meanwhile
+                if h.error is not None:
+                    raise h.error
+                return
+            if self._closing and h.spool.entry.state is not UploadState.WRITING:
+                # its journal already says what happened (UPLOADING stays ambiguous)
+                h.error = UploadInterrupted(
+                    f"{h.spool.entry.target}: the mount is shutting down; the bytes are kept"
+                    " for 'mlregfs recover'"
+                )
+                raise h.error
+            await self._upload_locked(h)
+
+    async def _upload_locked(self, h: WriteHandle) -> None:
         spool = self._writable()
         entry = h.spool.entry
         self._uploading += 1
         self._idle = trio.Event() if self._uploading == 1 else self._idle
         try:
             size, digest = await trio.to_thread.run_sync(h.spool.finish)
-            entry.state, entry.size, entry.sha256, entry.error = "uploading", size, digest, None
-            await trio.to_thread.run_sync(spool.save, entry)
+            entry.move(UploadState.READY)
+            entry.size, entry.sha256, entry.error = size, digest, None
             h.spool.dirty = False
             started = time.monotonic()
             try:
-                owner = await self.owner(h.node.owner)
-                await self.registry.upload(owner, h.node.path, h.spool.path, size)
+                await self._put(h, size)
+            except UploadInterrupted as e:
+                h.spool.dirty, h.error = True, e
+                if entry.state is UploadState.READY:  # never sent: journal that (UPLOADING is)
+                    await trio.to_thread.run_sync(spool.save, entry)
+                self.upload_stats["failed"] += 1
+                log.error(
+                    "upload of %s abandoned at unmount (state %s); the bytes are kept (journal"
+                    " %s): run 'mlregfs recover' to retry",
+                    entry.target,
+                    entry.state.value,
+                    entry.id,
+                )
+                raise
             except MlregfsError as e:
-                h.spool.dirty = True
-                h.error = e
-                entry.state, entry.error = "failed", str(e)
-                await trio.to_thread.run_sync(spool.save, entry)
+                h.spool.dirty, h.error = True, e
+                if entry.can(UploadState.FAILED):  # else written again meanwhile: WRITING
+                    entry.move(UploadState.FAILED)
+                    entry.error = str(e)
+                    await trio.to_thread.run_sync(spool.save, entry)
                 self.upload_stats["failed"] += 1
                 log.error(
                     "upload of %s failed: %s; the bytes are kept (journal %s): run"
@@ -577,14 +705,15 @@ class Filesystem:
             h.uploads += 1
             self.upload_stats["uploaded"] += 1
             self.upload_stats["bytes"] += size
-            entry.state = "uploaded"
+            entry.move(UploadState.UPLOADED)
             await trio.to_thread.run_sync(spool.save, entry)
             elapsed = time.monotonic() - started
             log.info(
                 "uploaded %s (%d bytes, sha256 %s) in %.2f s", entry.target, size, digest, elapsed
             )
             self.meta.invalidate(("files", h.node.owner))
-            await self._drop_replaced(h)
+            with self._shutdown_scope():  # at unmount older copies may stay (GitLab serves ours)
+                await self._drop_replaced(h)
         finally:
             self._uploading -= 1
             if self._uploading == 0:
@@ -609,15 +738,59 @@ class Filesystem:
                 except MlregfsError as e:
                     log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
 
+    async def _put(self, h: WriteHandle, size: int) -> None:
+        """READY -> UPLOADING (journaled before the PUT) -> the PUT; UploadInterrupted if the
+        unmount abandons it (the journal then says READY if nothing was sent)."""
+        entry = h.spool.entry
+        interrupted = UploadInterrupted(
+            f"upload of {entry.target} interrupted: the mount is shutting down; the bytes are"
+            " kept for 'mlregfs recover'"
+        )
+        if self._closing:
+            raise interrupted
+        with self._shutdown_scope() as scope:
+            owner = await self.owner(h.node.owner)
+            if entry.state is not UploadState.READY:
+                raise Busy(f"{h.node.path!r} was written again while being closed")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            entry.move(UploadState.UPLOADING)
+            await trio.to_thread.run_sync(self._writable().save, entry)
+            await self.registry.upload(owner, h.node.path, h.spool.path, size)
+        if scope.cancelled_caught:
+            raise interrupted
+
+    @contextlib.contextmanager
+    def _shutdown_scope(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that `drain` cancels when drain_timeout has passed."""
+        with trio.CancelScope() as scope:
+            if self._closing:
+                scope.cancel()
+            self._upload_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._upload_scopes.discard(scope)
+
     @property
     def uploads_in_flight(self) -> int:
         return self._uploading
 
-    async def drain(self, seconds: float) -> bool:
-        """Wait (bounded) for uploads in flight; True if none is left."""
+    async def drain(self, seconds: float, grace: float = 3.0) -> bool:
+        """Unmount: wait up to `seconds` for uploads in flight; True if none was left.
+
+        Then no upload starts any more, and those still running are abandoned: their journal
+        stays UPLOADING (ambiguous: `mlregfs recover` asks the registry before sending again)
+        and their close() gets EIO, which this waits for up to `grace` more seconds."""
         with trio.move_on_after(seconds):
             await self._idle.wait()
-        return self._uploading == 0
+        idle = self._uploading == 0
+        self._closing = True  # a close after this is bounded too: kept, not uploaded
+        for scope in list(self._upload_scopes):
+            scope.cancel()
+        if not idle:
+            with trio.move_on_after(grace):
+                await self._idle.wait()
+        return idle
 
     async def pin(self, ino: int, on: bool) -> None:
         """Keep a file's cached blocks from eviction (`mlregfs warm --pin`)."""

@@ -46,7 +46,7 @@ def test_lru_eviction_respects_capacity(tmp_path: Path) -> None:
 def test_verified_marker_dropped_with_blocks(tmp_path: Path) -> None:
     s = BlockStore(tmp_path, 1 << 20)
     s.put("abc", 0, b"1")
-    s.mark_verified("abc")
+    s.mark_verified("abc", 1 << 20, [s.digest(b"1")])
     assert s.is_verified("abc")
     s.drop("abc")
     assert not s.is_verified("abc") and s.count("abc") == 0
@@ -123,3 +123,69 @@ def test_blocks_of_the_old_layout_are_dropped(tmp_path: Path) -> None:
     (old / "0.blk").write_bytes(b"x" * 100)
     s = BlockStore(tmp_path, 1 << 30)
     assert not (tmp_path / "v1").exists() and s.stats.stored_bytes == 0
+
+
+def test_verified_marker_lists_block_digests_privately(tmp_path: Path) -> None:
+    s = BlockStore(tmp_path, 1 << 20)
+    s.put("abc", 0, b"one")
+    s.put("abc", 1, b"two")
+    digests = [s.digest(b"one"), s.digest(b"two")]
+    s.mark_verified("abc", 4096, digests)
+    marker = s.root / "ab" / "abc" / "verified"
+    assert marker.stat().st_mode & 0o777 == 0o600
+    assert (s.root / "seed").stat().st_mode & 0o777 == 0o600
+    assert s.verified_digests("abc", 4096) == digests
+    assert s.verified_digests("abc", 8192) is None  # another block size: another layout
+    assert BlockStore(tmp_path, 1 << 20).verified_digests("abc", 4096) == digests  # restart
+    assert s.get("abc", 1, digests[1]) == b"two"
+    marker.write_bytes(b"")  # a marker of the old layout, or damaged: not verified
+    assert not s.is_verified("abc")
+
+
+def test_digests_are_keyed_by_a_secret_of_this_cache(tmp_path: Path) -> None:
+    a = BlockStore(tmp_path / "a", 1 << 20)
+    b = BlockStore(tmp_path / "b", 1 << 20)
+    assert a.digest(b"block") != b.digest(b"block")
+    a.put("k", 0, b"x")
+    a.mark_verified("k", 4096, [a.digest(b"x")])
+    (a.root / "seed").write_bytes(b"short")  # damaged: a new seed, and no marker holds
+    assert not BlockStore(tmp_path / "a", 1 << 20).is_verified("k")
+
+
+def test_block_with_rewritten_checksum_fails_its_digest(tmp_path: Path) -> None:
+    import struct
+
+    import xxhash
+
+    s = BlockStore(tmp_path, 1 << 20)
+    s.put("abc", 0, b"hello world")
+    s.mark_verified("abc", 4096, [s.digest(b"hello world")])
+    p = next(tmp_path.rglob("0.blk"))
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 1
+    struct.pack_into("<Q", raw, 24, xxhash.xxh3_64_intdigest(bytes(raw[4096:])))
+    p.write_bytes(bytes(raw))
+    assert s.get("abc", 0) == b"hello worle"  # its own header cannot tell
+    assert s.get("abc", 0, s.digest(b"hello world")) is None  # the marker's digest can
+    assert not p.exists() and not s.has("abc", 0) and not s.is_verified("abc")
+
+
+@pytest.mark.parametrize("key", ["../x", "/tmp", "a/b", "..", ".hidden", "", "AB"])
+def test_no_key_reaches_outside_the_cache(tmp_path: Path, key: str) -> None:
+    outside = tmp_path / "x"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    s = BlockStore(tmp_path / "cache", 1 << 20)
+    for call in (
+        lambda: s.drop(key),
+        lambda: s.mark_verified(key, 4096, ["0"]),
+        lambda: s.unverify(key),
+        lambda: s.is_verified(key),
+        lambda: s.get(key, 0),
+        lambda: s.has(key, 0),
+        lambda: s.put(key, 0, b"x"),
+        lambda: s.pin(key),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert (outside / "keep").read_text() == "keep"

@@ -179,3 +179,61 @@ async def test_reads_after_a_mismatch_keep_failing_until_reopen(
     await fs.release(opened.fh)
     reg.corrupt.clear()
     assert len(await read_all(fs, "models/llama/1.0.0/weights/model.bin")) == 5 * BS + 123
+
+
+async def test_kernel_keeps_pages_only_of_verified_files(fs: Filesystem) -> None:
+    path = "models/llama/1.0.0/weights/model.bin"
+    ino = await walk(fs, path)
+    first = await fs.open(ino, os.O_RDONLY)
+    assert not first.keep_cache  # unchecked bytes: the kernel drops its pages at open
+    await fs.read(first.fh, 0, 4096)
+    await fs.release(first.fh)
+    assert not (await fs.open(ino, os.O_RDONLY)).keep_cache  # partly read: still unchecked
+    await read_all(fs, path)  # read to the end: checked against its sha256
+    again = await fs.open(ino, os.O_RDONLY)
+    assert again.keep_cache
+    await fs.release(again.fh)
+
+
+async def test_mismatch_names_the_open_inodes_to_invalidate(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    reg.corrupt.add("weights/model.bin")
+    dropped: list[set[int]] = []
+    fs.data.on_corrupt = lambda key: dropped.append(fs.inodes_of(key))
+    ino = await walk(fs, "models/llama/1.0.0/weights/model.bin")
+    with pytest.raises(IntegrityError):
+        await read_all(fs, "models/llama/1.0.0/weights/model.bin")
+    assert dropped == [{ino}]
+
+
+async def test_forget_drops_unused_inodes_and_never_reuses_numbers(fs: Filesystem) -> None:
+    ino = await walk(fs, "models/llama/1.0.0/config.json")
+    known = set(fs._node_of)
+    for i in known - {ROOT_INO}:
+        fs.remember(i, 2)
+    for i in known:
+        fs.forget(i, 1)
+    assert set(fs._node_of) == known  # one reference left each
+    opened = await fs.open(ino, os.O_RDONLY)
+    for i in known:
+        fs.forget(i, 1)
+    assert set(fs._node_of) == {ROOT_INO, ino}  # the root stays; so does an open file
+    assert len(fs._ino_of) == 2
+    await fs.release(opened.fh)
+    assert set(fs._node_of) == {ROOT_INO}
+    again = await walk(fs, "models/llama/1.0.0/config.json")
+    assert again not in known  # a new number, never one given out before
+    assert await read_all(fs, "models/llama/1.0.0/config.json") == b'{"a": 1}'
+
+
+async def test_listing_being_read_keeps_its_inodes(fs: Filesystem) -> None:
+    entries = await fs.readdir(await walk(fs, "models/llama"))
+    inos = [a.ino for _, a in entries]
+    fs.hold(inos)
+    for i in inos:
+        fs.remember(i)
+        fs.forget(i, 1)
+    assert all(i in fs._node_of for i in inos)
+    fs.unhold(inos)
+    assert not any(i in fs._node_of for i in inos)

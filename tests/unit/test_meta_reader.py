@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.meta import MetadataCache
-from mlregfs.cache.reader import DataCache, FileSpec, ReadStream
+from mlregfs.cache.reader import DataCache, FairLimiter, FileSpec, ReadStream
 from mlregfs.errors import IntegrityError, NotFound, RegistryUnavailable
 
 
@@ -163,10 +164,10 @@ async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
     loads = 0
     real_get = store.get
 
-    def counting_get(key: str, idx: int):  # type: ignore[no-untyped-def]
+    def counting_get(key: str, idx: int, expect: str | None = None):  # type: ignore[no-untyped-def]
         nonlocal loads
         loads += 1
-        return real_get(key, idx)
+        return real_get(key, idx, expect)
 
     store.get = counting_get  # type: ignore[method-assign]
     dc = DataCache(store, block_size=bs, memory_bytes=8 * bs, readahead=4)  # the defaults
@@ -189,3 +190,126 @@ async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
     else:
         assert not failed and bytes(got) == data and store.is_verified(spec.key)
         assert loads < nblocks // 2  # never a second pass over the whole file
+
+
+async def test_stalled_fetches_of_one_file_do_not_starve_another(tmp_path: Path) -> None:
+    """Four downloads of one file that never finish hold every slot of the old mount-wide
+    limiter; a read of another file must still be served."""
+    bs = 1 << 16
+    stall = trio.Event()  # never set
+    stalled = 0
+
+    async def stuck(start: int, end: int) -> bytes:
+        nonlocal stalled
+        stalled += 1
+        await stall.wait()
+        raise AssertionError("unreachable")
+
+    other = os.urandom(bs + 10)
+
+    async def fine(start: int, end: int) -> bytes:
+        return other[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0, max_parallel=4)
+    a = dc.open(FileSpec("stuck", 8 * bs, None), stuck)
+    b = dc.open(FileSpec("fine", len(other), hashlib.sha256(other).hexdigest()), fine)
+    async with trio.open_nursery() as n:
+        for i in range(6):
+            n.start_soon(dc.read, a, i * bs, bs)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stalled == 4  # every slot of the old limiter is held
+        with trio.fail_after(10):
+            got = bytearray()
+            while len(got) < len(other):
+                got += await dc.read(b, len(got), bs)
+        assert bytes(got) == other
+        assert stalled == 4  # one file never has more than its share in flight
+        n.cancel_scope.cancel()
+
+
+async def test_fair_limiter_caps_each_file_and_admits_a_new_one() -> None:
+    lim = FairLimiter(total=2, per_file=2)
+    order: list[str] = []
+    release = trio.Event()
+
+    async def use(key: str) -> None:
+        async with lim.slot(key):
+            order.append(key)
+            await release.wait()
+
+    async with trio.open_nursery() as n:
+        for key in ("a", "a", "a", "b"):
+            n.start_soon(use, key)
+            await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a", "a", "b"]  # a's third waits; b's first never does
+        assert lim.active == {"a": 2, "b": 1}
+        release.set()
+    assert order == ["a", "a", "b", "a"] and lim.in_use == 0 and lim.active == {}
+
+
+async def test_whole_file_read_out_of_order_is_checked_even_when_evicted(tmp_path: Path) -> None:
+    """Every block read, the first one last, through a cache holding 4 of 12 blocks: the read
+    that completes the file fails (blocks the running hash missed are fetched again for it)."""
+    bs = 1 << 16
+    data = os.urandom(12 * bs)
+    fetches: list[int] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        fetches.append(start // bs)
+        return data[start:end]
+
+    store = BlockStore(tmp_path, 4 * bs)
+    dc = DataCache(store, block_size=bs, memory_bytes=bs, readahead=0)
+    cf = dc.open(FileSpec("ooo-evicted", len(data), "0" * 64), fetch)  # wrong sha256
+    for i in range(1, 12):
+        assert bytes(await dc.read(cf, i * bs, bs)) == data[i * bs : (i + 1) * bs]
+    with pytest.raises(IntegrityError):
+        await dc.read(cf, 0, bs)
+    assert store.count("ooo-evicted") == 0 and not store.is_verified("ooo-evicted")
+
+
+async def test_verified_file_checks_blocks_from_disk_and_refetched(tmp_path: Path) -> None:
+    """A verified file's marker lists its block digests: a damaged block on disk (its header
+    checksum rewritten) is refetched, and a refetched block that differs fails."""
+    bs = 1 << 16
+    data = os.urandom(3 * bs + 5)
+    served = bytearray(data)
+
+    async def fetch(start: int, end: int) -> bytes:
+        return bytes(served[start:end])
+
+    store = BlockStore(tmp_path, 1 << 30)
+    spec = FileSpec(hashlib.sha256(data).hexdigest(), len(data), hashlib.sha256(data).hexdigest())
+    dc = DataCache(store, block_size=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    assert bytes(await dc.read(cf, 0, len(data))) == data
+    dc.close(cf)
+    assert store.is_verified(spec.key)
+    _rewrite_block(store, spec.key, 1, lambda b: b[:7] + bytes([b[7] ^ 1]) + b[8:])
+    dc = DataCache(store, block_size=bs, readahead=0)  # a new mount: nothing in memory
+    cf = dc.open(spec, fetch)
+    assert cf.verified
+    assert bytes(await dc.read(cf, 0, len(data))) == data  # block 1 fetched again
+    assert store.stats.corrupt == 1
+    dc.close(cf)
+    _rewrite_block(store, spec.key, 2, lambda b: b[:3] + b"\0" + b[4:])
+    served[2 * bs + 3] ^= 0xFF  # and the registry now sends other bytes too
+    dc = DataCache(store, block_size=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    with pytest.raises(IntegrityError):
+        await dc.read(cf, 2 * bs, bs)
+    assert not store.is_verified(spec.key) and store.count(spec.key) == 0
+
+
+def _rewrite_block(store: BlockStore, key: str, idx: int, change) -> None:  # type: ignore[no-untyped-def]
+    """Change a block's payload on disk and recompute its header checksum (xxh3-64)."""
+    import struct
+
+    import xxhash
+
+    path = store.root / key[:2] / key / f"{idx}.blk"
+    raw = path.read_bytes()
+    payload = change(raw[4096:])
+    header = bytearray(raw[:4096])
+    struct.pack_into("<Q", header, 24, xxhash.xxh3_64_intdigest(payload))
+    path.write_bytes(bytes(header) + payload)
