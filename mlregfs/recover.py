@@ -1,4 +1,9 @@
-"""`mlregfs recover`: list, retry or discard spooled files whose upload did not complete."""
+"""`mlregfs recover`: list, retry or discard spooled files whose upload did not complete.
+
+Never uploads a file twice: before any upload it asks the registry whether a copy with the
+same path and sha256 is already stored (an upload cut off by a kill or an unmount may have
+completed), and it refuses to put older bytes over a newer, different copy unless `--force`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -14,27 +20,48 @@ from mlregfs.config import ConfigError, default_cache_dir, resolve_token
 from mlregfs.errors import MlregfsError, NotFound
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner
-from mlregfs.writeback import JournalEntry, Spool
+from mlregfs.writeback import JournalEntry, Orphan, Spool, UploadState
+
+S = UploadState
+RegistryFactory = Callable[[str], Registry]  # SOURCE -> a registry client for it
+
+_LABEL = {
+    S.WRITING: "incomplete (never closed)",
+    S.READY: "not uploaded",
+    S.UPLOADING: "interrupted (upload cut off: retry first asks the registry if it was stored)",
+    S.UPLOADED: "uploaded (nothing to do: retry cleans it up)",
+    S.FAILED: "failed",
+}
 
 
 def _describe(e: JournalEntry, spool: Spool) -> str:
-    state = "incomplete (never closed)" if e.state == "writing" else e.state
+    data = spool.data_path(e.id)
+    state = _LABEL[e.state]
+    if e.state is not S.UPLOADED and not data.exists():
+        state = f"LOST (its data file is missing; was {e.state.value})"
     lines = [
         f"{e.id}  {state}  {e.target}",
         f"    source {e.source}  size {e.size}  sha256 {e.sha256 or '-'}",
-        f"    bytes  {spool.data_path(e.id)}",
+        f"    bytes  {data}",
     ]
     if e.error:
         lines.append(f"    error  {e.error}")
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
+def _describe_orphan(o: Orphan, spool: Spool) -> str:
+    what = "orphaned data, no journal" if o.reason == "no journal" else f"orphaned: {o.reason}"
+    return f"{o.id}  {what}  size {o.size}\n    bytes  {spool.data_path(o.id)}"
+
+
+def _sha256(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         while chunk := f.read(4 << 20):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 async def _owner(registry: Registry, e: JournalEntry) -> FileOwner:
@@ -47,41 +74,97 @@ async def _owner(registry: Registry, e: JournalEntry) -> FileOwner:
     raise NotFound(f"model version {e.owner[1]}/{e.owner[2]} no longer exists")
 
 
-async def _retry(entries: list[JournalEntry], spool: Spool, token: str | None, kind: str) -> int:
+async def _stored(registry: Registry, owner: FileOwner, e: JournalEntry) -> str | None:
+    """ "same" if the registry holds these bytes at this path, "newer" if a different copy
+    made after the entry, else None."""
+    for f in await registry.list_files(owner):
+        if f.path != e.path:
+            continue
+        if f.sha256 is not None and f.sha256.lower() == e.sha256:
+            return "same"
+        if f.created_at > e.created:
+            return "newer"
+    return None
+
+
+def _gitlab(token: str | None, kind: str) -> RegistryFactory:
     from mlregfs.registry.gitlab import GitLabRegistry
 
+    def make(source: str) -> Registry:
+        return GitLabRegistry(source, token, token_kind="job" if kind == "job" else "personal")
+
+    return make
+
+
+async def _retry(
+    entries: list[JournalEntry], spool: Spool, make_registry: RegistryFactory, force: bool
+) -> int:
+    """Upload each entry at most once; 1 if any is left for a human, else 0."""
     failures = 0
+
+    def fail(e: JournalEntry, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        print(f"{e.id}: {message}", file=sys.stderr)
+
     for e in entries:
-        data = spool.data_path(e.id)
-        if e.sha256 is None or _sha256(data) != e.sha256:
-            print(f"{e.id}: spooled bytes do not match the journal; not uploaded", file=sys.stderr)
-            failures += 1
+        if e.state is S.UPLOADED:
+            spool.remove(e)
+            print(f"{e.id}: {e.target} was already uploaded; cleaned up")
             continue
-        registry = GitLabRegistry(
-            e.source, token, token_kind="job" if kind == "job" else "personal"
-        )
+        data = spool.data_path(e.id)
+        try:
+            size, digest = await trio.to_thread.run_sync(_sha256, data)
+        except FileNotFoundError:
+            fail(e, f"{e.target} is lost: its spooled bytes {data} are missing (discard it)")
+            continue
+        except OSError as err:
+            fail(e, f"cannot read the spooled bytes {data}: {err.strerror}; not uploaded")
+            continue
+        if e.sha256 is None or (size, digest) != (e.size, e.sha256):
+            fail(e, "spooled bytes do not match the journal; not uploaded")
+            continue
+        registry = make_registry(e.source)
         try:
             owner = await _owner(registry, e)
-            await registry.upload(owner, e.path, data, e.size)
-        except MlregfsError as err:
-            e.error = str(err)
-            e.state = "failed"
+            found = await _stored(registry, owner, e)
+            if found == "same":
+                spool.remove(e)
+                print(f"{e.id}: {e.target} is already in the registry (same sha256); not uploaded")
+                continue
+            if found == "newer" and not force:
+                fail(
+                    e,
+                    f"the registry holds a newer, different {e.target}; not putting these older"
+                    " bytes over it (retry --force to upload anyway, or discard)",
+                )
+                continue
+            if e.state is not S.READY:
+                e.move(S.READY)
+            e.move(S.UPLOADING)
+            e.error = None
             spool.save(e)
-            print(f"{e.id}: upload of {e.target} failed again: {err}", file=sys.stderr)
-            failures += 1
-        else:
+            await registry.upload(owner, e.path, data, e.size)
+            e.move(S.UPLOADED)
+            spool.save(e)
             spool.remove(e)
             print(f"{e.id}: uploaded {e.target} ({e.size} bytes)")
+        except MlregfsError as err:
+            if e.state is S.UPLOADING:
+                e.move(S.FAILED)
+            e.error = str(err)
+            spool.save(e)
+            fail(e, f"upload of {e.target} failed again: {err}")
         finally:
             await registry.aclose()
     return 1 if failures else 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], make_registry: RegistryFactory | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mlregfs recover",
-        description="Spooled files whose upload failed, or was cut off by a crash, are kept in"
-        " <cache_dir>/spool. List them, upload them again, or discard them.",
+        description="Spooled files whose upload failed, or was cut off by a crash or an unmount,"
+        " are kept in <cache_dir>/spool. List them, upload them again, or discard them.",
     )
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     p.add_argument("--token-file", type=Path, default=None)
@@ -89,6 +172,11 @@ def main(argv: list[str]) -> int:
     sub.add_parser("list", help="show what is kept (default)")
     r = sub.add_parser("retry", help="upload again (all, or the given ids)")
     r.add_argument("ids", nargs="*")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="upload even when the registry holds a newer, different copy",
+    )
     d = sub.add_parser("discard", help="delete the kept bytes of the given ids")
     d.add_argument("ids", nargs="*")
     d.add_argument("--all", action="store_true")
@@ -97,38 +185,54 @@ def main(argv: list[str]) -> int:
     if not root.is_dir():
         print(f"nothing to recover: {root} does not exist")
         return 0
-    spool = Spool(root)
-    entries = spool.leftovers()
+    spool = Spool(root, tidy=False)
+    all_entries, orphans = spool.scan()
+    entries = [e for e in all_entries if e.orphaned()]  # a live daemon's entries are its own
     if args.cmd in (None, "list"):
-        if not entries:
+        if not entries and not orphans:
             print("nothing to recover")
         for e in entries:
             print(_describe(e, spool))
+        for o in orphans:
+            print(_describe_orphan(o, spool))
         return 0
-    chosen = [e for e in entries if not args.ids or e.id in args.ids]
-    missing = set(args.ids) - {e.id for e in chosen}
+    ids = set(args.ids)
+    chosen = [e for e in entries if not ids or e.id in ids]
+    chosen_orphans = [o for o in orphans if not ids or o.id in ids]
+    missing = ids - {e.id for e in chosen} - {o.id for o in chosen_orphans}
     if missing:
         print(f"unknown or still active id(s): {', '.join(sorted(missing))}", file=sys.stderr)
         return 2
     if args.cmd == "discard":
-        if not args.ids and not args.all:
+        if not ids and not args.all:
             print("name the ids to discard, or --all", file=sys.stderr)
             return 2
         for e in chosen:
             spool.remove(e)
             print(f"{e.id}: discarded {e.target}")
+        for o in chosen_orphans:
+            spool.discard(o.id)
+            print(f"{o.id}: discarded orphaned data ({o.size} bytes)")
         return 0
-    incomplete = [e for e in chosen if e.state == "writing"]
+    for o in chosen_orphans:
+        print(
+            f"{o.id}: orphaned data ({o.reason}): nothing says where it belongs; not uploaded"
+            " (discard it)",
+            file=sys.stderr,
+        )
+    incomplete = [e for e in chosen if e.state is S.WRITING]
     for e in incomplete:
         print(
             f"{e.id}: {e.target} was never closed by its writer; not uploaded (discard it)",
             file=sys.stderr,
         )
-    try:
-        token, kind = resolve_token(args.token_file, dict(os.environ))
-    except ConfigError as err:
-        print(f"mlregfs recover: {err}", file=sys.stderr)
-        return 2
-    todo = [e for e in chosen if e.state != "writing"]
-    code = trio.run(_retry, todo, spool, token, kind)
-    return 1 if code or incomplete else 0
+    todo = [e for e in chosen if e.state is not S.WRITING]
+    if make_registry is None and any(e.state is not S.UPLOADED for e in todo):
+        try:
+            token, kind = resolve_token(args.token_file, dict(os.environ))
+        except ConfigError as err:
+            print(f"mlregfs recover: {err}", file=sys.stderr)
+            return 2
+        make_registry = _gitlab(token, kind)
+    code = trio.run(_retry, todo, spool, make_registry or _gitlab(None, "personal"), args.force)
+    return 1 if code or incomplete or chosen_orphans else 0

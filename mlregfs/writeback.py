@@ -1,37 +1,84 @@
-"""Write staging: spool files on local disk and a crash-safe journal of what they are for.
+"""Write staging: spool files on local disk, a crash-safe journal, and the upload lifecycle.
 
 Every file written through the mount is first spooled to ``<cache_dir>/spool/<id>.data`` with a
-journal entry ``<id>.json`` (target, size, sha256, state, error). The entry is rewritten
-atomically at each state change:
+journal entry ``<id>.json`` (target, size, sha256, state, error), rewritten atomically (temp
+file, fsync, rename) at the state changes a crash must see. The lifecycle is `UploadState`;
+`TRANSITIONS` is the one table of allowed changes, used by the filesystem core and by
+`mlregfs recover` alike (an illegal change is a bug and raises `IllegalTransition`):
 
-    writing ──close/fsync──> uploading ──201──> (entry and spool deleted)
-                                 │
-                                 └─ error ──> failed   (kept: `mlregfs recover` retries or discards)
+    WRITING ──close/fsync──> READY ──PUT sent──> UPLOADING ──201──> UPLOADED ──> (removed)
+       ^                       │                     │  │
+       │                       └──────> FAILED <─────┘  └── daemon gone: interrupted, ambiguous
+       └── written again after an fsync (UPLOADED, FAILED, READY)
 
-An entry left in ``writing`` or ``uploading`` by a daemon that no longer runs (crash, kill -9)
-is treated as failed by the next mount and by `mlregfs recover`: nothing is deleted silently.
+An entry found by a later process (its daemon is gone) means: WRITING - never closed (discard
+only); READY or FAILED - not stored; UPLOADING - the PUT was cut off and may or may not have
+been stored, so `recover` asks the registry before sending it again; UPLOADED - done (removed
+at the next start). The spool directory is 0700 and every file in it 0600.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlregfs import directio
+from mlregfs.errors import MlregfsError
 
 log = logging.getLogger("mlregfs.writeback")
 
 _STAGE = 1 << 20  # FUSE writes are at most 1 MiB (max_write)
 _STAGING = directio.StagingPool(keep=4)
 _AHEAD_MAX = 32 << 20  # out-of-order bytes held for the running sha256 before giving up
+
+
+class UploadState(enum.StrEnum):
+    """Where a spooled file is in its life. The values are what the journal stores."""
+
+    WRITING = "writing"  # open: bytes still arriving
+    READY = "ready"  # closed: size and sha256 recorded, no PUT sent
+    UPLOADING = "uploading"  # a PUT may be on its way (found later: interrupted, ambiguous)
+    UPLOADED = "uploaded"  # the registry answered 201
+    FAILED = "failed"  # the registry refused or could not be reached: not stored
+
+
+S = UploadState
+TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
+    S.WRITING: frozenset({S.READY}),
+    S.READY: frozenset({S.UPLOADING, S.FAILED, S.WRITING}),
+    # READY: `recover` found no copy of an interrupted PUT in the registry
+    S.UPLOADING: frozenset({S.UPLOADED, S.FAILED, S.READY}),
+    S.UPLOADED: frozenset({S.WRITING}),  # written again after an fsync
+    S.FAILED: frozenset({S.READY, S.WRITING}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the lifecycle does not allow: a bug, never an I/O condition."""
+
+
+class UploadInterrupted(MlregfsError):
+    """The mount shut down (drain_timeout passed) while the upload was running: EIO."""
+
+
+class GarbledEntry(ValueError):
+    """A journal file that is not a valid entry (truncated, edited, unknown state)."""
+
+
+_SHA_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 @dataclass
@@ -42,7 +89,7 @@ class JournalEntry:
     source: str  # SOURCE of the mount, without credentials
     owner: list[str]  # ["v", model, version] or ["c", iid]
     path: str  # path inside the version or candidate
-    state: str = "writing"  # writing | uploading | failed
+    state: UploadState = UploadState.WRITING
     size: int = 0
     sha256: str | None = None
     error: str | None = None
@@ -56,17 +103,72 @@ class JournalEntry:
             return f"candidates/{self.owner[1]}/{self.path}"
         return f"models/{self.owner[1]}/{self.owner[2]}/{self.path}"
 
-    def orphaned(self) -> bool:
-        """Left behind by a daemon that is gone (crash or kill)."""
-        if self.state == "failed":
-            return True
+    def can(self, to: UploadState) -> bool:
+        return to in TRANSITIONS[self.state]
+
+    def move(self, to: UploadState) -> None:
+        """Change state as `TRANSITIONS` allows; anything else is a bug."""
+        if not self.can(to):
+            raise IllegalTransition(f"upload {self.id}: {self.state.value} -> {to.value}")
+        self.state = to
+
+    @classmethod
+    def parse(cls, entry_id: str, text: str) -> JournalEntry:
+        """Validate a journal file's text (it is read back from disk: check every field)."""
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise GarbledEntry(f"not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise GarbledEntry("not a JSON object")
+        try:
+            state = UploadState(str(raw.get("state")))
+        except ValueError:
+            raise GarbledEntry(f"unknown state {raw.get('state')!r}") from None
+        owner = raw.get("owner")
+        ok = (
+            raw.get("id") == entry_id
+            and isinstance(raw.get("source"), str)
+            and _owner_ok(owner)
+            and isinstance(raw.get("path"), str)
+            and raw["path"] != ""
+            and _is_int(raw.get("size"))
+            and raw["size"] >= 0
+            and (raw.get("sha256") is None or _SHA_RE.match(str(raw["sha256"])) is not None)
+            and (raw.get("error") is None or isinstance(raw["error"], str))
+            and _is_int(raw.get("pid"))
+            and all(isinstance(raw.get(k), int | float) for k in ("created", "updated"))
+        )
+        if not ok:
+            raise GarbledEntry("missing or invalid fields")
+        fields: dict[str, Any] = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        fields["state"] = state
+        return cls(**fields)
+
+    def held_by_live_daemon(self) -> bool:
+        """Its daemon still runs (that daemon owns the entry; nobody else may touch it)."""
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
-            return True
-        except PermissionError:
             return False
-        return self.pid != os.getpid() and not _is_mlregfs(self.pid)
+        except PermissionError:
+            return True
+        return self.pid == os.getpid() or _is_mlregfs(self.pid)
+
+    def orphaned(self) -> bool:
+        """Needs `mlregfs recover`: failed, or left behind by a daemon that is gone."""
+        return self.state is UploadState.FAILED or not self.held_by_live_daemon()
+
+
+def _owner_ok(owner: object) -> bool:
+    """["v", model, version] or ["c", iid], all strings."""
+    if not isinstance(owner, list) or not all(isinstance(o, str) for o in owner):
+        return False
+    return len(owner) == {"v": 3, "c": 2}.get(owner[0] if owner else "", -1)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_mlregfs(pid: int) -> bool:
@@ -76,12 +178,34 @@ def _is_mlregfs(pid: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """A spool data file without a usable journal entry (nothing says where it belongs)."""
+
+    id: str
+    size: int
+    reason: str  # "no journal" or why the journal is unreadable
+
+
 class Spool:
     """The spool directory: data files plus their journal entries."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, tidy: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if tidy:
+            self.tidy()
+
+    def tidy(self) -> None:
+        """At start: tighten modes (0700 dir, 0600 files) and drop entries already uploaded."""
+        _tighten(self.root, 0o700)
+        for p in self.root.iterdir():
+            _tighten(p, 0o600, files_only=True)
+        entries, _ = self.scan()
+        for e in entries:
+            if e.state is UploadState.UPLOADED and not e.held_by_live_daemon():
+                log.info("%s was uploaded before its daemon stopped: spool removed", e.target)
+                self.remove(e)
 
     def data_path(self, entry_id: str) -> Path:
         return self.root / f"{entry_id}.data"
@@ -91,37 +215,92 @@ class Spool:
 
     def new(self, source: str, owner: tuple[str, ...], path: str) -> SpoolFile:
         entry = JournalEntry(uuid.uuid4().hex, source, list(owner), path)
-        fd = os.open(self.data_path(entry.id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # journal first: a data file without a journal is then always an orphan
         self.save(entry)
+        try:
+            fd = os.open(self.data_path(entry.id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            self._journal_path(entry.id).unlink(missing_ok=True)
+            raise
         return SpoolFile(self, entry, fd)
 
     def save(self, entry: JournalEntry) -> None:
-        """Rewrite a journal entry atomically (temp file, fsync, rename)."""
+        """Rewrite a journal entry atomically (temp file, fsync, rename); mode 0600."""
         entry.updated = time.time()
         path = self._journal_path(entry.id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(entry), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # a temp name of its own per writer: two saves at once never rename each other's file
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(entry), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def remove(self, entry: JournalEntry) -> None:
         self.data_path(entry.id).unlink(missing_ok=True)
         self._journal_path(entry.id).unlink(missing_ok=True)
 
-    def entries(self) -> list[JournalEntry]:
-        out = []
+    def discard(self, entry_id: str) -> None:
+        """Delete whatever is kept under `entry_id` (data, journal, or both)."""
+        if not entry_id or "/" in entry_id or entry_id.startswith("."):
+            raise ValueError(f"not a spool id: {entry_id!r}")
+        for p in (self.data_path(entry_id), self._journal_path(entry_id)):
+            p.unlink(missing_ok=True)
+        for p in self.root.glob(f"{glob.escape(entry_id)}.json.*.tmp"):
+            p.unlink(missing_ok=True)
+
+    def scan(self) -> tuple[list[JournalEntry], list[Orphan]]:
+        """Valid journal entries, and data files that no valid entry accounts for."""
+        entries: list[JournalEntry] = []
+        orphans: list[Orphan] = []
+        bad: dict[str, str] = {}
         for p in sorted(self.root.glob("*.json")):
             try:
-                out.append(JournalEntry(**json.loads(p.read_text())))
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("unreadable journal entry %s: %s", p, e)
-        return out
+                entries.append(JournalEntry.parse(p.stem, p.read_text(errors="replace")))
+            except FileNotFoundError:
+                continue  # removed meanwhile (its upload finished)
+            except (OSError, GarbledEntry) as e:
+                log.debug("unreadable journal entry %s: %s", p, e)
+                bad[p.stem] = f"unreadable journal ({e})"
+        known = {e.id for e in entries}
+        for p in sorted(self.root.glob("*.data")):
+            if p.stem in known:
+                continue
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                continue
+            orphans.append(Orphan(p.stem, size, bad.pop(p.stem, "no journal")))
+        orphans += [Orphan(i, 0, f"{why}, no data") for i, why in bad.items()]
+        return entries, orphans
+
+    def entries(self) -> list[JournalEntry]:
+        return self.scan()[0]
 
     def leftovers(self) -> list[JournalEntry]:
-        """Entries that need a human or `mlregfs recover`: failed, or orphaned by a crash."""
-        return [e for e in self.entries() if e.orphaned()]
+        """Entries that need `mlregfs recover`: failed, or not uploaded when their daemon went."""
+        return [e for e in self.entries() if e.orphaned() and e.state is not UploadState.UPLOADED]
+
+    def orphans(self) -> list[Orphan]:
+        return self.scan()[1]
+
+
+def _tighten(path: Path, mode: int, *, files_only: bool = False) -> None:
+    """chmod `path` down to `mode` if it allows more (never follows a symlink)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or (files_only and not stat.S_ISREG(st.st_mode)):
+            return
+        if not st.st_mode & 0o777 & ~mode:
+            return
+        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+    except OSError as e:
+        log.warning("cannot tighten the mode of %s: %s", path, e.strerror)
 
 
 class SpoolFile:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,7 +376,9 @@ def test_too_large_is_efbig_at_close(tmp_path: Path) -> None:
 
 def test_full_spool_disk_fails_cp_and_uploads_nothing(ww: WWorld, tmp_path: Path) -> None:
     """Writes are queued and stored in the background: a spool that cannot take the bytes
-    (a full disk) still makes `cp` fail with ENOSPC, and nothing partial reaches the registry."""
+    (a full disk) still makes `cp` fail with ENOSPC, and nothing partial reaches the registry.
+    The failed file's partial bytes are not kept (its writer was told), so the next upload
+    finds room."""
     small = tmp_path / "small-disk"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
@@ -387,7 +394,177 @@ def test_full_spool_disk_fails_cp_and_uploads_nothing(ww: WWorld, tmp_path: Path
             )
             assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
             assert "too-big.bin" not in files_of(ww, "1.0.0")
+            spool = small / "cache/spool"
+            # release (after close() returned) deletes them
+            _wait_for(lambda: not list(spool.iterdir()), f"{list(spool.iterdir())} kept", 15)
+            small_src = tmp_path / "after.bin"
+            small_src.write_bytes(os.urandom(2 << 20))
+            r = subprocess.run(
+                ["cp", str(small_src), str(m.path / "models/m/1.0.0/after-full.bin")],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+            assert files_of(ww, "1.0.0")["after-full.bin"] == (2 << 20, file_sha(small_src))
         finally:
             m.stop()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+class ThrottlingProxy:
+    """A loopback TCP proxy in front of the registry whose upstream direction (request bodies)
+    can be slowed to `rate` bytes/s: a PUT that stalls while everything else answers."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.rate: float | None = None
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, throttled: bool) -> None:
+        try:
+            while data := src.recv(16384):
+                dst.sendall(data)
+                if throttled and self.rate:
+                    time.sleep(len(data) / self.rate)  # the throttle itself, not a wait
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _spool_states(cache: Path) -> list[str]:
+    out = []
+    for p in (cache / "spool").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(p.read_text())["state"])
+    return out
+
+
+def test_sigterm_drain_timeout_is_a_bound_and_recover_uploads_exactly_once(
+    ww: WWorld, tmp_path: Path
+) -> None:
+    """Semantics 20. SIGTERM waits at most `drain_timeout` for an upload that stalls, then
+    unmounts and exits; the cut-off upload is kept (journal: uploading) and `mlregfs recover
+    retry` stores it exactly once."""
+    assert ww.server.port is not None
+    proxy = ThrottlingProxy(ww.server.port)
+    src = tmp_path / "stalled.bin"
+    src.write_bytes(os.urandom(8 << 20))
+    source = f"http://127.0.0.1:{proxy.port}/team/writes"
+    m = Mount(
+        source,
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        token=ww.tokens["developer"],
+        options=["drain_timeout=2s"],
+    ).start()
+    try:
+        proxy.rate = 128 << 10  # the 8 MiB PUT would take ~64 s
+        cp = subprocess.Popen(
+            ["cp", str(src), str(m.path / "models/m/1.0.0/stalled.bin")], stderr=subprocess.PIPE
+        )
+        _wait_for(lambda: "uploading" in _spool_states(m.cache_dir), "the upload never started")
+        assert m.proc is not None
+        started = time.monotonic()
+        m.proc.send_signal(signal.SIGTERM)
+        code = m.proc.wait(120)
+        elapsed = time.monotonic() - started
+        assert elapsed < 2 + 8, f"exited {elapsed:.1f} s after SIGTERM with drain_timeout=2s"
+        assert code == 0, m.stderr()
+        assert cp.wait(30) != 0  # close() did not claim success
+        assert "abandoned" in m.stderr()
+    finally:
+        m.stop()
+        proxy.rate = None
+    assert _spool_states(m.cache_dir) == ["uploading"]
+    assert "stalled.bin" not in files_of(ww, "1.0.0")
+    listing = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    assert "interrupted" in listing.stdout and "models/m/1.0.0/stalled.bin" in listing.stdout
+    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
+    assert r.returncode == 0, r.stderr
+    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")  # nothing left to send twice
+    assert r.returncode == 0 and "uploaded" not in r.stdout, r
+    proxy.close()
+    assert files_of(ww, "1.0.0")["stalled.bin"] == (8 << 20, file_sha(src))
+    assert rows_named(ww, "1.0.0", "stalled.bin") == 1
+
+
+def _fake_interrupted(cache: Path, name: str, data: bytes, source: str, created: float) -> str:
+    """A journal entry as a daemon killed mid-PUT leaves it (state uploading, daemon gone)."""
+    spool = cache / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    entry_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+    (spool / f"{entry_id}.data").write_bytes(data)
+    entry = {
+        "id": entry_id,
+        "source": source,
+        "owner": ["v", "m", "1.0.0"],
+        "path": name,
+        "state": "uploading",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "error": None,
+        "pid": 2**22 + 17,  # above pid_max: gone
+        "created": created,
+        "updated": created,
+    }
+    (spool / f"{entry_id}.json").write_text(json.dumps(entry))
+    return entry_id
+
+
+def test_recover_asks_the_registry_before_uploading_an_interrupted_entry(
+    ww: WWorld, tmp_path: Path
+) -> None:
+    """Semantics 20. An upload cut off after the registry stored it is not stored again; old
+    bytes never go over a newer, different copy unless `retry --force`."""
+    m = mount(ww, tmp_path, "developer")
+    try:
+        (m.path / "models/m/1.0.0/stored.bin").write_bytes(b"stored before the kill")
+    finally:
+        m.stop()
+    cache = tmp_path / "cache-recover"
+    _fake_interrupted(cache, "stored.bin", b"stored before the kill", ww.source, time.time())
+    r = _recover(cache, ww.tokens["developer"], "retry")
+    assert r.returncode == 0 and "already in the registry" in r.stdout, r
+    assert rows_named(ww, "1.0.0", "stored.bin") == 1
+    old = _fake_interrupted(cache, "newer.bin", b"old bytes", ww.source, time.time() - 3600)
+    m = mount(ww, tmp_path, "developer")
+    try:
+        (m.path / "models/m/1.0.0/newer.bin").write_bytes(b"newer bytes, written since")
+    finally:
+        m.stop()
+    r = _recover(cache, ww.tokens["developer"], "retry")
+    assert r.returncode == 1 and "newer" in r.stderr, r
+    assert files_of(ww, "1.0.0")["newer.bin"][0] == len(b"newer bytes, written since")
+    r = _recover(cache, ww.tokens["developer"], "retry", "--force", old)
+    assert r.returncode == 0, r.stderr
+    assert files_of(ww, "1.0.0")["newer.bin"][0] == len(b"old bytes")
+    assert "nothing to recover" in _recover(cache, ww.tokens["developer"], "list").stdout

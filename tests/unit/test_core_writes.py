@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
 
 import pytest
+import trio
 
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
@@ -16,6 +18,7 @@ from mlregfs.errors import (
     Busy,
     Forbidden,
     InvalidPath,
+    MlregfsError,
     NameTooLong,
     NotEmpty,
     NotFound,
@@ -234,3 +237,121 @@ def test_a_gap_never_filled_falls_back_to_hashing_the_spool(tmp_path: Path) -> N
     sf.write(8192, b"tail")  # a hole before it: held for the hash, never completed
     assert sf.finish() == (8196, hashlib.sha256(bytes(8192) + b"tail").hexdigest())
     sf.close()
+
+
+class _StallingUploads(InMemoryRegistry):
+    """A registry whose PUT never answers (until cancelled, as an abandoned worker thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.put_started = trio.Event()
+
+    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+        self.put_started.set()
+        await trio.sleep_forever()
+
+
+def _journal_on_disk(fs: Filesystem) -> dict[str, object]:
+    (p,) = fs.spool.root.glob("*.json")  # type: ignore[union-attr]
+    return json.loads(p.read_text())  # type: ignore[no-any-return]
+
+
+async def test_drain_timeout_is_a_bound_and_leaves_the_upload_interrupted(
+    tmp_path: Path,
+) -> None:
+    """After drain_timeout the uploads in flight are abandoned: close() answers EIO at once and
+    the journal stays in UPLOADING (ambiguous: `recover` asks the registry before resending)."""
+    reg = _StallingUploads()
+    reg.add_version("llama", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "w.bin", os.O_CREAT)
+    await fs.write(opened.fh, 0, b"stalled bytes")
+    caught: list[BaseException] = []
+
+    async def close() -> None:
+        try:
+            await fs.flush(opened.fh)
+        except Exception as e:
+            caught.append(e)
+        await fs.release(opened.fh)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(close)
+            await reg.put_started.wait()
+            assert fs.uploads_in_flight == 1
+            assert await fs.drain(0.2) is False
+    (e,) = caught
+    assert to_errno(e) == errno.EIO and "recover" in str(e)
+    assert fs.uploads_in_flight == 0
+    assert _journal_on_disk(fs)["state"] == "uploading"
+    (entry,) = fs.spool.entries()  # type: ignore[union-attr]
+    assert fs.spool.data_path(entry.id).read_bytes() == b"stalled bytes"  # type: ignore[union-attr]
+    # a file closed after the drain gave up is not uploaded either: kept, never sent
+    opened2, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "late.bin", os.O_CREAT)
+    await fs.write(opened2.fh, 0, b"late")
+    with pytest.raises(MlregfsError):
+        await fs.flush(opened2.fh)
+    await fs.release(opened2.fh)
+    states = sorted(str(e.state) for e in fs.spool.entries())  # type: ignore[union-attr]
+    assert states == ["ready", "uploading"]
+
+
+async def test_a_write_after_an_upload_is_journaled_as_writing(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """fsync uploads; later writes make the entry WRITING again on disk, so a crash before the
+    next close leaves "incomplete", never "uploaded" over bytes that were not uploaded."""
+    opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "f.bin", os.O_CREAT)
+    await fs.write(opened.fh, 0, b"first")
+    await fs.flush(opened.fh)  # fsync: uploaded
+    assert _journal_on_disk(fs)["state"] == "uploaded"
+    await fs.write(opened.fh, 5, b" and more")
+    assert _journal_on_disk(fs)["state"] == "writing"
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert reg.stats.by_kind["upload"] == 2
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "direct"])
+async def test_a_failed_spool_write_leaves_nothing_behind(
+    reg: InMemoryRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queued: bool
+) -> None:
+    """The writer is told (write or close fails with ENOSPC); then neither its partial data nor
+    its journal stay in the spool, and nothing is uploaded."""
+    from mlregfs.writeback import SpoolFile
+
+    def full(self: SpoolFile, off: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    async with trio.open_nursery() as n:
+        if queued:
+            fs.start(n)
+        opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "x.bin", os.O_CREAT)
+        await fs.write(opened.fh, 0, b"a" * 4096)
+        monkeypatch.setattr(SpoolFile, "_pwrite", full)
+        with pytest.raises(OSError) as ei:
+            await fs.write(opened.fh, 4096, b"b" * 4096)
+            await fs.flush(opened.fh)
+        assert ei.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            await fs.flush(opened.fh)  # close() fails too: nothing partial is uploaded
+        await fs.release(opened.fh)
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_concurrent_flushes_upload_once(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    """fsync and close of one file at the same time: one PUT, both see its result."""
+    opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "c.bin", os.O_CREAT)
+    await fs.write(opened.fh, 0, b"once" * 1000)
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(fs.flush, opened.fh)
+    await fs.release(opened.fh)
+    assert reg.stats.by_kind["upload"] == 1
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]

@@ -1,0 +1,213 @@
+"""The upload lifecycle: one state table, journal files read back safely, `recover` that never
+uploads twice, orphaned and lost spool data, private spool modes. No kernel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from mlregfs import recover
+from mlregfs.registry.fake import InMemoryRegistry
+from mlregfs.writeback import (
+    TRANSITIONS,
+    IllegalTransition,
+    JournalEntry,
+    Spool,
+    UploadState,
+)
+
+S = UploadState
+DEAD_PID = 2**22 + 17  # above the default pid_max: never a live process
+
+
+def test_every_state_has_a_row_and_every_legal_transition_works() -> None:
+    assert set(TRANSITIONS) == set(UploadState)
+    for frm, tos in TRANSITIONS.items():
+        for to in tos:
+            e = JournalEntry("a" * 32, "src", ["c", "1"], "f", state=frm)
+            e.move(to)
+            assert e.state is to
+
+
+def test_every_illegal_transition_raises() -> None:
+    illegal = [(f, t) for f in UploadState for t in UploadState if t not in TRANSITIONS[f]]
+    # the ones that mattered: nothing skips the PUT, nothing leaves UPLOADED but a new write
+    assert (S.WRITING, S.UPLOADING) in illegal and (S.UPLOADED, S.UPLOADING) in illegal
+    assert (S.UPLOADED, S.FAILED) in illegal and (S.WRITING, S.UPLOADED) in illegal
+    for frm, to in illegal:
+        e = JournalEntry("a" * 32, "src", ["c", "1"], "f", state=frm)
+        with pytest.raises(IllegalTransition):
+            e.move(to)
+        assert e.state is frm
+
+
+def _journal(spool: Spool, entry_id: str, data: bytes | None = b"bytes", **kw: object) -> dict:
+    raw: dict[str, object] = {
+        "id": entry_id,
+        "source": "http://registry.invalid/g/p",
+        "owner": ["v", "llama", "1.0.0"],
+        "path": "w.bin",
+        "state": "failed",
+        "size": len(data or b""),
+        "sha256": hashlib.sha256(data or b"").hexdigest(),
+        "error": None,
+        "pid": DEAD_PID,
+        "created": time.time() - 60,
+        "updated": time.time() - 60,
+    }
+    raw.update(kw)
+    (spool.root / f"{entry_id}.json").write_text(json.dumps(raw))
+    if data is not None:
+        spool.data_path(entry_id).write_bytes(data)
+    return raw
+
+
+def test_old_journal_states_are_read_safely(tmp_path: Path) -> None:
+    """An entry left in `uploaded` (the old, undeclared state) was uploaded: it is cleaned at
+    start and never counted as "not uploaded"; an unknown state is an orphan, not a crash."""
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "1" * 32, state="uploaded")
+    _journal(spool, "2" * 32, state="uploading")
+    _journal(spool, "3" * 32, state="banana")
+    _journal(spool, "4" * 32, state="writing")
+    entries, orphans = spool.scan()
+    assert {e.id: e.state for e in entries} == {
+        "1" * 32: S.UPLOADED,
+        "2" * 32: S.UPLOADING,
+        "4" * 32: S.WRITING,
+    }
+    assert [(o.id, o.size) for o in orphans] == [("3" * 32, 5)]
+    assert "unknown state 'banana'" in orphans[0].reason
+    assert {e.id for e in spool.leftovers()} == {"2" * 32, "4" * 32}  # what needs a human
+    Spool(spool.root)  # the next start
+    assert not spool.data_path("1" * 32).exists()
+    assert {e.id for e in spool.entries()} == {"2" * 32, "4" * 32}
+
+
+@pytest.mark.parametrize(
+    "garble",
+    [
+        "{not json",
+        "[]",
+        json.dumps({"id": "5" * 32, "state": "failed"}),  # fields missing
+        None,  # a data file and no journal at all
+    ],
+)
+def test_recover_lists_and_discards_orphaned_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], garble: str | None
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.data_path("5" * 32).write_bytes(b"x" * 1234)
+    if garble is not None:
+        (spool.root / f"{'5' * 32}.json").write_text(garble)
+    assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "5" * 32 in out and "orphaned" in out and "size 1234" in out
+    if garble is None:
+        assert "orphaned data, no journal" in out
+    assert recover.main(["--cache-dir", str(tmp_path), "retry"]) == 1  # nothing to upload it as
+    assert "discard it" in capsys.readouterr().err
+    assert recover.main(["--cache-dir", str(tmp_path), "discard", "5" * 32]) == 0
+    assert list(spool.root.iterdir()) == []
+    assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    assert "nothing to recover" in capsys.readouterr().out
+
+
+def test_recover_retry_with_missing_data_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "6" * 32, data=None)
+    reg = InMemoryRegistry()
+    reg.add_version("llama", "1.0.0")
+    assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    assert "LOST" in capsys.readouterr().out
+    code = recover.main(["--cache-dir", str(tmp_path), "retry"], make_registry=lambda s: reg)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "is lost" in err and "missing" in err and "Traceback" not in err
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert recover.main(["--cache-dir", str(tmp_path), "discard", "6" * 32]) == 0
+    assert list(spool.root.iterdir()) == []
+
+
+def _retry(tmp_path: Path, reg: InMemoryRegistry, *args: str) -> int:
+    return recover.main(["--cache-dir", str(tmp_path), "retry", *args], make_registry=lambda s: reg)
+
+
+def test_interrupted_upload_already_stored_is_not_uploaded_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(3000)
+    _journal(spool, "7" * 32, data, state="uploading")
+    reg = InMemoryRegistry()
+    v = reg.add_version("llama", "1.0.0")
+    reg.add_file(v, "w.bin", data)  # the cut-off PUT had been stored after all
+    assert _retry(tmp_path, reg) == 0
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert list(spool.root.iterdir()) == []
+
+
+def test_interrupted_upload_not_stored_is_uploaded_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(3000)
+    _journal(spool, "8" * 32, data, state="uploading")
+    reg = InMemoryRegistry()
+    v = reg.add_version("llama", "1.0.0")
+    assert _retry(tmp_path, reg) == 0
+    assert reg.stats.by_kind["upload"] == 1
+    (f,) = reg._files[("v", "llama", "1.0.0")].values()
+    assert f[1] == data
+    assert _retry(tmp_path, reg) == 0  # a second retry finds nothing to do
+    assert reg.stats.by_kind["upload"] == 1
+    assert list(spool.root.iterdir()) == [] and v
+
+
+def test_old_bytes_never_go_over_a_newer_copy_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    old = b"old bytes"
+    _journal(spool, "9" * 32, old, state="failed")
+    reg = InMemoryRegistry()
+    v = reg.add_version("llama", "1.0.0")
+    reg.add_file(v, "w.bin", b"newer bytes, written since")
+    assert _retry(tmp_path, reg) == 1
+    assert "newer" in capsys.readouterr().err
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert [e.id for e in spool.leftovers()] == ["9" * 32]  # kept for a human
+    assert _retry(tmp_path, reg, "--force") == 0
+    assert reg._files[("v", "llama", "1.0.0")]["w.bin"][1] == old
+    assert list(spool.root.iterdir()) == []
+
+
+def test_uploaded_entries_are_only_cleaned_up(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "a" * 32, b"done", state="uploaded")
+    reg = InMemoryRegistry()
+    reg.add_version("llama", "1.0.0")
+    assert _retry(tmp_path, reg) == 0
+    assert not reg.stats.by_kind  # not even a question to the registry
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert list(spool.root.iterdir()) == []
+
+
+def test_spool_is_private_and_looser_modes_are_tightened(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    sf = spool.new("src", ("c", "1"), "f.bin")
+    sf.close()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for p in root.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    os.chmod(root, 0o755)
+    for p in root.iterdir():
+        os.chmod(p, 0o644)
+    Spool(root)  # the next start
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
