@@ -66,14 +66,19 @@ class MetadataCache:
                 b.pop(key, None)
 
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float) -> T:
+        """The fetch runs in the first caller's task: if that caller goes away (cancelled),
+        the fetch stops with it and the next waiter, if any, fetches anew."""
         bucket = self._bucket(ttl)
-        if key in bucket:
-            self.hits += 1
-            return bucket[key]
-        flight = self._inflight.get(key)
-        if flight is not None:  # someone is fetching already: share their answer
-            await flight.done.wait()
-            return flight.result()
+        while True:
+            if key in bucket:
+                self.hits += 1
+                return bucket[key]
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()  # someone is fetching already: share their answer
+            if not flight.abandoned:
+                return flight.result()
         if key in self._last and self._clock() < self._down_until:
             self.stale_answers += 1
             return self._last[key]
@@ -98,6 +103,9 @@ class MetadataCache:
         except Exception as e:
             flight.error = e
             raise
+        except BaseException:
+            flight.abandoned = True  # cancelled: waiters must not take "None" for an answer
+            raise
         finally:
             del self._inflight[key]
             flight.done.set()
@@ -110,6 +118,7 @@ class _Flight:
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
+        self.abandoned = False
 
     def result(self) -> Any:
         if self.error is not None:

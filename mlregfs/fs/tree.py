@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mlregfs.registry.types import Model, RemoteFile
+from mlregfs.registry.validate import has_control
 
 log = logging.getLogger("mlregfs.fs")
 
@@ -14,12 +15,17 @@ NAME_MAX = 255  # bytes, Linux
 
 
 def usable_name(name: str) -> bool:
-    """Can `name` be one directory entry on Linux?"""
+    """Can `name` be one directory entry the mount shows?
+
+    Besides Linux's rules, names with C0/C1 control characters or DEL are refused (terminal
+    escapes and newlines in `ls`); GitLab refuses them on upload, so only a broken or hostile
+    registry sends them. The registry client drops them already: this is defence in depth.
+    """
     return (
         bool(name)
         and name not in (".", "..")
         and "/" not in name
-        and "\0" not in name
+        and not has_control(name)
         and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
     )
 

@@ -18,8 +18,10 @@ import functools
 import http.client
 import json
 import logging
+import math
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -51,6 +53,7 @@ from mlregfs.errors import (
     TooLarge,
     Unauthorized,
 )
+from mlregfs.registry import validate
 from mlregfs.registry.base import RegistryStats
 from mlregfs.registry.retry import (
     ErrorKind,
@@ -79,7 +82,15 @@ Clock = Callable[[], float]
 
 PER_PAGE = 100  # GitLab's max_per_page; larger values are silently capped (§5)
 MLFLOW_MAX_RESULTS = 1000  # MLflow search cap on GitLab (§5)
-MAX_PAGES = 100_000  # guard against a server that never says "last page"
+# Bounds on one listing, against a server that always announces another page (issue 9.6):
+# pages and rows are capped, X-Total-Pages of the first page is believed up to the cap, and
+# the whole listing has a deadline of its own (each page is also bounded by the retry deadline).
+MAX_PAGES = 1_000
+MAX_ITEMS = 100_000
+LISTING_DEADLINE = 120.0
+# Uploads have a total deadline of `timeout + size / MIN_UPLOAD_RATE` per attempt (and the
+# operation `retry_deadline + size / MIN_UPLOAD_RATE`): 10 GiB may take up to ~11 h.
+MIN_UPLOAD_RATE = 256 << 10  # bytes per second
 MLFLOW_CONCURRENCY = 8  # runs/search requests in flight while listing candidates
 SIGNED_URL_TTL = 60.0  # never reuse a signed storage URL longer than this (seconds)
 SIGNED_URL_MARGIN = 5.0  # stop reusing it this long before the URL says it expires
@@ -101,29 +112,74 @@ _CANDIDATE_VERSION = re.compile(r"\Acandidate_([0-9]+)\Z")
 _CANDIDATE_URI = re.compile(r"candidate:([0-9]+)")
 _MODEL_ID_IN_SOURCE = re.compile(r"/-/ml/models/([0-9]+)(?:/|$)")
 _CONTENT_RANGE = re.compile(r"\Abytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
-# semver.org's reference regex; GitLab's semver_regex accepts the same language (§2).
-_SEMVER = re.compile(
-    r"\A(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z"
-)
 
 
 def is_semver(text: str) -> bool:
-    """True when `text` is a version GitLab accepts for a model version (no leading `v`)."""
-    return _SEMVER.match(text) is not None
+    """True when `text` is a version GitLab accepts for a model version (no leading `v`, §2)."""
+    try:
+        validate.semver(text)
+    except validate.Invalid:
+        return False
+    return True
+
+
+def _drop(what: str, exc: validate.Invalid) -> None:
+    """Log an entry left out of a listing because the registry sent an invalid value."""
+    log.warning("registry listing: %s dropped: %s", what, exc)
 
 
 class _Failure(Exception):
-    """One failed attempt: the error to raise if we give up, and how retryable it is."""
+    """One failed attempt: the error to raise if we give up, and how retryable it is.
+
+    `outage=False` marks a failure that says nothing about the registry being down (a body
+    cut short, a request over its deadline): it does not switch on the fail-fast outage mode.
+    """
 
     def __init__(
-        self, error: RegistryError, *, retryable: bool = True, retry_after: float | None = None
+        self,
+        error: RegistryError,
+        *,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        outage: bool = True,
     ) -> None:
         super().__init__(str(error))
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
+        self.outage = outage
+
+
+class _Ticket:
+    """One blocking request in a worker thread: the connection it uses, so that the trio side
+    can cut it off when the request's deadline passes or its caller is cancelled."""
+
+    def __init__(self) -> None:
+        self.conn: http.client.HTTPConnection | None = None
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        _shutdown(self.conn)
+
+
+def _connect(conn: http.client.HTTPConnection, ticket: _Ticket, where: str) -> None:
+    """Connect now (not inside request()), so that a request abandoned while connecting
+    never goes on to wait for an answer nobody will read."""
+    if conn.sock is None:
+        conn.connect()
+    if ticket.abandoned:
+        raise _Failure(RegistryTimeout(f"{where}: abandoned"), outage=False)
+
+
+def _shutdown(conn: http.client.HTTPConnection | None) -> None:
+    """Make a thread blocked on `conn` return at once (shutdown is safe across threads)."""
+    sock = conn.sock if conn is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -153,6 +209,7 @@ class GitLabRegistry:
         sleep: Sleep | None = None,
         clock: Clock | None = None,
         token_refresh: Callable[[], str | None] | None = None,
+        listing_deadline: float | None = None,
     ) -> None:
         if token_kind not in ("personal", "job"):
             raise ValueError(f"token_kind must be 'personal' or 'job', not {token_kind!r}")
@@ -163,8 +220,15 @@ class GitLabRegistry:
         self._token_kind = token_kind
         # called on a 401: a rotated token (re-read from its file) is tried once
         self._token_refresh = token_refresh
+        # `timeout` bounds one HTTP request in total (connect, headers and body), not one
+        # socket read: a server that drips a byte a second must not hold a reader for ever.
         self._timeout = timeout
         self._policy = retry or RetryPolicy()
+        self._listing_deadline = (
+            listing_deadline
+            if listing_deadline is not None
+            else max(LISTING_DEADLINE, self._policy.deadline)
+        )
         self._sleep: Sleep = sleep or trio.sleep
         self._clock: Clock = clock or trio.current_time
         self._client = httpx.AsyncClient(
@@ -179,6 +243,11 @@ class GitLabRegistry:
         # path does not)
         self._blocking_reads = transport is None and not urllib.request.getproxies()
         self._local = threading.local()
+        # every pooled http.client connection of every worker thread, so that aclose() can cut
+        # them all (threads abandoned in a socket read then end at once)
+        self._conns: set[http.client.HTTPConnection] = set()
+        self._conns_lock = threading.Lock()
+        self._closed = False
 
         self._resolve_lock = trio.Lock()
         self._project: ProjectInfo | None = None
@@ -209,7 +278,13 @@ class GitLabRegistry:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Release connections."""
+        """Release connections, including those of worker threads still blocked on them."""
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            _shutdown(conn)
+            conn.close()
         await self._client.aclose()
 
     # ------------------------------------------------------------------------------ project
@@ -246,8 +321,12 @@ class GitLabRegistry:
         if status == 200:
             if not isinstance(data, dict) or not isinstance(data.get("id"), int):
                 raise ProtocolError(f"GET /projects/{path}: answer is not a project")
+            try:
+                project_id = validate.ident(data["id"], "project id")
+            except validate.Invalid as exc:
+                raise ProtocolError(f"GET /projects/{path}: {exc}") from None
             return ProjectInfo(
-                id=data["id"],
+                id=project_id,
                 path=str(data.get("path_with_namespace") or path),
                 visibility=str(data.get("visibility") or "private"),
             )
@@ -324,7 +403,7 @@ class GitLabRegistry:
                 rm = data.get("registered_model") if isinstance(data, dict) else None
                 if not isinstance(rm, dict):
                     raise ProtocolError("registered-models/get: answer has no registered_model")
-                return self._model_from_mlflow(rm)
+                return self._checked_model(rm)
             if resp.status_code == 404 and _error_code(data) == "RESOURCE_DOES_NOT_EXIST":
                 self._mlflow_models = True
                 raise NotFound(f"model {name!r} not found", status=404)
@@ -342,13 +421,24 @@ class GitLabRegistry:
         async for page in self._mlflow_pages(
             "list_models", "GET", "registered-models/search", "registered_models"
         ):
-            models.extend(self._model_from_mlflow(rm) for rm in page)
+            for rm in page:
+                try:
+                    models.append(self._model_from_mlflow(rm))
+                except validate.Invalid as exc:
+                    _drop("model", exc)
         return models
 
+    def _checked_model(self, rm: dict[str, Any]) -> Model:
+        """One model answer that must be usable (get, create): ProtocolError if it is not."""
+        try:
+            return self._model_from_mlflow(rm)
+        except validate.Invalid as exc:
+            raise ProtocolError(f"registry answered an unusable model: {exc}") from None
+
     def _model_from_mlflow(self, rm: dict[str, Any]) -> Model:
-        name = rm.get("name")
-        if not isinstance(name, str):
-            raise ProtocolError("MLflow registered model without a name")
+        """Model from an MLflow registered model; Invalid if its name is unusable. Versions
+        with an invalid id or version string are dropped (logged)."""
+        name = validate.model_name(rm.get("name"))
         model_id: int | None = None
         versions: list[ModelVersion] = []
         # GitLab puts ALL versions into latest_versions (§5); `version` is the DB id and the
@@ -356,22 +446,21 @@ class GitLabRegistry:
         for mv in rm.get("latest_versions") or []:
             if not isinstance(mv, dict):
                 continue
-            try:
-                mv_id = int(mv["version"])
-            except (KeyError, TypeError, ValueError):
-                log.debug("model %r: version entry without a numeric id, skipped", name)
-                continue
             aliases = mv.get("aliases") or []
-            semver = aliases[0] if aliases and isinstance(aliases[0], str) else None
-            if semver is None:
-                log.debug("model %r: version id %d has no semver alias, skipped", name, mv_id)
+            alias = aliases[0] if isinstance(aliases, list) and aliases else None
+            if alias is None:
+                log.debug("model %r: version without a semver alias, skipped", name)
                 continue
-            if not is_semver(semver):
-                log.debug("model %r: version %r is not semver", name, semver)
+            try:
+                mv_id = validate.ident(mv.get("version"), "model version id")
+                semver = validate.semver(alias)
+            except validate.Invalid as exc:
+                _drop(f"version of model {validate.shown(name)}", exc)
+                continue
             source = mv.get("source")
             if model_id is None and isinstance(source, str):
                 m = _MODEL_ID_IN_SOURCE.search(source)
-                model_id = int(m.group(1)) if m else None
+                model_id = int(m.group(1)) if m and len(m.group(1)) <= 18 else None
             versions.append(
                 ModelVersion(
                     model=name,
@@ -394,9 +483,15 @@ class GitLabRegistry:
             name = row.get("name")
             if not isinstance(name, str) or name.startswith("ml_experiment_"):
                 continue  # experiment candidates, not a model
+            try:
+                validate.model_name(name)
+            except validate.Invalid as exc:
+                _drop("model package", exc)
+                continue
             by_name.setdefault(name, []).append(row)
         models = []
         for name, pkgs in sorted(by_name.items()):
+            # rows come from _all_packages: their ids are validated already
             versions = tuple(
                 ModelVersion(
                     model=name,
@@ -430,8 +525,12 @@ class GitLabRegistry:
             m = _CANDIDATE_VERSION.match(str(row.get("version", "")))
             if not m:
                 continue
-            iid = int(m.group(1))
-            pkg_id = int(row["id"])
+            try:
+                iid = validate.ident(m.group(1), "candidate iid")
+            except validate.Invalid as exc:
+                _drop("candidate package", exc)
+                continue
+            pkg_id = int(row["id"])  # validated by _all_packages
             known = merged.get(iid)
             if known is None:
                 merged[iid] = Candidate(
@@ -571,11 +670,16 @@ class GitLabRegistry:
             path = decode_file_name(str(row.get("path", "")))
             if path is None:
                 continue
+            try:
+                size = validate.size(row.get("file_size"))
+            except validate.Invalid as exc:
+                _drop(f"file {validate.shown(path)}", exc)
+                continue
             # No file ids here; 0 marks "unknown", reads go through the ml_models route by
             # name, which serves the newest copy, like the last row we keep.
             by_path[path] = RemoteFile(
                 path=path,
-                size=int(row.get("file_size") or 0),
+                size=size,
                 sha256=None,
                 created_at=pkg.created_at,
                 file_id=0,
@@ -610,7 +714,7 @@ class GitLabRegistry:
                     log.debug("signed URL for %s refused; re-signing", file.path)
             return await self._follow(url, route, start, end, file, cache_key=key)
 
-        return await self._retrying(attempt)
+        return await self._retrying(attempt, f"GET {_where(url)}")
 
     def _download_url(self, owner: FileOwner, file: RemoteFile) -> tuple[str, Route]:
         if isinstance(owner, Candidate) or owner.id is not None:
@@ -655,7 +759,12 @@ class GitLabRegistry:
                 return result
             if hop == MAX_REDIRECTS:
                 break
+            where = f"GET {_where(url)}"
             url = urljoin(url, result.location)
+            try:
+                validate.url(url)
+            except validate.Invalid as exc:
+                raise _Failure(ProtocolError(f"{where}: {exc}"), retryable=False) from None
             if hop == 0 and cache_key is not None and route != "storage":
                 self._remember_signed(cache_key, url)
             # Signed object-storage URLs refuse a second auth mechanism (§4): send none.
@@ -674,11 +783,28 @@ class GitLabRegistry:
         headers["Accept-Encoding"] = "identity"  # byte offsets must mean file offsets
         self.stats.count(kind)
         if self._blocking_reads:
-            result, received = await trio.to_thread.run_sync(
-                self._blocking_range_get, url, headers, where, start, end, file
+            result, received = await self._in_thread(
+                where,
+                self._timeout,
+                self._blocking_range_get,
+                url,
+                headers,
+                where,
+                start,
+                end,
+                file,
             )
             self.stats.bytes_downloaded += received
             return result
+        with trio.move_on_after(self._timeout):
+            return await self._stream_range_get(url, headers, where, start, end, file)
+        raise _Failure(self._deadline_error(where, self._timeout), outage=False)
+
+    async def _stream_range_get(
+        self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
+    ) -> Buffer | _Redirect:
+        """The httpx byte path (tests, proxies). Leaving the stream early closes the
+        connection, so a broken answer never poisons the next request."""
         try:
             async with self._client.stream("GET", url, headers=headers) as resp:
                 status = resp.status_code
@@ -708,78 +834,138 @@ class GitLabRegistry:
         except httpx.HTTPError as exc:
             raise self._transport_failure(where, exc) from exc
 
+    async def _in_thread(self, where: str, budget: float, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking `fn(ticket, *args)` in a worker thread for at most `budget` seconds.
+
+        Past the budget, or when the caller is cancelled (unmount), the thread is abandoned
+        and its socket shut down, so it ends promptly and never holds the daemon or a reader.
+        """
+        ticket = _Ticket()
+        finished = False
+        try:
+            with trio.move_on_after(budget):
+                result = await trio.to_thread.run_sync(
+                    functools.partial(fn, ticket, *args), abandon_on_cancel=True
+                )
+                finished = True
+                return result
+        finally:
+            if not finished:
+                ticket.abandon()
+        raise _Failure(self._deadline_error(where, budget), outage=False)
+
+    def _deadline_error(self, where: str, budget: float) -> RegistryTimeout:
+        return RegistryTimeout(f"{where}: no complete answer within {budget:g} s")
+
     def _blocking_range_get(
-        self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
+        self,
+        ticket: _Ticket,
+        url: str,
+        headers: dict[str, str],
+        where: str,
+        start: int,
+        end: int,
+        file: RemoteFile,
     ) -> tuple[Buffer | _Redirect, int]:
         """The byte path, run in a worker thread (the second core): http.client reads straight
         into one preallocated buffer with the GIL released, where httpx under trio costs the
-        FUSE thread 1.5-2.4 s of CPU per GiB (fuse-ceiling.md §5, §6)."""
+        FUSE thread 1.5-2.4 s of CPU per GiB (fuse-ceiling.md §5, §6).
+
+        Any failure after the request was sent closes the connection: a half-read or
+        unexpected answer must not be the start of the next response on it (issue 9.7)."""
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         conn = self._connection(parts.scheme, parts.netloc)
+        ticket.conn = conn
         try:
-            conn.request("GET", target, headers={**headers, "User-Agent": USER_AGENT})
-            resp = conn.getresponse()
-            status = resp.status
-            log.debug("%s [%d-%d) -> %d", where, start, end, status)
-            if status in _REDIRECTS:
-                location = resp.getheader("Location")
-                resp.read()
-                if not location:
-                    raise _Failure(
-                        ProtocolError(f"{where} -> {status} without Location"), retryable=False
-                    )
-                return _Redirect(location), 0
-            if status not in (200, 206):
-                body = resp.read(4096)
-                fake = httpx.Response(status, headers=resp.getheaders(), content=body)
-                conn.close()
-                raise self._status_failure("GET", url, fake, body)
-            encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                raise _Failure(ProtocolError(f"{where}: unexpected {encoding} encoding"))
-            skip = 0
-            if status == 206:
-                fake = httpx.Response(
-                    206, headers={"Content-Range": resp.getheader("Content-Range") or ""}
-                )
-                self._check_content_range(where, fake, start, end, file)
-            else:  # 200: the server ignored Range; skip to `start`, stop at `end`
-                length = resp.getheader("Content-Length")
-                if length is not None and length.isdigit() and int(length) != file.size:
-                    raise _Failure(_changed(where, int(length), file), retryable=False)
-                skip = start
-            want = end - start
-            buf = POOL.take(want)  # recycled block buffer: fresh memory is slow on our VMs
-            view = memoryview(buf)
-            received = 0
-            while skip:
-                chunk = resp.read(min(skip, 1 << 20))
-                if not chunk:
-                    break
-                skip -= len(chunk)
-                received += len(chunk)
-            pos = 0
-            while pos < want:
-                n = resp.readinto(view[pos:])
-                if not n:
-                    break
-                pos += n
-            received += pos
-            if pos < want:
-                conn.close()
-                raise _Failure(ProtocolError(f"{where}: short body, got {pos} of {want} bytes"))
-            if status == 200 or resp.length:
-                conn.close()  # unread rest of a full answer: don't reuse this connection
-            # the buffer itself, no copy: nothing writes to it once it is returned
-            return buf, received
+            _connect(conn, ticket, where)
+            result = self._range_exchange(conn, target, headers, url, where, start, end, file)
+        except _Failure:
+            conn.close()
+            raise
         except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             conn.close()
             raise self._socket_failure(where, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if ticket.abandoned:
+            conn.close()  # its socket may have been shut down under us
+        return result
 
-    def _blocking_upload(self, url: str, where: str, source: Path, size: int) -> None:
+    def _range_exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        target: str,
+        headers: dict[str, str],
+        url: str,
+        where: str,
+        start: int,
+        end: int,
+        file: RemoteFile,
+    ) -> tuple[Buffer | _Redirect, int]:
+        conn.request("GET", target, headers={**headers, "User-Agent": USER_AGENT})
+        resp = conn.getresponse()
+        status = resp.status
+        log.debug("%s [%d-%d) -> %d", where, start, end, status)
+        if status in _REDIRECTS:
+            location = resp.getheader("Location")
+            resp.read(64 << 10)
+            if not resp.isclosed():
+                conn.close()  # a redirect with a big body: not worth reading
+            if not location:
+                raise _Failure(
+                    ProtocolError(f"{where} -> {status} without Location"), retryable=False
+                )
+            return _Redirect(location), 0
+        if status not in (200, 206):
+            body = resp.read(4096)
+            fake = httpx.Response(status, headers=resp.getheaders(), content=body)
+            conn.close()
+            raise self._status_failure("GET", url, fake, body)
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Failure(ProtocolError(f"{where}: unexpected {encoding} encoding"))
+        skip = 0
+        if status == 206:
+            fake = httpx.Response(
+                206, headers={"Content-Range": resp.getheader("Content-Range") or ""}
+            )
+            self._check_content_range(where, fake, start, end, file)
+        else:  # 200: the server ignored Range; skip to `start`, stop at `end`
+            length = resp.getheader("Content-Length")
+            if length is not None and length.isdigit() and int(length) != file.size:
+                raise _Failure(_changed(where, int(length), file), retryable=False)
+            skip = start
+        want = end - start
+        buf = POOL.take(want)  # recycled block buffer: fresh memory is slow on our VMs
+        view = memoryview(buf)
+        received = 0
+        while skip:
+            chunk = resp.read(min(skip, 1 << 20))
+            if not chunk:
+                break
+            skip -= len(chunk)
+            received += len(chunk)
+        pos = 0
+        while pos < want:
+            n = resp.readinto(view[pos:])
+            if not n:
+                break
+            pos += n
+        received += pos
+        if pos < want:
+            raise _truncated(where, pos, want)
+        if status == 200 or resp.length:
+            conn.close()  # unread rest of a full answer: don't reuse this connection
+        # the buffer itself, no copy: nothing writes to it once it is returned
+        return buf, received
+
+    def _blocking_upload(
+        self, ticket: _Ticket, url: str, where: str, source: Path, size: int
+    ) -> None:
         """The upload byte path, on a worker thread: http.client streams the spool file in
-        1 MiB sends with the GIL released."""
+        1 MiB sends with the GIL released. The connection is kept only after a clean 201."""
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = {
@@ -789,7 +975,9 @@ class GitLabRegistry:
             "User-Agent": USER_AGENT,
         }
         conn = self._connection(parts.scheme, parts.netloc)
+        ticket.conn = conn
         try:
+            _connect(conn, ticket, where)
             with directio.SequentialReader(source, UPLOAD_CHUNK) as f:
                 payload = _Limited(f, size)  # gives memoryviews: http.client sends any buffer
                 conn.request("PUT", target, body=payload, headers=headers)  # type: ignore[arg-type]
@@ -798,18 +986,28 @@ class GitLabRegistry:
         except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
             conn.close()
             raise self._socket_failure(where, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if ticket.abandoned:
+            conn.close()
         if resp.status != 201:
+            conn.close()
             fake = httpx.Response(resp.status, headers=resp.getheaders(), content=body)
             raise self._status_failure("PUT", url, fake, body)
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        """A keep-alive connection per worker thread and origin."""
+        """A keep-alive connection per worker thread and origin (also listed registry-wide)."""
+        if scheme not in ("http", "https") or not netloc:
+            raise _Failure(ProtocolError(f"refusing to fetch a {scheme!r} URL"), retryable=False)
         pool: dict[tuple[str, str], http.client.HTTPConnection] = (
             getattr(self._local, "pool", None) or {}
         )
         self._local.pool = pool
         conn = pool.get((scheme, netloc))
-        if conn is None:
+        if conn is None or conn not in self._conns:  # new, or cut by aclose()
+            if self._closed:
+                raise _Failure(RegistryUnavailable("registry client closed"), retryable=False)
             if scheme == "https":
                 conn = http.client.HTTPSConnection(
                     netloc,
@@ -822,6 +1020,8 @@ class GitLabRegistry:
                     netloc, timeout=self._timeout, blocksize=UPLOAD_CHUNK
                 )
             pool[(scheme, netloc)] = conn
+            with self._conns_lock:
+                self._conns.add(conn)
         return conn
 
     def _check_content_range(
@@ -862,7 +1062,7 @@ class GitLabRegistry:
             if pos == length and not exact:
                 break  # the rest of a full-file 200 answer is not wanted
         if pos < length:
-            raise _Failure(ProtocolError(f"{where}: short body, got {pos} of {length} bytes"))
+            raise _truncated(where, pos, length)
         # With `exact`, reading to the end of a 206 lets httpx reuse the connection.
         return bytes(buf)
 
@@ -905,10 +1105,16 @@ class GitLabRegistry:
             if sent != size:  # the spool changed under us: never send a wrong body
                 raise ProtocolError(f"{where}: spool has {sent} bytes, expected {size}")
 
+        # a total deadline that grows with the size: a slow link is fine, a stall is not
+        transfer = size / MIN_UPLOAD_RATE
+        budget = self._timeout + transfer
+
         async def attempt() -> None:
             self.stats.count("upload")
             if self._blocking_reads:
-                await trio.to_thread.run_sync(self._blocking_upload, url, where, source, size)
+                await self._in_thread(
+                    where, budget, self._blocking_upload, url, where, source, size
+                )
                 self.stats.bytes_uploaded += size
                 return
             headers = {
@@ -916,15 +1122,18 @@ class GitLabRegistry:
                 "Content-Length": str(size),
                 "Content-Type": "application/octet-stream",
             }
-            try:
-                resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
-            except httpx.HTTPError as exc:
-                raise self._transport_failure(where, exc) from exc
-            if resp.status_code != 201:
-                raise self._status_failure("PUT", url, resp, resp.content)
-            self.stats.bytes_uploaded += size
+            with trio.move_on_after(budget):
+                try:
+                    resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
+                except httpx.HTTPError as exc:
+                    raise self._transport_failure(where, exc) from exc
+                if resp.status_code != 201:
+                    raise self._status_failure("PUT", url, resp, resp.content)
+                self.stats.bytes_uploaded += size
+                return
+            raise _Failure(self._deadline_error(where, budget), outage=False)
 
-        await self._retrying(attempt)
+        await self._retrying(attempt, where, extra=transfer)
 
     async def delete_file(self, file: RemoteFile) -> None:
         """DELETE /projects/:id/packages/:pkg/package_files/:file (Maintainer; 204)."""
@@ -942,7 +1151,7 @@ class GitLabRegistry:
             route="mlflow",
             body={"name": name},
         )
-        return self._model_from_mlflow(_dict(data, "registered_model"))
+        return self._checked_model(_dict(data, "registered_model"))
 
     async def create_version(self, model: str, version: str) -> ModelVersion:
         """MLflow model-versions/create; the `gitlab.version` tag sets the semver."""
@@ -957,9 +1166,12 @@ class GitLabRegistry:
         )
         mv = _dict(data, "model_version")
         aliases = mv.get("aliases") or [version]
-        return ModelVersion(
-            model, str(aliases[0]), int(mv["version"]), _timestamp(mv.get("creation_timestamp"))
-        )
+        try:
+            mv_id = validate.ident(mv.get("version"), "model version id")
+            semver = validate.semver(aliases[0] if isinstance(aliases, list) else None)
+        except validate.Invalid as exc:
+            raise ProtocolError(f"model-versions/create: unusable answer: {exc}") from None
+        return ModelVersion(model, semver, mv_id, _timestamp(mv.get("creation_timestamp")))
 
     async def delete_version(self, version: ModelVersion) -> None:
         """GraphQL mlModelVersionDelete: GitLab has no REST route for it."""
@@ -1036,7 +1248,7 @@ class GitLabRegistry:
         async def attempt() -> tuple[Any, httpx.Response]:
             return await self._json_once(kind, method, url, route, params, body, passthrough)
 
-        return await self._retrying(attempt)
+        return await self._retrying(attempt, f"{method} {_where(url)}")
 
     async def _json_once(
         self,
@@ -1052,12 +1264,7 @@ class GitLabRegistry:
         where = f"{method} {_where(url)}"
         for _hop in range(MAX_REDIRECTS + 1):
             self.stats.count(kind)
-            try:
-                resp = await self._client.request(
-                    method, url, params=params, json=body, headers=headers
-                )
-            except httpx.HTTPError as exc:
-                raise self._transport_failure(where, exc) from exc
+            resp = await self._bounded_request(where, method, url, params, body, headers)
             log.debug("%s -> %d", where, resp.status_code)
             if resp.status_code not in _REDIRECTS or method != "GET":
                 break
@@ -1082,19 +1289,61 @@ class GitLabRegistry:
                 raise _Failure(ProtocolError(f"{where} -> {status}: body is not JSON")) from None
         raise self._status_failure(method, url, resp, resp.content)
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until it succeeds or the retry policy gives up."""
+    async def _bounded_request(
+        self,
+        where: str,
+        method: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        headers: dict[str, str],
+    ) -> httpx.Response:
+        """One httpx request, body included, within `timeout` in total (not per read)."""
+        with trio.move_on_after(self._timeout):
+            try:
+                return await self._client.request(
+                    method, url, params=params, json=body, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                raise self._transport_failure(where, exc) from exc
+        raise _Failure(self._deadline_error(where, self._timeout), outage=False)
+
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[T]], where: str, *, extra: float = 0.0
+    ) -> T:
+        """Run `attempt` until it succeeds or the retry policy gives up.
+
+        The whole operation is bounded by the policy's deadline (plus `extra`, the transfer
+        allowance of an upload): no attempt starts or continues past it. A deadline of 0 means
+        one attempt, bounded by the per-request timeout only.
+        """
         started = self._clock()
         policy = self._policy
+        if extra:
+            policy = replace(policy, deadline=policy.deadline + extra)
         if self._down_since is not None and started - self._down_since < OUTAGE_WINDOW:
             policy = replace(policy, max_attempts=1)  # known outage: fail fast
         number = 0
         refreshed = False
+        last: _Failure | None = None
         while True:
             number += 1
+            left = policy.deadline - (self._clock() - started)
+            if number > 1 and left <= 0 and last is not None:
+                self.stats.errors += 1
+                raise last.error from last.__cause__
             try:
-                result = await attempt()
+                with trio.move_on_after(left if policy.deadline > 0 else math.inf):
+                    result = await attempt()
+                    self._down_since = None
+                    return result
+                raise _Failure(
+                    RegistryTimeout(f"{where}: no answer within {policy.deadline:g} s"),
+                    retryable=False,
+                    outage=False,
+                )
             except _Failure as failure:
+                last = failure
                 if (
                     isinstance(failure.error, Unauthorized)
                     and self._token_refresh is not None
@@ -1107,7 +1356,7 @@ class GitLabRegistry:
                         self.set_token(new)
                         continue
                 kind = kind_of(failure.error) if failure.retryable else ErrorKind.FATAL
-                if kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT):
+                if failure.outage and kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT):
                     self._down_since = self._clock()
                 delay = retry_delay(
                     policy,
@@ -1123,9 +1372,6 @@ class GitLabRegistry:
                 self.stats.retries += 1
                 log.debug("%s; retry %d in %.2f s", failure.error, number, delay)
                 await self._sleep(delay)
-            else:
-                self._down_since = None
-                return result
 
     def _status_failure(self, method: str, url: str, resp: httpx.Response, body: bytes) -> _Failure:
         status = resp.status_code
@@ -1162,17 +1408,25 @@ class GitLabRegistry:
         return _Failure(cls(message, status=status), retryable=retryable, retry_after=retry_after)
 
     def _socket_failure(self, where: str, exc: Exception) -> _Failure:
-        """A socket or http.client error of the lean byte path, as the error we would raise."""
+        """A socket or http.client error of the lean byte path, as the error we would raise.
+
+        Every one is retried like a dropped connection; a body cut short or a keep-alive
+        connection the server closed says the registry is up (no fail-fast outage mode)."""
         if isinstance(exc, TimeoutError):
             return _Failure(RegistryTimeout(f"{where}: no answer within {self._timeout:g} s"))
-        return _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}")))
+        answered = isinstance(exc, http.client.HTTPException)  # short body, closed keep-alive
+        message = self._scrub(f"{where}: {_describe(exc)}")
+        return _Failure(RegistryUnavailable(message), outage=not answered)
 
     def _transport_failure(self, where: str, exc: httpx.HTTPError) -> _Failure:
         """An httpx exception (no HTTP status) as the error we raise if we give up."""
         if isinstance(exc, httpx.TimeoutException):
             return _Failure(RegistryTimeout(f"{where}: no answer within {self._timeout:g} s"))
         if isinstance(exc, httpx.TransportError):
-            return _Failure(RegistryUnavailable(self._scrub(f"{where}: {_describe(exc)}")))
+            # RemoteProtocolError: the peer closed mid-body; it answered, so no outage mode
+            answered = isinstance(exc, httpx.RemoteProtocolError)
+            message = self._scrub(f"{where}: {_describe(exc)}")
+            return _Failure(RegistryUnavailable(message), outage=not answered)
         return _Failure(ProtocolError(self._scrub(f"{where}: {_describe(exc)}")))
 
     def _scrub(self, text: str) -> str:
@@ -1188,33 +1442,78 @@ class GitLabRegistry:
     ) -> list[dict[str, Any]]:
         params = {"package_type": "ml_model", **(extra or {})}
         rows = await self._offset_pages(kind, self._project_url("packages"), params)
-        # Everything downstream keys on the package id; drop rows that lack one.
-        return [r for r in rows if isinstance(r.get("id"), int) and isinstance(r.get("name"), str)]
+        # Everything downstream keys on the package id (and puts it in URLs): drop rows
+        # without a valid one.
+        good = []
+        for row in rows:
+            try:
+                if isinstance(row.get("id"), str) or not isinstance(row.get("name"), str):
+                    raise validate.Invalid(f"package row {validate.shown(row)} is malformed")
+                validate.ident(row.get("id"), "package id")
+            except validate.Invalid as exc:
+                _drop("package", exc)
+                continue
+            good.append(row)
+        return good
 
     async def _offset_pages(
         self, kind: str, url: str, params: Mapping[str, str]
     ) -> list[dict[str, Any]]:
-        """Every row of a GitLab offset-paginated listing (X-Next-Page, §5)."""
+        """Every row of a GitLab offset-paginated listing (X-Next-Page, §5), bounded.
+
+        At most MAX_PAGES pages (X-Total-Pages of the first page, when it says fewer, + 1 for
+        rows added while we list), MAX_ITEMS rows and the listing deadline; a page that repeats
+        the previous one is an error, an empty page after the first ends the listing.
+        """
+        where = f"GET {_where(url)}"
         rows: list[dict[str, Any]] = []
         page = 1
-        for _ in range(MAX_PAGES):
+        limit = MAX_PAGES
+        started = self._clock()
+        previous: list[Any] | None = None
+        for number in range(1, MAX_PAGES + 1):
+            self._check_listing(where, started, number)
             query = {**params, "per_page": str(PER_PAGE), "page": str(page)}
             data, resp = await self._json(kind, "GET", url, params=query)
             items = _dicts(data, _where(url))
+            if number == 1:
+                total = (resp.headers.get("X-Total-Pages") or "").strip()
+                if total.isascii() and total.isdigit():
+                    if int(total) > MAX_PAGES:
+                        raise ProtocolError(f"{where}: {total} pages, more than {MAX_PAGES}")
+                    limit = min(MAX_PAGES, int(total) + 1)
+            elif not items:
+                return rows  # GitLab never announces a page it then serves empty
+            ids = [r.get("id") for r in items]
+            if ids == previous:
+                raise ProtocolError(f"{where}: page {page} repeats the previous page")
+            previous = ids
             rows.extend(items)
+            if len(rows) > MAX_ITEMS:
+                raise ProtocolError(f"{where}: more than {MAX_ITEMS} rows")
             next_page = resp.headers.get("X-Next-Page")
             if next_page is not None:
                 if not next_page.strip():
                     return rows
                 if not next_page.strip().isdigit() or int(next_page) <= page:
-                    raise ProtocolError(f"GET {_where(url)}: bad X-Next-Page {next_page!r}")
+                    raise ProtocolError(f"{where}: bad X-Next-Page {validate.shown(next_page)}")
                 page = int(next_page)
             elif "next" in resp.links or len(items) >= PER_PAGE:
                 # Headers stripped by a proxy: a full page means there may be another.
                 page += 1
             else:
                 return rows
-        raise ProtocolError(f"GET {_where(url)}: more than {MAX_PAGES} pages")
+            if number >= limit:
+                raise ProtocolError(f"{where}: more pages than the {limit} announced")
+        raise ProtocolError(f"{where}: more than {MAX_PAGES} pages")
+
+    def _check_listing(self, where: str, started: float, number: int) -> None:
+        """Fail a listing that has run past its deadline (checked before each page)."""
+        if number > 1 and self._clock() - started > self._listing_deadline:
+            raise ProtocolError(
+                f"{where}: listing unfinished after {self._listing_deadline:g} s "
+                f"({number - 1} pages)"
+            )
 
     async def _mlflow_pages(
         self,
@@ -1224,11 +1523,16 @@ class GitLabRegistry:
         key: str,
         body: dict[str, Any] | None = None,
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield each page (list of dicts) of an MLflow keyset-paginated search (§5)."""
+        """Yield each page (list of dicts) of an MLflow keyset-paginated search (§5), with the
+        bounds of `_offset_pages` (pages, rows, deadline, a repeating token)."""
         url = self._mlflow_url(endpoint)
+        where = f"{method} {_where(url)}"
         token: str | None = None
         seen: set[str] = set()
-        for _ in range(MAX_PAGES):
+        count = 0
+        started = self._clock()
+        for number in range(1, MAX_PAGES + 1):
+            self._check_listing(where, started, number)
             if method == "GET":
                 params = {"max_results": str(MLFLOW_MAX_RESULTS)}
                 if token:
@@ -1240,32 +1544,42 @@ class GitLabRegistry:
                     payload["page_token"] = token
                 data, _ = await self._json(kind, "POST", url, route="mlflow", body=payload)
             if not isinstance(data, dict):
-                raise ProtocolError(f"{method} {_where(url)}: answer is not a JSON object")
-            yield _dicts(data.get(key) or [], endpoint)
+                raise ProtocolError(f"{where}: answer is not a JSON object")
+            items = _dicts(data.get(key) or [], endpoint)
+            count += len(items)
+            if count > MAX_ITEMS:
+                raise ProtocolError(f"{where}: more than {MAX_ITEMS} rows")
+            yield items
             token = data.get("next_page_token") or None
             if token is None:
                 return
+            if not isinstance(token, str) or len(token) > 4096:
+                raise ProtocolError(f"{where}: bad page token {validate.shown(token)}")
             if token in seen:
-                raise ProtocolError(f"{method} {_where(url)}: page token repeats")
+                raise ProtocolError(f"{where}: page token repeats")
+            if not items:
+                return  # an empty page announcing more: nothing to gain from asking again
             seen.add(token)
-        raise ProtocolError(f"{method} {_where(url)}: more than {MAX_PAGES} pages")
+        raise ProtocolError(f"{where}: more than {MAX_PAGES} pages")
 
 
 # ---------------------------------------------------------------------------------- helpers
 
 
 def decode_file_name(stored: str) -> str | None:
-    """Stored (percent-encoded) file_name -> relative path, or None if unsafe (§2, §8.3)."""
+    """Stored (percent-encoded) file_name -> relative path, or None if unsafe (§2, §8.3).
+
+    Every decoded segment must be a usable name: not empty, `.` or `..`, no control
+    character, at most 255 bytes. An unusable one is logged (escaped) and left out.
+    """
     try:
         path = unquote(stored, errors="strict")  # `+` stays `+`: GitLab encodes it as %2B
+        return validate.rel_path(path, "file name")
     except UnicodeDecodeError:
-        log.debug("skipping file %r: not UTF-8 once decoded", stored)
-        return None
-    segments = path.split("/")
-    if "\x00" in path or any(seg in ("", ".", "..") for seg in segments):
-        log.debug("skipping file %r: unsafe path %r", stored, path)
-        return None
-    return path
+        _drop("file", validate.Invalid(f"file name {validate.shown(stored)} is not UTF-8"))
+    except validate.Invalid as exc:
+        _drop("file", exc)
+    return None
 
 
 def signed_url_lifetime(url: str, now: float) -> float:
@@ -1295,8 +1609,13 @@ def _files_from_rows(rows: list[dict[str, Any]], package_id: int) -> list[Remote
     by_path: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         name = row.get("file_name")
-        if not isinstance(name, str) or not isinstance(row.get("id"), int):
-            log.debug("skipping malformed package file row %r", row)
+        if not isinstance(name, str) or isinstance(row.get("id"), str):
+            _drop("file", validate.Invalid(f"package file row {validate.shown(row)}"))
+            continue
+        try:
+            validate.ident(row.get("id"), "package file id")
+        except validate.Invalid as exc:
+            _drop("file", exc)
             continue
         path = decode_file_name(name)
         if path is not None:
@@ -1305,17 +1624,23 @@ def _files_from_rows(rows: list[dict[str, Any]], package_id: int) -> list[Remote
     for path in sorted(by_path):
         copies = sorted(by_path[path], key=lambda r: int(r["id"]))
         newest = copies[-1]
-        files.append(
-            RemoteFile(
-                path=path,
-                size=int(newest.get("size") or 0),
-                sha256=newest.get("file_sha256") or None,
-                created_at=_timestamp(newest.get("created_at")),
-                file_id=int(newest["id"]),
-                package_id=int(newest.get("package_id") or package_id),
-                older_ids=tuple(int(r["id"]) for r in copies[:-1]),
+        # The newest copy is what GitLab serves: if it is unusable the name is dropped, never
+        # replaced by an older copy's metadata.
+        try:
+            pkg = newest.get("package_id")
+            files.append(
+                RemoteFile(
+                    path=path,
+                    size=validate.size(newest.get("size")),
+                    sha256=validate.sha256(newest.get("file_sha256")),
+                    created_at=_timestamp(newest.get("created_at")),
+                    file_id=int(newest["id"]),
+                    package_id=package_id if pkg is None else validate.ident(pkg, "package id"),
+                    older_ids=tuple(int(r["id"]) for r in copies[:-1]),
+                )
             )
-        )
+        except validate.Invalid as exc:
+            _drop(f"file {validate.shown(path)}", exc)
     return files
 
 
@@ -1326,23 +1651,40 @@ def _candidate_from_run(run: Any) -> Candidate | None:
     m = _CANDIDATE_URI.search(str(info.get("artifact_uri") or ""))
     if m is None:
         return None  # promoted to a model version (artifacts under its id), or legacy
+    try:
+        iid = validate.ident(m.group(1), "candidate iid")
+    except validate.Invalid as exc:
+        _drop("MLflow run", exc)
+        return None
     return Candidate(
-        iid=int(m.group(1)),
+        iid=iid,
         created_at=_timestamp(info.get("start_time")),
-        eid=info.get("run_id") or None,
-        name=info.get("run_name") or None,
+        eid=validate.optional_text(info.get("run_id")),
+        name=validate.optional_text(info.get("run_name")),
     )
 
 
 def _timestamp(value: Any) -> float:
-    """GitLab/MLflow time -> epoch seconds. Numbers over 1e11 are milliseconds (MLflow runs)."""
+    """GitLab/MLflow time -> epoch seconds. Numbers over 1e11 are milliseconds (MLflow runs).
+
+    A time we cannot use (absent, unparsable, not finite, out of range) is 0, "unknown": a
+    timestamp never names anything, so it does not cost the entry its place in the listing.
+    """
+    try:
+        return validate.timestamp(_seconds(value))
+    except (ValueError, OverflowError, OSError) as exc:  # validate.Invalid is a ValueError
+        log.warning("registry listing: timestamp %s ignored: %s", validate.shown(value), exc)
+        return 0.0
+
+
+def _seconds(value: Any) -> float:
     if value is None or isinstance(value, bool):
         return 0.0
     if isinstance(value, int | float):
         return value / 1000.0 if value > 1e11 else float(value)
     if isinstance(value, str) and value:
-        if value.isdigit():
-            return _timestamp(int(value))
+        if value.isascii() and value.isdigit():
+            return _seconds(int(value))
         try:
             when = datetime.fromisoformat(value)
         except ValueError:
@@ -1379,6 +1721,13 @@ def _error_detail(body: bytes) -> str:
         return "(HTML page)"
     text = " ".join(text.split())
     return text if len(text) <= ERROR_DETAIL_CHARS else text[: ERROR_DETAIL_CHARS - 3] + "..."
+
+
+def _truncated(where: str, got: int, want: int) -> _Failure:
+    """A body that ended early: like a dropped connection (full retry budget), not an outage."""
+    return _Failure(
+        RegistryUnavailable(f"{where}: body cut short, got {got} of {want} bytes"), outage=False
+    )
 
 
 def _changed(where: str, size: int, file: RemoteFile) -> ProtocolError:

@@ -8,6 +8,7 @@ of injected failures. Every request is recorded for assertions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -224,7 +225,7 @@ class FakeGitLab:
                 "size": len(f.data),
                 "file_md5": None,
                 "file_sha1": None,
-                "file_sha256": f"sha-{f.id}",
+                "file_sha256": hashlib.sha256(f.data).hexdigest(),
             }
             for f in sorted(self.files, key=lambda f: f.id)
             if f.package_id == pkg_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,12 +153,13 @@ async def test_list_models_via_mlflow_across_pages(gitlab: FakeGitLab, make_regi
     assert searches[1].url.params["page_token"] == "40"
 
 
-async def test_mlflow_version_without_semver_alias_is_kept_only_if_it_has_one(
+async def test_mlflow_version_is_kept_only_with_an_id_and_a_semver_alias(
     gitlab: FakeGitLab, make_registry: Make
 ) -> None:
     def odd(request: httpx.Request) -> httpx.Response:
         versions = [
             {"version": "5", "aliases": ["not-semver"], "creation_timestamp": 1},
+            {"version": "7", "aliases": ["2.0.0-rc.1"], "creation_timestamp": 1},
             {"version": "6", "aliases": [], "creation_timestamp": 1},
             {"version": "x", "aliases": ["1.0.0"]},
             None,
@@ -174,7 +176,7 @@ async def test_mlflow_version_without_semver_alias_is_kept_only_if_it_has_one(
 
     gitlab.fail("registered-models/search", odd)
     models = await make_registry().list_models()
-    assert [v.version for v in models[0].versions] == ["not-semver"]
+    assert [v.version for v in models[0].versions] == ["2.0.0-rc.1"]  # issue 9.3
 
 
 async def test_mlflow_refused_falls_back_to_packages_once_per_session(
@@ -334,7 +336,7 @@ async def test_list_files_pages_decodes_and_dedupes(
     conf = next(f for f in files if f.path.startswith("conf/"))
     assert conf.path == "conf/my config+v2.json"
     assert (conf.file_id, conf.older_ids, conf.size) == (second.id, (first.id,), 5)
-    assert conf.sha256 == f"sha-{second.id}" and conf.package_id == pkg.id
+    assert conf.sha256 == hashlib.sha256(second.data).hexdigest() and conf.package_id == pkg.id
     assert conf.created_at > 1_700_000_000
     assert first.file_name == "conf%2Fmy%20config%2Bv2.json"
     lookups = [r for r in gitlab.requests if r.url.path.endswith("/packages")]

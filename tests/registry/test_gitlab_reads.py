@@ -97,16 +97,27 @@ async def test_200_ignoring_range_is_sliced(gitlab: FakeGitLab, make_registry: M
     assert reg.stats.bytes_downloaded == 5000
 
 
-async def test_short_body_is_retried_once_then_protocol_error(
+async def test_short_body_is_retried_like_a_dropped_connection(
     gitlab: FakeGitLab, make_registry: Make
 ) -> None:
+    """Issue 9.7: a body cut short gets the full retry budget (not max_protocol_attempts) and
+    does not switch on the fail-fast outage mode: the server did answer."""
     gitlab.short_body = 10
     reg = make_registry()
     owner, file = await _setup(gitlab, reg)
-    with pytest.raises(ProtocolError, match="short body, got 990 of 1000"):
+    with pytest.raises(RegistryUnavailable, match="cut short, got 990 of 1000"):
         await reg.read_range(owner, file, 0, 1000)
-    assert len(_downloads(gitlab)) == 2
-    assert reg.stats.retries == 1 and reg.stats.errors == 1
+    assert len(_downloads(gitlab)) == 5
+    assert reg.stats.retries == 4 and reg.stats.errors == 1
+    gitlab.short_body = 0
+
+    def short(r: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            206, headers={"Content-Range": f"bytes 0-99/{len(DATA)}"}, content=DATA[:50]
+        )
+
+    gitlab.fail("/files/", short, short, short)  # right after a failure: still 4 attempts
+    assert await reg.read_range(owner, file, 0, 100) == DATA[:100]
 
 
 async def test_short_body_recovers_on_retry(gitlab: FakeGitLab, make_registry: Make) -> None:
