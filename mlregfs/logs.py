@@ -49,7 +49,10 @@ def _private_log(log_file: Path) -> None:
     existing one so; a missing parent directory is created 0700."""
     if not log_file.parent.exists():
         private_dir(log_file.parent)
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    # never through a symlink: a log_file in a shared directory could be redirected by
+    # another user to a file of ours (ELOOP is reported as a start error)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(log_file, flags, FILE_MODE)
     try:
         if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
             os.fchmod(fd, FILE_MODE)

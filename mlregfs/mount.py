@@ -73,13 +73,32 @@ def check_mountpoint(mp: Path) -> None:
         raise MountError(f"mount point {mp} is busy (something is already mounted there)")
 
 
+_OURS = ("blocks", "catalog", "spool", "mlregfs.log")
+
+
 def prepare_cache_dir(cfg: Config) -> None:
-    """Create cache_dir 0700, or make an existing one so (it holds names, sizes and sha256
-    of a private project); MountError if that is impossible."""
+    """Create cache_dir 0700, or make an existing one of ours so (it holds names, sizes and
+    sha256 of a private project); MountError if that is impossible.
+
+    An existing directory that also holds other things (`cache_dir=$HOME/work`) keeps its
+    mode: everything mlregfs puts there is private on its own (0700 subdirectories, 0600
+    files), and silently closing a user's shared directory would be a surprise."""
+    d = cfg.cache_dir
     try:
-        private_dir(cfg.cache_dir)
+        if d.is_dir() and not _ours(d):
+            log.info("cache_dir %s holds other files: its own mode is left as it is", d)
+            return
+        private_dir(d)
     except OSError as e:
-        raise MountError(f"cache_dir {cfg.cache_dir}: {e.strerror or e}") from None
+        raise MountError(f"cache_dir {d}: {e.strerror or e}") from None
+
+
+def _ours(d: Path) -> bool:
+    """Empty, or holding only what mlregfs keeps there."""
+    names = {p.name for p in d.iterdir()}
+    return not names or (bool(names & set(_OURS)) and all(
+        n in _OURS or n.startswith(".") or ".damaged-" in n for n in names
+    ))
 
 
 def _unexpected(e: BaseException, cfg: Config) -> str:

@@ -15,7 +15,9 @@ import pytest
 
 from mlregfs import logs, status
 from mlregfs.cache.blocks import BlockStore
+from mlregfs.config import Config, from_options
 from mlregfs.errors import RegistryUnavailable
+from mlregfs.mount import prepare_cache_dir
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.fake import InMemoryRegistry
 
@@ -435,3 +437,41 @@ def test_buffered_block_files_are_private(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert _mode(tmp_path / "v2" / "ef" / "efkey" / "0.blk") == 0o600
+
+
+def test_log_file_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    link = tmp_path / "m.log"
+    link.symlink_to(victim)
+    with pytest.raises(OSError):
+        logs.setup(log_file=link)
+    assert victim.read_text() == "keep\n"
+
+
+def _cfg(cache_dir: Path) -> Config:
+    return from_options(
+        "https://gitlab.example.com/g/p", cache_dir.parent / "mnt", [f"cache_dir={cache_dir}"]
+    )
+
+
+def test_cache_dir_of_ours_is_tightened(tmp_path: Path) -> None:
+    """An existing cache_dir that mlregfs made (or an empty one) becomes 0700."""
+    d = tmp_path / "cache"
+    (d / "blocks").mkdir(parents=True)
+    d.chmod(0o755)
+    prepare_cache_dir(_cfg(d))
+    assert _mode(d) == 0o700
+    fresh = tmp_path / "fresh" / "cache"
+    prepare_cache_dir(_cfg(fresh))
+    assert _mode(fresh) == 0o700
+
+
+def test_shared_cache_dir_keeps_its_mode(tmp_path: Path) -> None:
+    """A directory the user also keeps other files in is not closed behind their back."""
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    d.chmod(0o755)
+    prepare_cache_dir(_cfg(d))
+    assert _mode(d) == 0o755
