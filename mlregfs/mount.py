@@ -96,9 +96,11 @@ def prepare_cache_dir(cfg: Config) -> None:
 def _ours(d: Path) -> bool:
     """Empty, or holding only what mlregfs keeps there."""
     names = {p.name for p in d.iterdir()}
-    return not names or (bool(names & set(_OURS)) and all(
+    if not names:
+        return True
+    return bool(names & set(_OURS)) and all(
         n in _OURS or n.startswith(".") or ".damaged-" in n for n in names
-    ))
+    )
 
 
 def _unexpected(e: BaseException, cfg: Config) -> str:
