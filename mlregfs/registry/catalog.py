@@ -23,6 +23,7 @@ import trio
 from mlregfs.buffers import Buffer
 from mlregfs.errors import RegistryUnavailable, ServerError
 from mlregfs.localstate import FILE_MODE, private_dir, set_aside, tighten, write_private
+from mlregfs.registry import validate
 from mlregfs.registry.base import Registry, RegistryStats
 from mlregfs.registry.types import (
     Candidate,
@@ -73,13 +74,22 @@ def _opt(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
-def _sha256(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
+def _valid(rule: Callable[[Any], Any]) -> Check:
+    """A registry rule of `validate` as a check: the catalog holds what the registry said, so
+    it is held to the same rules when it is read back."""
+
+    def check(v: Any) -> bool:
+        try:
+            rule(v)
+        except validate.Invalid:
+            return False
+        return True
+
+    return check
 
 
-def _rel_path(v: Any) -> bool:
-    """A relative path without empty, '.' or '..' components."""
-    return _str(v) and all(p not in ("", ".", "..") for p in v.split("/"))
+_sha256 = _valid(validate.sha256)
+_rel_path = _valid(validate.rel_path)
 
 
 def _ids(v: Any) -> bool:
@@ -88,13 +98,13 @@ def _ids(v: Any) -> bool:
 
 _PROJECT = {"id": _opt(_int), "path": _str, "visibility": _str}
 _VERSION = {
-    "model": _str,
-    "version": _str,
+    "model": _valid(validate.model_name),
+    "version": _valid(validate.semver),
     "id": _opt(_int),
     "created_at": _num,
     "package_id": _opt(_int),
 }
-_MODEL = {"name": _str, "id": _opt(_int), "created_at": _num}
+_MODEL = {"name": _valid(validate.model_name), "id": _opt(_int), "created_at": _num}
 _CANDIDATE = {
     "iid": _int,
     "created_at": _num,
@@ -104,7 +114,7 @@ _CANDIDATE = {
 }
 _FILE = {
     "path": _rel_path,
-    "size": lambda v: _int(v) and v >= 0,
+    "size": _valid(validate.size),
     "sha256": _opt(_sha256),
     "created_at": _num,
     "file_id": _int,

@@ -107,6 +107,10 @@ async def test_malformed_entries_are_dropped_not_the_catalog(tmp_path: Path) -> 
     data["files"][key].append({"path": "b.bin", "size": -1})
     data["files"][key].append({**data["files"][key][0], "sha256": "../../etc"})
     data["files"][key].append({**data["files"][key][0], "path": "../escape"})
+    # held to the registry's own rules (registry/validate.py): no control characters, semver
+    data["files"][key].append({**data["files"][key][0], "path": "esc\x1b[31m.bin"})
+    data["models"].append({**data["models"][0], "name": "evil\nname"})
+    data["models"][0]["versions"].append({**data["models"][0]["versions"][0], "version": "v1"})
     data["files"]["v/bad/1"] = "not a list"
     path.write_text(json.dumps(data))
     reg.down = True
