@@ -70,7 +70,10 @@ def _is_llama_v1_files(path: str, data: Any) -> bool:
 def test_3_listed_sha256_never_becomes_a_path(
     world: World, proxy: HostileProxy, mount_factory: Callable[..., Mount], tmp_path: Path
 ) -> None:
-    """A listing whose file_sha256 is an absolute path or `../..` never makes the daemon touch
+    """Semantics 27: "An entry that fails is not shown; no local path is ever built from a
+    registry value, and nothing outside `cache_dir` is ever touched."
+
+    A listing whose file_sha256 is an absolute path or `../..` never makes the daemon touch
     anything outside cache_dir: the entry is dropped at the registry entry (not shown)."""
     # absolute victim: lowercase, because cache keys were lowercased before use
     victim = Path(tempfile.mkdtemp(prefix="mlregfs-victim-", dir="/tmp"))
@@ -121,7 +124,9 @@ def test_3_listed_sha256_never_becomes_a_path(
 def test_4_names_with_control_characters_are_not_shown(
     world: World, proxy: HostileProxy, mount_factory: Callable[..., Mount]
 ) -> None:
-    """File and model names with C0/C1 controls or DEL are never shown by the mount."""
+    """Semantics 28: "Names containing control characters (U+0000-U+001F, U+007F,
+    U+0080-U+009F: newline, ESC, ...) are not shown at all." File and model names with C0/C1
+    controls or DEL are never shown by the mount."""
     bad_files = [
         "nl%0Aname.txt",
         "raw\nname.txt",
@@ -168,7 +173,11 @@ def _drip_shards(proxy: HostileProxy, n: int) -> list[str]:
 def test_5_dripping_body_fails_in_bounded_time_and_does_not_block_others(
     world: World, proxy: HostileProxy, mount_factory: Callable[..., Mount]
 ) -> None:
-    """timeout is a total deadline per request: with timeout=3s,retry_deadline=6s a `cat` of a
+    """Semantics 29: "A server that stalls or drips a body ends that attempt after `timeout`
+    and the read after `retry_deadline` in all; a stalled download of one file never holds back
+    reads of other files."
+
+    timeout is a total deadline per request: with timeout=3s,retry_deadline=6s a `cat` of a
     body sent one byte per second fails within ~15 s, another file reads meanwhile, and
     unmount after the readers ended is prompt."""
     names = _drip_shards(proxy, 4)
@@ -211,7 +220,8 @@ def test_5_dripping_body_fails_in_bounded_time_and_does_not_block_others(
 def test_5_sigterm_ends_daemon_promptly_during_drips(
     world: World, proxy: HostileProxy, mount_factory: Callable[..., Mount]
 ) -> None:
-    """SIGTERM while downloads are stalled: the daemon exits promptly (no thread keeps it)."""
+    """Semantics 29: "neither unmount nor SIGTERM waits for a stalled download." SIGTERM while
+    downloads are stalled: the daemon exits promptly (no thread keeps it)."""
     names = _drip_shards(proxy, 2)
     m = _mount(mount_factory, proxy, world, "timeout=30s", "retry_deadline=60s")
     shards = m.path / "models/llama/2.0.0/shards"
@@ -290,7 +300,9 @@ def test_6_endless_pagination_is_bounded(
     listing: str,
     counted: str,
 ) -> None:
-    """A server that always announces another page: `ls` fails (EIO) in bounded time after a
+    """Semantics 30: "past any bound `ls` fails with `EIO` and the daemon stops asking."
+
+    A server that always announces another page: `ls` fails (EIO) in bounded time after a
     bounded number of requests, and the daemon stops asking once it failed."""
     proxy.answer = rewrite
     m = _mount(mount_factory, proxy, world, "timeout=5s", "retry_deadline=10s")
@@ -325,7 +337,10 @@ def test_6_endless_pagination_is_bounded(
 def test_7_truncated_bodies_and_poisoned_connections_are_retried(
     world: World, proxy: HostileProxy, mount_factory: Callable[..., Mount], tmp_path: Path
 ) -> None:
-    """At a 20 % truncation rate (plus wrong Content-Range and gzip answers on keep-alive
+    """Semantics 31: "A body cut off mid-transfer is retried like a dropped connection, and a
+    connection that delivered any broken answer is closed, never reused."
+
+    At a 20 % truncation rate (plus wrong Content-Range and gzip answers on keep-alive
     connections), multi-block files read back with the right bytes and no EIO."""
     proxy.truncate_rate = 0.2
     big = "models/llama/1.0.0/weights/model.safetensors"

@@ -58,6 +58,8 @@ DAMAGE: dict[str, Callable[[Path, str], None]] = {
 def test_mount_starts_and_serves_with_damaged_state(
     world: World, mount_factory, tmp_path: Path, damage: Callable[[Path, str], None]
 ) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 32: "Anything under `cache_dir` that cannot be read or has the wrong shape is
+    logged once with its path, set aside and rebuilt": the mount starts and serves."""
     cache = tmp_path / "cache"
     cache.mkdir()
     damage(cache, world.private)
@@ -122,6 +124,8 @@ def _mode(p: Path) -> int:
 
 
 def test_another_local_user_sees_nothing(world: World, other_user: str) -> None:
+    """Semantics 33: "Everything the daemon writes is readable only by the mounting user,
+    whatever the umask": a second local user can list and read none of it."""
     base = Path(tempfile.mkdtemp(prefix="mlregfs-users-", dir="/tmp"))
     os.chmod(base, 0o755)  # like a home directory: the user may traverse it
     cache, mnt = base / "cache", base / "mnt"
@@ -198,6 +202,8 @@ BAD_SOURCES = {
 def test_bad_source_says_what_is_wrong(
     tmp_path: Path, case: tuple[str, str], foreground: bool
 ) -> None:
+    """Semantics 34: "A bad SOURCE ... makes `mlregfs mount` exit non-zero with a one-line
+    reason, in daemon and foreground mode." """
     source, reason = case
     code, err = _mount(source, tmp_path, foreground)
     assert code != 0
