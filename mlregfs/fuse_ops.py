@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -72,6 +73,10 @@ class Operations(pyfuse3.Operations):
         self._next_dh = 1
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
+        # page invalidations run in worker threads that may outlive their task: the session
+        # must not be closed under one (`close_session`)
+        self._notify_lock = threading.Lock()
+        self._closing = False
         fs.data.on_corrupt = self._drop_pages
 
     def _drop_pages(self, key: str) -> None:
@@ -81,14 +86,30 @@ class Operations(pyfuse3.Operations):
         for ino in self.fs.inodes_of(key):
             trio.lowlevel.spawn_system_task(self._invalidate, ino)
 
-    @staticmethod
-    async def _invalidate(ino: int) -> None:
+    async def _invalidate(self, ino: int) -> None:
+        def invalidate() -> None:
+            with self._notify_lock:
+                # pyfuse3.main has returned (trio_token unset) or the session is closing:
+                # pyfuse3.close() frees the session, so nothing may be sent to it any more
+                if self._closing or pyfuse3.trio_token is None:
+                    return
+                pyfuse3.invalidate_inode(ino, False)
+
         try:
-            await trio.to_thread.run_sync(
-                pyfuse3.invalidate_inode, ino, False, abandon_on_cancel=True
-            )
+            await trio.to_thread.run_sync(invalidate, abandon_on_cancel=True)
         except Exception as e:  # e.g. the kernel forgot the inode meanwhile: no pages left
             log.debug("invalidating the pages of inode %d: %s", ino, e)
+
+    def close_session(self, wait: float = 5.0) -> None:
+        """Call before pyfuse3.close(): no page invalidation starts after this, and one in
+        progress is waited for (up to `wait` seconds: it may be blocked on a page lock of a
+        request that will never be answered, which only closing the session releases)."""
+        got = self._notify_lock.acquire(timeout=wait)
+        self._closing = True
+        if got:
+            self._notify_lock.release()
+        else:
+            log.warning("closing the FUSE session while a page invalidation is in progress")
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -112,6 +133,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         a = await self.fs.lookup(parent_inode, os.fsdecode(name))
+        # counted in the same step as the number was taken (no await between): a FORGET
+        # cannot drop it in between (Filesystem.attr_of)
         self.fs.remember(a.ino)
         return self._entry(a)
 
@@ -130,7 +153,9 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: Any) -> int:
         entries = await self.fs.readdir(inode)  # snapshot: offsets stay stable while listing
-        self.fs.hold([a.ino for _, a in entries])  # its inode numbers stay valid until released
+        # its inode numbers stay valid until released; held in the same step as they were
+        # taken (no await between), so a FORGET cannot drop one in between
+        self.fs.hold([a.ino for _, a in entries])
         dh = self._next_dh
         self._next_dh += 1
         self._dirs[dh] = entries

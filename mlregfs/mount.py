@@ -327,6 +327,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        ops.close_session()  # no page invalidation may run into a closed session
         # unmounting an already unmounted session (fusermount3 -u) is harmless
         pyfuse3.close(unmount=True)
         with contextlib.suppress(OSError):

@@ -224,9 +224,7 @@ class BlockStore:
         with self._lock:
             return len(self._by_key.get(key, ()))
 
-    def get(
-        self, key: str, index: int, expect: str | None = None
-    ) -> mmap.mmap | bytearray | None:
+    def get(self, key: str, index: int, expect: str | None = None) -> mmap.mmap | bytearray | None:
         """The block's payload, or None if absent or corrupt (a corrupt block is deleted).
 
         `expect`: the block's digest from the verified marker; a block whose payload does not
@@ -457,13 +455,12 @@ class BlockStore:
     def _seed_id(self) -> str:
         return xxhash.xxh3_64_hexdigest(b"mlregfs-seed-id", seed=self._secret())
 
-    def mark_verified(self, key: str, block_size: int, digests: list[str]) -> None:
-        """Record that `key`'s bytes matched its sha256, with the digest of each block;
-        written atomically, mode 0600."""
-        d = self._dir(self.check_key(key))
-        d.mkdir(parents=True, exist_ok=True)
+    def mark_verified(self, key: str, block_size: int, digests: list[str], *, size: int) -> None:
+        """Record that `key`'s `size` bytes matched its sha256, with the digest of each block;
+        written atomically, mode 0600, in a directory 0700 whatever the umask."""
+        d = private_dir(self._dir(self.check_key(key)), repair=True)
         text = json.dumps(
-            {"seed": self._seed_id(), "block_size": block_size, "digests": digests}
+            {"seed": self._seed_id(), "block_size": block_size, "size": size, "digests": digests}
         ).encode()
         tmp = d / f"verified.{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -473,9 +470,12 @@ class BlockStore:
             os.close(fd)
         os.replace(tmp, d / "verified")
 
-    def verified_digests(self, key: str, block_size: int | None = None) -> list[str] | None:
-        """The block digests of a verified `key` (for blocks of `block_size`, if given); None
-        if unverified or if the marker is unreadable, of another seed or of another layout."""
+    def verified_digests(
+        self, key: str, block_size: int | None = None, *, size: int | None = None
+    ) -> list[str] | None:
+        """The block digests of a verified `key` (for blocks of `block_size` and a file of
+        `size` bytes, if given); None if unverified or if the marker is unreadable, of another
+        seed, of another layout or of another size (a marker without a size is another)."""
         marker = self._dir(self.check_key(key)) / "verified"
         try:
             m = json.loads(marker.read_bytes())
@@ -483,6 +483,8 @@ class BlockStore:
             ok = (
                 m["seed"] == self._seed_id()
                 and (block_size is None or m["block_size"] == block_size)
+                and isinstance(m["size"], int)
+                and (size is None or m["size"] == size)
                 and isinstance(digests, list)
                 and all(isinstance(x, str) for x in digests)
             )
@@ -493,5 +495,5 @@ class BlockStore:
     def unverify(self, key: str) -> None:
         (self._dir(self.check_key(key)) / "verified").unlink(missing_ok=True)
 
-    def is_verified(self, key: str) -> bool:
-        return self.verified_digests(key) is not None
+    def is_verified(self, key: str, *, size: int | None = None) -> bool:
+        return self.verified_digests(key, size=size) is not None

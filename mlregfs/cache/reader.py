@@ -12,10 +12,17 @@ fetched again just for hashing), so whoever reads a whole file gets EIO on a mis
 for a file larger than the cache. A mismatch discards every block. A verified file's marker
 lists its block digests: every later load from disk or fetch of one of its blocks is compared
 with that list.
+
+What is checked is what readers got: every copy of a block that enters memory (a download or
+a load from disk) and every small-read window served has its digest recorded until the block
+is hashed, and is compared with the hashed bytes then (or at once, if the block was hashed
+already). A block fetched again only for the check therefore cannot stand in for different
+bytes a reader was served.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +35,7 @@ from cachetools import LRUCache
 
 from mlregfs.buffers import POOL, Buffer
 from mlregfs.cache.blocks import BlockStore
-from mlregfs.errors import IntegrityError, ProtocolError
+from mlregfs.errors import IntegrityError, ProtocolError, RegistryTimeout
 
 log = logging.getLogger("mlregfs.cache")
 
@@ -39,6 +46,7 @@ SMALL_READ = 64 << 10  # a non-sequential read up to this size is "small"...
 SMALL_WINDOW = 256 << 10  # ...and is served by fetching this aligned window only
 MAX_UNHASHED = 4  # blocks held for the running sha256 while an earlier one is still in flight
 HASH_BATCH = 16  # blocks hashed per worker-thread call
+CHECK_DEADLINE = 120.0  # seconds one read may spend fetching blocks again for the sha256 check
 
 
 class _BlockLRU(LRUCache[tuple[str, int], Block]):
@@ -84,6 +92,15 @@ class CachedFile:
     # loaded from disk or fetched again is compared with its entry
     digests: list[str] | None = None
     served: set[int] = field(default_factory=set)  # blocks served whole through this state
+    # digests of the copies of block i that entered memory (downloads, disk loads) before i
+    # was hashed: each is compared with the hashed bytes when the hash reaches i
+    seen: dict[int, set[str]] = field(default_factory=dict)
+    # small-read windows served from block i before it was hashed: {window start: digest}
+    windows: dict[int, dict[int, str]] = field(default_factory=dict)
+    # byte ranges served by small reads, per window start, until the window is covered
+    partial: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    covered: dict[int, set[int]] = field(default_factory=dict)  # whole windows served, per block
+    hashing_to: int = 0  # blocks [hashed_upto, hashing_to) are being hashed right now
 
 
 class FairLimiter:
@@ -170,6 +187,7 @@ class DataCache:
         readahead: int = 4,
         max_parallel: int = 4,
         on_corrupt: Callable[[str], None] | None = None,
+        check_deadline: float = CHECK_DEADLINE,
     ) -> None:
         self.store = store
         self.block_size = block_size
@@ -177,6 +195,7 @@ class DataCache:
         self.stats = DataStats()
         self._mem = _BlockLRU(max(memory_bytes, 1), getsizeof=len)
         self._small: LRUCache[tuple[str, int], Block] = LRUCache(16 << 20, getsizeof=len)
+        self.check_deadline = check_deadline
         self._limiter = FairLimiter(total=max_parallel, per_file=max_parallel)
         self._files: dict[str, CachedFile] = {}
         self._nursery: trio.Nursery | None = None
@@ -195,14 +214,28 @@ class DataCache:
             nblocks = max(1, -(-spec.size // self.block_size))
             cf = CachedFile(spec, fetch, nblocks)
             if spec.sha256 is not None:
-                digests = self.store.verified_digests(spec.key, self.block_size)
+                digests = self.store.verified_digests(spec.key, self.block_size, size=spec.size)
                 if digests is not None and len(digests) == nblocks:
                     cf.digests = digests
             cf.verified = spec.sha256 is None or cf.digests is not None
+            if not cf.verified:
+                # copies in memory were noted by an earlier CachedFile of this key, not by
+                # this one: served from here they would escape its check (`_note`)
+                for k in [k for k in self._mem if k[0] == spec.key]:
+                    self._mem.pop(k, None)
             self._files[spec.key] = cf
         cf.fetch = fetch  # newest handle's fetcher (fresh owner metadata)
         cf.refs += 1
         return cf
+
+    def may_keep_pages(self, cf: CachedFile) -> bool:
+        """May the kernel keep the file's cached pages at this open of `cf`? Only if it is
+        verified. Every page the kernel can hold then has checked bytes: pages of earlier
+        `CachedFile`s of this key were dropped when this one was first opened (it was not
+        verified then, or it was verified from the start), and every byte this one served
+        before its verification was compared with the hashed bytes (`_note`, windows) when
+        the check passed; a mismatch drops the kernel's pages at once (`on_corrupt`)."""
+        return cf.spec.sha256 is not None and cf.verified and not cf.poisoned
 
     def close(self, cf: CachedFile) -> None:
         cf.refs -= 1
@@ -213,7 +246,7 @@ class DataCache:
         """All blocks on disk and (if a sha256 is known) verified."""
         nblocks = max(1, -(-spec.size // self.block_size))
         return self.store.count(spec.key) >= nblocks and (
-            spec.sha256 is None or self.store.is_verified(spec.key)
+            spec.sha256 is None or self.store.is_verified(spec.key, size=spec.size)
         )
 
     # -- reads --------------------------------------------------------------------------
@@ -234,13 +267,19 @@ class DataCache:
             self._maybe_readahead(cf, stream, off, end, last)
             if (
                 first == last
-                and cf.nblocks > 1  # a one-block file is always fetched whole and verified
-                and self.block_size > SMALL_WINDOW
+                # the last block goes whole, so a read of the end settles the check; a
+                # one-block file is always fetched whole and verified
+                and last < cf.nblocks - 1
+                and cf.digests is None  # a verified file's blocks are checked whole
+                and bs > SMALL_WINDOW
+                and bs % SMALL_WINDOW == 0
                 and stream.sequential_hits == 0
                 and end - off <= SMALL_READ
                 and not self._have(cf, first)
             ):
-                return await self._small_read(cf, off, end)
+                small = await self._small_read(cf, off, end)
+                if small is not None:
+                    return small
         if first == last:
             block = await self._block(cf, first)
             out: bytearray | memoryview = memoryview(block)[off - first * bs : end - first * bs]
@@ -277,27 +316,80 @@ class DataCache:
         key = (cf.spec.key, idx)
         return key in self._mem or idx in cf.inflight or self.store.has(*key)
 
-    async def _small_read(self, cf: CachedFile, off: int, end: int) -> bytes | memoryview:
+    async def _small_read(self, cf: CachedFile, off: int, end: int) -> memoryview | None:
         """A random small read of an uncached block: fetch only the aligned window around it.
 
         A whole block would cost its transfer time in latency (8 MiB: several ms); a random
         reader (4 KiB preads, index lookups) wants one short Range request. Windows are kept in
-        memory only: they are not whole blocks, so they cannot be checked against sha256 and
-        are not persisted."""
-        w0 = off - off % SMALL_WINDOW
-        w1 = min(cf.spec.size, -(-end // SMALL_WINDOW) * SMALL_WINDOW)
-        key = (cf.spec.key, -1 - w0)  # negative index: a window, never a block
-        data = self._small.get(key)
-        if data is None or len(data) < w1 - w0:
-            async with self._limiter.slot(cf.spec.key):
+        memory only and not persisted. A window cannot be checked against the sha256 alone:
+        its digest is recorded and compared with the block's bytes when the running hash
+        reaches them, and bytes it served count toward "every block read" (`_settle`). None:
+        the window can no longer join the check (its block is hashed or being hashed, or the
+        file is verified): the caller reads the block whole instead."""
+        key = cf.spec.key
+        sw = SMALL_WINDOW
+        w0 = off - off % sw
+        w1 = -(-end // sw) * sw  # never past the block: blocks are whole windows, not the last
+        idx = off // self.block_size
+        starts = range(w0, w1, sw)
+        kept = [self._small.get((key, -1 - w)) for w in starts]  # negative: never a block
+        parts: list[Block] = [p for p in kept if p is not None]
+        if len(parts) < len(kept):
+            async with self._limiter.slot(key):
                 data = await cf.fetch(w0, w1)
             if len(data) != w1 - w0:
-                raise ProtocolError(f"expected {w1 - w0} bytes of {cf.spec.key}, got {len(data)}")
+                raise ProtocolError(f"expected {w1 - w0} bytes of {key}, got {len(data)}")
             self.stats.small_reads += 1
             self.stats.fetched_bytes += len(data)
-            self._small[key] = bytes(data)
+            parts = [bytes(data[w - w0 : w - w0 + sw]) for w in starts]
+            if not cf.poisoned:
+                for w, part in zip(starts, parts, strict=True):
+                    self._small[(key, -1 - w)] = part
+        if cf.poisoned:
+            raise IntegrityError(f"{key} did not match its sha256; reopen to refetch")
+        if cf.spec.sha256 is not None:
+            # no await until the windows are recorded: the hash must not pass `idx` meanwhile
+            if cf.digests is not None or idx < max(cf.hashed_upto, cf.hashing_to):
+                return None
+            wins = cf.windows.setdefault(idx, {})
+            for w, part in zip(starts, parts, strict=True):
+                digest = self.store.digest(part)
+                if wins.setdefault(w, digest) != digest:  # two downloads of it differ
+                    self._corrupt(cf)
+                    raise IntegrityError(f"{key}: two downloads of bytes {w}-{w + sw} differ")
+            whole = False
+            for w in starts:
+                if idx not in cf.served and self._cover(cf, idx, w, max(off, w), min(end, w + sw)):
+                    cf.served.add(idx)
+                    whole = len(cf.served) >= cf.nblocks
+            if whole:
+                await self._settle(cf, True)
         self.stats.bytes_served += end - off
-        return memoryview(data)[off - w0 : end - w0]
+        if len(parts) == 1:
+            return memoryview(parts[0])[off - w0 : end - w0]
+        return memoryview(b"".join(parts))[off - w0 : end - w0]
+
+    def _cover(self, cf: CachedFile, idx: int, w0: int, off: int, end: int) -> bool:
+        """Record that bytes [off, end) of window `w0` were served; True once every byte of
+        block `idx` was served by small reads."""
+        lo, hi = off, end
+        merged: list[tuple[int, int]] = []
+        for a, b in cf.partial.get(w0, []):
+            if b < lo or a > hi:
+                merged.append((a, b))
+            else:
+                lo, hi = min(a, lo), max(b, hi)
+        merged.append((lo, hi))
+        if merged != [(w0, w0 + SMALL_WINDOW)]:
+            cf.partial[w0] = sorted(merged)
+            return False
+        cf.partial.pop(w0, None)
+        done = cf.covered.setdefault(idx, set())
+        done.add(w0)
+        if len(done) < self.block_size // SMALL_WINDOW:
+            return False
+        del cf.covered[idx]
+        return True
 
     def _maybe_readahead(
         self, cf: CachedFile, stream: ReadStream, off: int, end: int, last: int
@@ -323,9 +415,7 @@ class DataCache:
     async def _preload(self, cf: CachedFile, idx: int) -> None:
         flight = cf.inflight[idx]
         try:
-            data = await trio.to_thread.run_sync(
-                self.store.get, cf.spec.key, idx, self._expected(cf, idx)
-            )
+            data = await self._load(cf, idx)
             if data is not None:
                 self.stats.disk_hits += 1
                 self._remember((cf.spec.key, idx), data)
@@ -366,13 +456,41 @@ class DataCache:
                 if key in self._mem or self.store.has(*key):
                     continue
             if self.store.has(*key):
-                data = await trio.to_thread.run_sync(self.store.get, *key, self._expected(cf, idx))
+                data = await self._load(cf, idx)
                 if data is not None:
                     self.stats.disk_hits += 1
                     self._remember(key, data)
                     await self._advance_hash(cf, idx, data)
                     return data
             return await self._fetch(cf, idx, claimed=False)
+
+    async def _load(self, cf: CachedFile, idx: int) -> Block | None:
+        """Block `idx` from disk, checked against the verified digests if there are any, or
+        else noted for the comparison with the hashed bytes (`_note`)."""
+        expect = self._expected(cf, idx)
+        note = cf.spec.sha256 is not None and expect is None
+
+        def load() -> tuple[Block | None, str | None]:
+            data = self.store.get(cf.spec.key, idx, expect)
+            return data, (self.store.digest(data) if note and data is not None else None)
+
+        data, digest = await trio.to_thread.run_sync(load)
+        if digest is not None:
+            self._note(cf, idx, digest)
+        return data
+
+    def _note(self, cf: CachedFile, idx: int, digest: str) -> None:
+        """A copy of block `idx` with `digest` is about to be served: compare it with the
+        checked bytes of that block if they are known, else record it for when the running
+        hash reaches the block. Synchronous: nothing may hash `idx` between the two."""
+        known = cf.digests
+        if known is None and idx < cf.hashed_upto:
+            known = cf.hashed_digests
+        if known is None:
+            cf.seen.setdefault(idx, set()).add(digest)
+        elif known[idx] != digest:
+            self._corrupt(cf)
+            raise IntegrityError(f"{cf.spec.key}: block {idx} differs from the one checked")
 
     async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> Block:
         spec = cf.spec
@@ -402,7 +520,7 @@ class DataCache:
                 if await trio.to_thread.run_sync(self.store.digest, data) != known[idx]:
                     self._corrupt(cf)
                     raise IntegrityError(f"{spec.key}: block {idx} differs from the verified one")
-                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data, known)
+                await trio.to_thread.run_sync(self._store_verified, spec, idx, data, known)
                 self._remember(key, data)
                 return data
             if cf.nblocks == 1 and spec.sha256 is not None:
@@ -415,10 +533,13 @@ class DataCache:
                 if sha != spec.sha256:
                     self._corrupt(cf)
                     raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256")
-                await trio.to_thread.run_sync(self._store_verified, spec.key, idx, data, [digest])
+                await trio.to_thread.run_sync(self._store_verified, spec, idx, data, [digest])
                 cf.digests, cf.verified = [digest], True
                 self._remember(key, data)
                 return data
+            if spec.sha256 is not None:
+                # what readers get is what the check compares (`_note`)
+                self._note(cf, idx, await trio.to_thread.run_sync(self.store.digest, data))
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed; the end of the file waits for the sha256 check (`_settle`).
             if self._remember(key, data):
@@ -453,11 +574,11 @@ class DataCache:
             return True
         return False
 
-    def _store_verified(self, key: str, idx: int, data: Block, digests: list[str]) -> None:
+    def _store_verified(self, spec: FileSpec, idx: int, data: Block, digests: list[str]) -> None:
         """Store a checked block; (re)write the marker if eviction or damage removed it."""
-        self.store.put(key, idx, data)
-        if not self.store.is_verified(key):
-            self.store.mark_verified(key, self.block_size, digests)
+        self.store.put(spec.key, idx, data)
+        if not self.store.is_verified(spec.key, size=spec.size):
+            self.store.mark_verified(spec.key, self.block_size, digests, size=spec.size)
 
     @staticmethod
     def _expected(cf: CachedFile, idx: int) -> str | None:
@@ -483,9 +604,10 @@ class DataCache:
 
     async def _hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
         """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
-        per run of blocks. Call with `cf.hash_lock` held."""
-        key = cf.spec.key
-        while cf.hashed_upto < cf.nblocks and not cf.verified:
+        per run of blocks, and compare what readers were served of those blocks (`_note`,
+        `_small_read`) with the hashed bytes. Call with `cf.hash_lock` held."""
+        key, bs = cf.spec.key, self.block_size
+        while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
             batch: list[Block | None] = []  # None: on disk, loaded by the worker
             for i in range(cf.hashed_upto, min(cf.nblocks, cf.hashed_upto + HASH_BATCH)):
                 block = data if i == idx else cf.unhashed.get(i)
@@ -497,45 +619,118 @@ class DataCache:
             if not batch:
                 return
             start = cf.hashed_upto
+            hasher = cf.hasher
+            # windows served so far; one served from now on falls back to its block, which
+            # is compared by `_note` (`hashing_to`)
+            windows = {
+                i: dict(cf.windows[i]) for i in range(start, start + len(batch)) if i in cf.windows
+            }
 
-            def work(batch: list[Block | None] = batch, start: int = start) -> int:
+            def work(
+                batch: list[Block | None] = batch,
+                start: int = start,
+                windows: dict[int, dict[int, str]] = windows,
+                hasher: Any = hasher,
+            ) -> tuple[list[str], bool]:
+                digests: list[str] = []
                 for n, block in enumerate(batch):
+                    i = start + n
                     if block is None:
-                        block = self.store.get(key, start + n)
+                        block = self.store.get(key, i)
                         if block is None:  # evicted or damaged meanwhile
-                            return n
-                    cf.hasher.update(block)
-                    cf.hashed_digests.append(self.store.digest(block))
-                return len(batch)
+                            return digests, False
+                    view = memoryview(block)
+                    for w0, digest in windows.get(i, {}).items():
+                        lo = w0 - i * bs
+                        if self.store.digest(view[lo : lo + SMALL_WINDOW]) != digest:
+                            return digests, True
+                    hasher.update(block)
+                    digests.append(self.store.digest(block))
+                return digests, False
 
-            done = await trio.to_thread.run_sync(work)
-            for i in range(start, start + done):
-                cf.unhashed.pop(i, None)
-            cf.hashed_upto = start + done
-            if done < len(batch):
+            cf.hashing_to = start + len(batch)
+            try:
+                digests, mismatch = await trio.to_thread.run_sync(work)
+            finally:
+                cf.hashing_to = 0
+            if cf.poisoned or cf.hasher is not hasher:
+                return  # discarded meanwhile
+            for n, digest in enumerate(digests):
+                cf.unhashed.pop(start + n, None)
+                cf.windows.pop(start + n, None)
+                if any(d != digest for d in cf.seen.pop(start + n, ())):
+                    mismatch = True  # a reader got other bytes than the ones hashed
+            cf.hashed_digests.extend(digests)
+            cf.hashed_upto = start + len(digests)
+            if mismatch:
+                self._corrupt(cf)
+                raise IntegrityError(f"{key}: bytes served differ from the ones checked")
+            if len(digests) < len(batch):
                 return
 
     async def _verify(self, cf: CachedFile, fill: bool = False) -> None:
         """Check a complete file against its sha256; discard everything on mismatch. `fill`:
         blocks the running hash cannot find in memory or on disk are fetched again just for
-        hashing (not stored). Call with `cf.hash_lock` held."""
+        hashing (not stored), several at a time, within `check_deadline` for the whole call
+        (RegistryTimeout past it; what was hashed stays hashed for the next try). Call with
+        `cf.hash_lock` held."""
         if cf.verified:
             return
         await self._hash_forward(cf)
-        while fill and cf.hashed_upto < cf.nblocks and not cf.verified:
-            idx = cf.hashed_upto
-            start = idx * self.block_size
-            end = min(start + self.block_size, cf.spec.size)
-            async with self._limiter.slot(cf.spec.key):
-                data = await cf.fetch(start, end)
-            if len(data) != end - start:
-                got = len(data)
-                raise ProtocolError(f"expected {end - start} bytes of {cf.spec.key}, got {got}")
-            self.stats.fetched_bytes += len(data)
-            await self._hash_forward(cf, idx, data)  # hashes at least block `idx`
+        if fill and cf.hashed_upto < cf.nblocks and not cf.verified:
+            with trio.move_on_after(self.check_deadline) as scope:
+                await self._fill(cf)
+            if scope.cancelled_caught:
+                raise RegistryTimeout(
+                    f"{cf.spec.key}: fetching blocks again for the sha256 check took longer"
+                    f" than {self.check_deadline:g}s"
+                )
         if cf.hashed_upto < cf.nblocks:
             return  # a block was evicted meanwhile: checked once it is back
         await self._conclude(cf)
+
+    async def _fill(self, cf: CachedFile) -> None:
+        """Fetch the blocks the running hash is missing, up to the limiter's per-file share
+        in parallel, and hash them in order."""
+        key, bs = cf.spec.key, self.block_size
+        while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
+            start = cf.hashed_upto
+            want = [
+                i
+                for i in range(start, min(cf.nblocks, start + HASH_BATCH))
+                if i == start
+                or not (i in cf.unhashed or (key, i) in self._mem or self.store.has(key, i))
+            ][: self._limiter.per_file]
+            got: dict[int, Block] = {}
+            errors: list[Exception] = []
+
+            async def one(
+                i: int, nursery: trio.Nursery, got: dict[int, Block], errors: list[Exception]
+            ) -> None:
+                lo, hi = i * bs, min((i + 1) * bs, cf.spec.size)
+                try:
+                    async with self._limiter.slot(key):
+                        block = await cf.fetch(lo, hi)
+                    if len(block) != hi - lo:
+                        raise ProtocolError(f"expected {hi - lo} bytes of {key}, got {len(block)}")
+                except Exception as e:
+                    errors.append(e)
+                    nursery.cancel_scope.cancel()
+                    return
+                self.stats.fetched_bytes += len(block)
+                got[i] = block
+
+            async with trio.open_nursery() as nursery:
+                for i in want:
+                    nursery.start_soon(one, i, nursery, got, errors)
+            if errors:
+                raise errors[0]
+            if cf.poisoned or cf.verified:
+                return
+            cf.unhashed.update(got)  # where the running hash looks first; popped as hashed
+            await self._hash_forward(cf)
+            if cf.hashed_upto == start:
+                return  # no progress (cannot happen with block `start` at hand): give up
 
     async def _conclude(self, cf: CachedFile) -> None:
         """The running hash covers the whole file: compare it. Call with `cf.hash_lock` held."""
@@ -545,7 +740,9 @@ class DataCache:
         if cf.hasher.hexdigest() == spec.sha256:
             digests = list(cf.hashed_digests)
             await trio.to_thread.run_sync(
-                self.store.mark_verified, spec.key, self.block_size, digests
+                functools.partial(
+                    self.store.mark_verified, spec.key, self.block_size, digests, size=spec.size
+                )
             )
             cf.digests, cf.verified = digests, True
             cf.unhashed.clear()
@@ -561,6 +758,12 @@ class DataCache:
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
         cf.hashed_digests.clear()
         cf.unhashed.clear()
+        cf.seen.clear()
+        cf.windows.clear()
+        cf.partial.clear()
+        cf.covered.clear()
+        for k in [k for k in self._small if k[0] == key]:  # never served again, after reopen
+            self._small.pop(k, None)
         self.stats.integrity_failures += 1
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         for k in [k for k in self._mem if k[0] == key]:

@@ -179,3 +179,32 @@ def test_forget_shrinks_the_inode_table(world: World, mount_factory) -> None:  #
     assert all(again[p] == inos[p] or again[p] not in seen for p in inos)
     probe = m.path / "models" / "bulk-007" / "1.0.0" / "w.bin"
     assert probe.read_bytes() == world.files["models/bulk-007/1.0.0/w.bin"]
+
+
+def test_random_small_reads_covering_a_wrong_file_end_in_eio(
+    server: ServerProcess, world: World, mount_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """4 KiB-style random preads are served by short range requests, but they count: a
+    reader that has read every byte of a mismatching file that way gets EIO by the end."""
+    import random
+
+    data = blob(905, 3 * MiB)
+    rel = add_file(server, data, wrong_sha=True)
+    m = mount_factory(world.private, token=world.tokens["developer"], options=["block_size=1M"])
+    step = 16 << 10
+    offs = list(range(0, len(data), step))
+    random.Random(5).shuffle(offs)
+    fd = os.open(m.path / rel, os.O_RDONLY)
+    failed = None
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead
+        for o in offs:
+            try:
+                got = os.pread(fd, step, o)
+            except OSError as e:
+                failed = e.errno
+                break
+            assert got == data[o : o + step]
+    finally:
+        os.close(fd)
+    assert failed == errno.EIO

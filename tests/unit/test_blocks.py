@@ -46,7 +46,7 @@ def test_lru_eviction_respects_capacity(tmp_path: Path) -> None:
 def test_verified_marker_dropped_with_blocks(tmp_path: Path) -> None:
     s = BlockStore(tmp_path, 1 << 20)
     s.put("abc", 0, b"1")
-    s.mark_verified("abc", 1 << 20, [s.digest(b"1")])
+    s.mark_verified("abc", 1 << 20, [s.digest(b"1")], size=1)
     assert s.is_verified("abc")
     s.drop("abc")
     assert not s.is_verified("abc") and s.count("abc") == 0
@@ -130,7 +130,7 @@ def test_verified_marker_lists_block_digests_privately(tmp_path: Path) -> None:
     s.put("abc", 0, b"one")
     s.put("abc", 1, b"two")
     digests = [s.digest(b"one"), s.digest(b"two")]
-    s.mark_verified("abc", 4096, digests)
+    s.mark_verified("abc", 4096, digests, size=6)
     marker = s.root / "ab" / "abc" / "verified"
     assert marker.stat().st_mode & 0o777 == 0o600
     assert (s.root / "seed").stat().st_mode & 0o777 == 0o600
@@ -147,7 +147,7 @@ def test_digests_are_keyed_by_a_secret_of_this_cache(tmp_path: Path) -> None:
     b = BlockStore(tmp_path / "b", 1 << 20)
     assert a.digest(b"block") != b.digest(b"block")
     a.put("k", 0, b"x")
-    a.mark_verified("k", 4096, [a.digest(b"x")])
+    a.mark_verified("k", 4096, [a.digest(b"x")], size=1)
     (a.root / "seed").write_bytes(b"short")  # damaged: a new seed, and no marker holds
     assert not BlockStore(tmp_path / "a", 1 << 20).is_verified("k")
 
@@ -159,7 +159,7 @@ def test_block_with_rewritten_checksum_fails_its_digest(tmp_path: Path) -> None:
 
     s = BlockStore(tmp_path, 1 << 20)
     s.put("abc", 0, b"hello world")
-    s.mark_verified("abc", 4096, [s.digest(b"hello world")])
+    s.mark_verified("abc", 4096, [s.digest(b"hello world")], size=11)
     p = next(tmp_path.rglob("0.blk"))
     raw = bytearray(p.read_bytes())
     raw[-1] ^= 1
@@ -178,7 +178,7 @@ def test_no_key_reaches_outside_the_cache(tmp_path: Path, key: str) -> None:
     s = BlockStore(tmp_path / "cache", 1 << 20)
     for call in (
         lambda: s.drop(key),
-        lambda: s.mark_verified(key, 4096, ["0"]),
+        lambda: s.mark_verified(key, 4096, ["0"], size=1),
         lambda: s.unverify(key),
         lambda: s.is_verified(key),
         lambda: s.get(key, 0),
@@ -189,3 +189,17 @@ def test_no_key_reaches_outside_the_cache(tmp_path: Path, key: str) -> None:
         with pytest.raises(ValueError):
             call()
     assert (outside / "keep").read_text() == "keep"
+
+
+def test_verified_marker_records_the_size_and_is_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        s = BlockStore(tmp_path, 1 << 20)
+        s.mark_verified("xyz", 4096, [s.digest(b"abc")], size=3)
+    finally:
+        os.umask(old)
+    assert (s.root / "xy").stat().st_mode & 0o777 == 0o700
+    assert (s.root / "xy" / "xyz").stat().st_mode & 0o777 == 0o700
+    assert s.verified_digests("xyz", 4096, size=3) == [s.digest(b"abc")]
+    assert s.verified_digests("xyz", 4096, size=4) is None  # another size: not this file
+    assert s.is_verified("xyz", size=3) and not s.is_verified("xyz", size=4)

@@ -7,6 +7,8 @@ import hashlib
 import os
 
 import pytest
+import trio
+import trio.testing
 
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
@@ -237,3 +239,111 @@ async def test_listing_being_read_keeps_its_inodes(fs: Filesystem) -> None:
     assert all(i in fs._node_of for i in inos)
     fs.unhold(inos)
     assert not any(i in fs._node_of for i in inos)
+
+
+async def test_forget_during_a_lookup_never_answers_a_forgotten_inode(fs: Filesystem) -> None:
+    """A FORGET that arrives while a lookup of the same name awaits the registry: the lookup
+    still answers an inode the daemon knows (a fresh number if the old one was dropped)."""
+    parent = await walk(fs, "models/llama/1.0.0")
+    old = (await fs.lookup(parent, "config.json")).ino
+    fs.remember(old)  # the kernel holds it
+    gate = trio.Event()
+    real = fs._remote_file
+
+    async def slow(node):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await real(node)
+
+    fs._remote_file = slow  # type: ignore[method-assign]
+    got = []
+    async with trio.open_nursery() as n:
+
+        async def lookup() -> None:
+            a = await fs.lookup(parent, "config.json")
+            fs.remember(a.ino)  # as the adapter does, in the same step
+            got.append(a.ino)
+
+        n.start_soon(lookup)
+        await trio.testing.wait_all_tasks_blocked()
+        fs.forget(old, 1)  # the kernel dropped its entry meanwhile
+        gate.set()
+    fs._remote_file = real  # type: ignore[method-assign]
+    assert (await fs.getattr(got[0])).size == len(b'{"a": 1}')
+
+
+async def test_forget_during_a_listing_never_holds_a_forgotten_inode(fs: Filesystem) -> None:
+    parent = await walk(fs, "models/llama/1.0.0")
+    old = (await fs.lookup(parent, "config.json")).ino
+    fs.remember(old)
+    gate = trio.Event()
+    real, real_tree = fs._remote_file, fs.file_tree
+    listed = False
+
+    async def remote(node):  # type: ignore[no-untyped-def]
+        nonlocal listed
+        f = await real(node)
+        listed = True  # config.json has its attributes: the next entry waits
+        return f
+
+    async def tree(owner):  # type: ignore[no-untyped-def]
+        if listed:
+            await gate.wait()
+        return await real_tree(owner)
+
+    fs._remote_file = remote  # type: ignore[method-assign]
+    fs.file_tree = tree  # type: ignore[method-assign]
+    got = []
+    async with trio.open_nursery() as n:
+
+        async def opendir() -> None:
+            entries = await fs.readdir(parent)
+            fs.hold([a.ino for _, a in entries])  # as the adapter does, in the same step
+            got.extend(entries)
+
+        n.start_soon(opendir)
+        await trio.testing.wait_all_tasks_blocked()
+        assert listed
+        fs.forget(old, 1)
+        gate.set()
+    fs._remote_file, fs.file_tree = real, real_tree  # type: ignore[method-assign]
+    assert [n for n, _ in got] == ["config.json", "weights"]
+    for _, a in got:
+        await fs.getattr(a.ino)
+
+
+async def test_failed_lookup_takes_no_inode_number(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    parent = await walk(fs, "models/llama/1.0.0")
+    before = len(fs._node_of)
+    real = fs._remote_file
+
+    async def gone(node):  # type: ignore[no-untyped-def]
+        raise NotFound("deleted meanwhile")
+
+    fs._remote_file = gone  # type: ignore[method-assign]
+    with pytest.raises(NotFound):
+        await fs.lookup(parent, "config.json")
+    fs._remote_file = real  # type: ignore[method-assign]
+    assert len(fs._node_of) == before
+
+
+async def test_no_page_invalidation_after_the_session_closes(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invalidation spawned on a mismatch may run after the FUSE loop ended: it must
+    never reach a closed session."""
+    import pyfuse3
+
+    from mlregfs.fuse_ops import Operations
+
+    calls: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: calls.append(ino))
+    ops = Operations(fs)
+    monkeypatch.setattr(pyfuse3, "trio_token", trio.lowlevel.current_trio_token(), raising=False)
+    await ops._invalidate(5)
+    assert calls == [5]  # while the loop runs
+    ops.close_session()
+    await ops._invalidate(6)
+    monkeypatch.setattr(pyfuse3, "trio_token", None, raising=False)
+    ops._closing = False
+    await ops._invalidate(7)  # pyfuse3.main has returned
+    assert calls == [5]

@@ -14,7 +14,7 @@ import trio.testing
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import DataCache, FairLimiter, FileSpec, ReadStream
-from mlregfs.errors import IntegrityError, NotFound, RegistryUnavailable
+from mlregfs.errors import IntegrityError, NotFound, RegistryTimeout, RegistryUnavailable
 
 
 async def test_single_flight_shares_one_fetch() -> None:
@@ -177,9 +177,16 @@ async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
     async with trio.open_nursery() as n:
         dc.start(n)
         cf = dc.open(spec, fetch)
+        cf.hasher = hashed = _CountingSha256()
         stream = ReadStream()
         try:
             while len(got) < len(data):
+                # the reader never waits for the hash; on a loaded machine worker threads can
+                # lag far behind it and push blocks out of memory before they are hashed. The
+                # scenario is blocks arriving out of order, not slow threads: start each read
+                # with the hash caught up with what is at hand.
+                async with cf.hash_lock:
+                    pass
                 got += await dc.read(cf, len(got), 1 << 15, stream)
         except IntegrityError:
             failed = True
@@ -189,7 +196,21 @@ async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
         assert failed and not store.is_verified(spec.key) and store.count(spec.key) == 0
     else:
         assert not failed and bytes(got) == data and store.is_verified(spec.key)
+        assert hashed.n == len(data)  # every byte hashed exactly once
         assert loads < nblocks // 2  # never a second pass over the whole file
+
+
+class _CountingSha256:
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def update(self, b: bytes) -> None:
+        self.n += len(b)
+        self.h.update(b)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
 
 
 async def test_stalled_fetches_of_one_file_do_not_starve_another(tmp_path: Path) -> None:
@@ -313,3 +334,165 @@ def _rewrite_block(store: BlockStore, key: str, idx: int, change) -> None:  # ty
     header = bytearray(raw[:4096])
     struct.pack_into("<Q", header, 24, xxhash.xxh3_64_intdigest(payload))
     path.write_bytes(bytes(header) + payload)
+
+
+def _evict(dc: DataCache, key: str, idx: int) -> None:
+    """Block `idx` of `key` leaves memory and disk (as LRU eviction would)."""
+    dc._mem.pop((key, idx), None)
+    store = dc.store
+    store._forget(key, idx)
+    store._path(key, idx).unlink(missing_ok=True)
+
+
+async def test_small_read_of_a_verified_file_is_checked(tmp_path: Path) -> None:
+    """A verified file's evicted block is fetched whole and checked against its digest, even
+    for a 4 KiB pread: never an unchecked window."""
+    bs = 1 << 20
+    data = os.urandom(4 * bs)
+    served = bytearray(data)
+
+    async def fetch(start: int, end: int) -> bytes:
+        return bytes(served[start:end])
+
+    spec = FileSpec("smallver", len(data), hashlib.sha256(data).hexdigest())
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    assert bytes(await dc.read(cf, 0, len(data))) == data and cf.verified
+    _evict(dc, spec.key, 1)
+    served[bs + 10] ^= 1  # the registry now sends another block 1
+    with pytest.raises(IntegrityError):
+        await dc.read(cf, bs, 4096, ReadStream())
+
+
+async def test_small_reads_covering_a_file_end_in_eio(tmp_path: Path) -> None:
+    """Random small preads that together cover every byte of a mismatching file: one of
+    them fails; and after a mismatch, a reopen never serves the bad download's windows."""
+    bs = 1 << 20
+    data = os.urandom(3 * bs)
+    rng = random.Random(3)
+
+    async def fetch(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    spec = FileSpec("smallcover", len(data), "0" * 64)  # wrong sha256
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    offs = list(range(0, len(data), 48 << 10))
+    rng.shuffle(offs)
+    failed = False
+    for o in offs:
+        try:
+            got = await dc.read(cf, o, 48 << 10, ReadStream())
+        except IntegrityError:
+            failed = True
+            break
+        assert bytes(got) == data[o : o + (48 << 10)]
+    assert failed and dc.stats.small_reads > 0
+    dc.close(cf)
+    assert not any(k[0] == spec.key for k in dc._small)
+
+
+async def test_reader_bytes_are_the_checked_bytes(tmp_path: Path) -> None:
+    """Block 1 is wrong on its first download only. The reader got that block, then it was
+    evicted and fetched again for the whole-file check: the check must compare what the
+    reader got, so the read that completes the file fails."""
+    bs = 1 << 16
+    data = os.urandom(6 * bs)
+    downloads: dict[int, int] = {}
+
+    async def fetch(start: int, end: int) -> bytes:
+        idx = start // bs
+        downloads[idx] = downloads.get(idx, 0) + 1
+        out = bytearray(data[start:end])
+        if idx == 1 and downloads[idx] == 1:
+            out[5] ^= 1
+        return bytes(out)
+
+    spec = FileSpec("twice", len(data), hashlib.sha256(data).hexdigest())
+    store = BlockStore(tmp_path, bs)  # blocks evicted from disk as others arrive
+    dc = DataCache(store, block_size=bs, memory_bytes=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    failed = False
+    try:
+        for i in (5, 4, 3, 2, 1, 5, 0):
+            await dc.read(cf, i * bs, bs)
+    except IntegrityError:
+        failed = True
+    assert failed and not store.is_verified(spec.key)
+
+
+async def test_blocks_in_memory_from_an_earlier_open_are_checked_too(tmp_path: Path) -> None:
+    """A wrong block 1 read through one open stays in memory after close; a new open that
+    serves it must compare it with the bytes its check hashes (fetched again here)."""
+    bs = 1 << 16
+    data = os.urandom(6 * bs)
+    downloads: dict[int, int] = {}
+
+    async def fetch(start: int, end: int) -> bytes:
+        idx = start // bs
+        downloads[idx] = downloads.get(idx, 0) + 1
+        out = bytearray(data[start:end])
+        if idx == 1 and downloads[idx] == 1:
+            out[5] ^= 1
+        return bytes(out)
+
+    spec = FileSpec("carried", len(data), hashlib.sha256(data).hexdigest())
+    store = BlockStore(tmp_path, bs)
+    dc = DataCache(store, block_size=bs, memory_bytes=bs, readahead=0)
+    cf = dc.open(spec, fetch)
+    await dc.read(cf, bs, bs)
+    dc.close(cf)
+    cf = dc.open(spec, fetch)
+    failed = False
+    try:
+        for i in (1, 5, 4, 3, 2, 0):
+            await dc.read(cf, i * bs, bs)
+    except IntegrityError:
+        failed = True
+    assert failed and not store.is_verified(spec.key)
+
+
+async def test_check_fetches_missing_blocks_in_parallel_within_a_deadline(
+    tmp_path: Path,
+) -> None:
+    """The blocks fetched again for the whole-file check go in parallel, and the whole
+    check has a deadline: one read stays bounded."""
+    bs = 1 << 16
+    data = os.urandom(12 * bs)
+    spec = FileSpec("par", len(data), hashlib.sha256(data).hexdigest())
+
+    async def run(root: Path, again: float, deadline: float) -> tuple[DataCache, int]:
+        active = peak = 0
+        downloads: set[int] = set()
+
+        async def fetch(start: int, end: int) -> bytes:
+            nonlocal active, peak
+            if start in downloads:  # fetched again for the check
+                active += 1
+                peak = max(peak, active)
+                try:
+                    await trio.sleep(again)
+                finally:
+                    active -= 1
+            downloads.add(start)
+            return data[start:end]
+
+        dc = DataCache(
+            BlockStore(root, 2 * bs),
+            block_size=bs,
+            memory_bytes=bs,
+            readahead=0,
+            check_deadline=deadline,
+        )
+        cf = dc.open(spec, fetch)
+        for i in range(1, 12):  # block 0 last: the running hash cannot follow
+            assert bytes(await dc.read(cf, i * bs, bs)) == data[i * bs : (i + 1) * bs]
+        with trio.fail_after(30):
+            assert bytes(await dc.read(cf, 0, bs)) == data[:bs]
+        assert cf.verified
+        return dc, peak
+
+    _, peak = await run(tmp_path / "a", 0.05, 30)
+    assert peak > 1  # not one block after another
+    with pytest.raises(RegistryTimeout), trio.fail_after(30):
+        await run(tmp_path / "b", 1000, 0.5)
