@@ -149,7 +149,7 @@ async def _retry(
             spool.save(e)
             spool.remove(e)
             print(f"{e.id}: uploaded {e.target} ({e.size} bytes)")
-        except MlregfsError as err:
+        except (MlregfsError, OSError) as err:
             if e.state is S.UPLOADING:
                 e.move(S.FAILED)
             e.error = str(err)
@@ -187,12 +187,17 @@ def main(argv: list[str], make_registry: RegistryFactory | None = None) -> int:
         return 0
     spool = Spool(root, tidy=False)
     all_entries, orphans = spool.scan()
-    entries = [e for e in all_entries if e.orphaned()]  # a live daemon's entries are its own
+    # a running daemon's entries are its own (even failed ones: its writer may still close
+    # the file and the daemon upload it); it releases those it gives up on at close
+    entries = [e for e in all_entries if e.orphaned()]
+    held = [e for e in all_entries if not e.orphaned()]
     if args.cmd in (None, "list"):
         if not entries and not orphans:
             print("nothing to recover")
         for e in entries:
             print(_describe(e, spool))
+        for e in held:
+            print(f"{e.id}  held by running mount pid {e.pid}  {e.target}")
         for o in orphans:
             print(_describe_orphan(o, spool))
         return 0

@@ -9,7 +9,13 @@ file, fsync, rename) at the state changes a crash must see. The lifecycle is `Up
     WRITING ──close/fsync──> READY ──PUT sent──> UPLOADING ──201──> UPLOADED ──> (removed)
        ^                       │                     │  │
        │                       └──────> FAILED <─────┘  └── daemon gone: interrupted, ambiguous
-       └── written again after an fsync (UPLOADED, FAILED, READY)
+       └── written again after an fsync (UPLOADED, FAILED, READY; UPLOADING once its PUT
+           has ended without an answer)
+
+An entry belongs to the daemon that made it while that process runs (pid and its start time
+in the journal); the daemon gives up an entry it keeps (pid 0) when the file's last handle is
+closed. Only then, or once its daemon is gone, may `mlregfs recover` touch it. Saves are
+serialized where the entry changes and numbered: an older one never lands over a newer one.
 
 An entry found by a later process (its daemon is gone) means: WRITING - never closed (discard
 only); READY or FAILED - not stored; UPLOADING - the PUT was cut off and may or may not have
@@ -23,8 +29,10 @@ import enum
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -60,7 +68,10 @@ TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
     S.WRITING: frozenset({S.READY}),
     S.READY: frozenset({S.UPLOADING, S.FAILED, S.WRITING}),
     # READY: `recover` found no copy of an interrupted PUT in the registry
-    S.UPLOADING: frozenset({S.UPLOADED, S.FAILED, S.READY}),
+    # WRITING: written again after a PUT whose outcome is unknown (timed out; the daemon asks
+    # the registry before it sends those bytes again). Never while a PUT is in flight: the
+    # core answers such a write EBUSY.
+    S.UPLOADING: frozenset({S.UPLOADED, S.FAILED, S.READY, S.WRITING}),
     S.UPLOADED: frozenset({S.WRITING}),  # written again after an fsync
     S.FAILED: frozenset({S.READY, S.WRITING}),
 }
@@ -78,6 +89,8 @@ class GarbledEntry(ValueError):
     """A journal file that is not a valid entry (truncated, edited, unknown state)."""
 
 
+_WRITTEN_MAX = 16384  # journal sequence numbers remembered per spool
+
 _SHA_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
@@ -93,7 +106,10 @@ class JournalEntry:
     size: int = 0
     sha256: str | None = None
     error: str | None = None
-    pid: int = field(default_factory=os.getpid)
+    pid: int = field(default_factory=os.getpid)  # 0: released by its daemon (recover's now)
+    # the daemon's start time (field 22 of /proc/<pid>/stat): a pid alone is reused, e.g. a
+    # container's daemon has the same pid after every restart. None in old journals.
+    pid_start: int | None = field(default_factory=lambda: proc_start(os.getpid()))
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
@@ -137,16 +153,23 @@ class JournalEntry:
             and (raw.get("sha256") is None or _SHA_RE.match(str(raw["sha256"])) is not None)
             and (raw.get("error") is None or isinstance(raw["error"], str))
             and _is_int(raw.get("pid"))
+            and raw["pid"] >= 0
+            and (raw.get("pid_start") is None or _is_int(raw["pid_start"]))
             and all(isinstance(raw.get(k), int | float) for k in ("created", "updated"))
         )
         if not ok:
             raise GarbledEntry("missing or invalid fields")
         fields: dict[str, Any] = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         fields["state"] = state
+        fields.setdefault("pid_start", None)  # an old journal: liveness by pid alone
         return cls(**fields)
 
     def held_by_live_daemon(self) -> bool:
         """Its daemon still runs (that daemon owns the entry; nobody else may touch it)."""
+        if self.pid <= 0:
+            return False  # released: the daemon gave up on it
+        if self.pid_start is not None:
+            return proc_start(self.pid) == self.pid_start
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -156,15 +179,32 @@ class JournalEntry:
         return self.pid == os.getpid() or _is_mlregfs(self.pid)
 
     def orphaned(self) -> bool:
-        """Needs `mlregfs recover`: failed, or left behind by a daemon that is gone."""
-        return self.state is UploadState.FAILED or not self.held_by_live_daemon()
+        """`mlregfs recover` may take it: its daemon is gone or released it. An entry a live
+        daemon holds (even FAILED: the writer may close it and the daemon upload it) is never
+        touched by anyone else."""
+        return not self.held_by_live_daemon()
 
 
 def _owner_ok(owner: object) -> bool:
-    """["v", model, version] or ["c", iid], all strings."""
+    """["v", model, version] or ["c", iid], all strings; an iid is decimal digits."""
     if not isinstance(owner, list) or not all(isinstance(o, str) for o in owner):
         return False
-    return len(owner) == {"v": 3, "c": 2}.get(owner[0] if owner else "", -1)
+    if len(owner) != {"v": 3, "c": 2}.get(owner[0] if owner else "", -1):
+        return False
+    return owner[0] != "c" or _IID_RE.match(owner[1]) is not None
+
+
+_IID_RE = re.compile(r"\A[0-9]{1,18}\Z")
+
+
+def proc_start(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks since boot (field 22 of /proc/<pid>/stat),
+    or None if there is no such process (or no /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(text[text.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _is_int(v: object) -> bool:
@@ -187,11 +227,27 @@ class Orphan:
     reason: str  # "no journal" or why the journal is unreadable
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A journal entry serialized at one moment, with its place in the order of saves."""
+
+    id: str
+    seq: int
+    text: str
+
+
 class Spool:
     """The spool directory: data files plus their journal entries."""
 
     def __init__(self, root: Path, *, tidy: bool = True) -> None:
         self.root = Path(root)
+        # journal saves run in worker threads and may finish in any order: each carries a
+        # sequence number taken when its snapshot was made, and an older one never replaces
+        # a newer one (checked and written under the entry's lock)
+        self._seq = itertools.count(1)
+        self._locks_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._written: dict[str, float] = {}  # entry id -> newest seq on disk (inf: removed)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if tidy:
             self.tidy()
@@ -224,26 +280,50 @@ class Spool:
             raise
         return SpoolFile(self, entry, fd)
 
+    def snapshot(self, entry: JournalEntry) -> Snapshot:
+        """The entry as it is now, to `write` later (take it where the entry is changed: the
+        trio thread of the daemon)."""
+        entry.updated = time.time()
+        return Snapshot(entry.id, next(self._seq), json.dumps(asdict(entry)))
+
     def save(self, entry: JournalEntry) -> None:
         """Rewrite a journal entry atomically (temp file, fsync, rename); mode 0600."""
-        entry.updated = time.time()
-        path = self._journal_path(entry.id)
-        # a temp name of its own per writer: two saves at once never rename each other's file
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(entry), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self.write(self.snapshot(entry))
+
+    def _lock(self, entry_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(entry_id, threading.Lock())
+
+    def write(self, snap: Snapshot) -> None:
+        """Write a snapshot unless a newer one of the same entry is already on disk, or the
+        entry was removed (any thread)."""
+        with self._lock(snap.id):
+            if self._written.get(snap.id, 0) >= snap.seq:
+                return
+            path = self._journal_path(snap.id)
+            # a temp name per writer: two processes never rename each other's file
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(snap.text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._written[snap.id] = snap.seq
 
     def remove(self, entry: JournalEntry) -> None:
-        self.data_path(entry.id).unlink(missing_ok=True)
-        self._journal_path(entry.id).unlink(missing_ok=True)
+        with self._lock(entry.id):
+            self._written[entry.id] = math.inf  # a save still on its way is dropped
+            if len(self._written) > _WRITTEN_MAX:  # oldest first: long settled
+                del self._written[next(iter(self._written))]
+            self.data_path(entry.id).unlink(missing_ok=True)
+            self._journal_path(entry.id).unlink(missing_ok=True)
+        with self._locks_lock:
+            self._locks.pop(entry.id, None)
 
     def discard(self, entry_id: str) -> None:
         """Delete whatever is kept under `entry_id` (data, journal, or both)."""
@@ -284,7 +364,12 @@ class Spool:
 
     def leftovers(self) -> list[JournalEntry]:
         """Entries that need `mlregfs recover`: failed, or not uploaded when their daemon went."""
-        return [e for e in self.entries() if e.orphaned() and e.state is not UploadState.UPLOADED]
+        return [
+            e
+            for e in self.entries()
+            if (e.state is UploadState.FAILED or e.orphaned())
+            and e.state is not UploadState.UPLOADED
+        ]
 
     def orphans(self) -> list[Orphan]:
         return self.scan()[1]
@@ -312,6 +397,11 @@ class SpoolFile:
         self.fd = fd
         self.size = 0
         self.dirty = True  # a new (or truncated) file must be uploaded even if empty
+        # bumped by every write and truncate (before and after the bytes change): an upload
+        # compares it around `finish` and the PUT, so bytes changed meanwhile are never
+        # journaled as uploaded
+        self.gen = 0
+        self.abandoned = False  # set at shutdown: a running `finish` stops between chunks
         # sha256 kept while bytes arrive (cp, dd): no re-read at close. The kernel sends
         # several writes at once and they can land out of order: those wait in `_ahead`.
         self._hasher = hashlib.sha256()
@@ -334,6 +424,7 @@ class SpoolFile:
 
     def write(self, off: int, data: bytes) -> int:
         """Write at `off` (run in a worker thread: it touches the disk and hashes)."""
+        self.gen += 1
         n = self._pwrite(off, data)
         self._hash(off, data, n)
         self.note_write(off, n)
@@ -344,6 +435,7 @@ class SpoolFile:
     def note_write(self, off: int, n: int) -> None:
         self.size = max(self.size, off + n)
         self.dirty = True
+        self.gen += 1
 
     def put(self, off: int, data: bytes) -> None:
         """Write all of `data` at `off` (worker thread)."""
@@ -410,12 +502,23 @@ class SpoolFile:
         return os.pread(self.fd, size, off)
 
     def truncate(self, size: int) -> None:
+        self.gen += 1
         os.ftruncate(self.fd, size)
         self.size = size
         self.dirty = True
+        self.gen += 1
         with self._hash_lock:
             if size < self._hashed or any(off + len(c) > size for off, c in self._ahead.items()):
                 self._give_up()  # the running hash covers bytes that are gone
+
+    def hashed(self) -> tuple[int, str] | None:
+        """Size and sha256 if the bytes were hashed as they arrived (no reading: any thread)."""
+        size = os.fstat(self.fd).st_size
+        with self._hash_lock:
+            if self._hashed == size and not self._ahead:
+                self.size = size
+                return size, self._hasher.copy().hexdigest()
+        return None
 
     def finish(self) -> tuple[int, str]:
         """Size and sha256 of the spooled bytes (run in a worker thread).
@@ -429,9 +532,15 @@ class SpoolFile:
                 return size, self._hasher.hexdigest()
         h = hashlib.sha256()  # written out of order: hash what is on disk
         off = 0
-        while chunk := os.pread(self.fd, 4 << 20, off):
-            h.update(chunk)
-            off += len(chunk)
+        fd = os.dup(self.fd)  # abandoned at shutdown, this may outlive `close`
+        try:
+            while chunk := os.pread(fd, 4 << 20, off):
+                if self.abandoned:
+                    raise UploadInterrupted(f"hashing {self.path} abandoned at shutdown")
+                h.update(chunk)
+                off += len(chunk)
+        finally:
+            os.close(fd)
         return off, h.hexdigest()
 
     def close(self) -> None:

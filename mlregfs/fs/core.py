@@ -133,11 +133,24 @@ class WriteHandle:
     node: Node
     spool: SpoolFile
     replaces: tuple[RemoteFile, ...] = ()  # the copy being overwritten (O_TRUNC)
-    error: MlregfsError | None = None  # the last upload failure, reported again on fsync/close
+    # the last upload failure, reported again on fsync/close (an OSError: the journal could
+    # not be saved); both carry an errno
+    error: MlregfsError | OSError | None = None
     uploads: int = 0
     writer: SpoolWriter | None = None  # queued writes (when the filesystem has a nursery)
     spool_error: OSError | None = None  # a spool write failed: nothing of it is ever uploaded
     upload_lock: trio.Lock = field(default_factory=trio.Lock)  # one upload at a time per file
+    # a PUT of this handle was stored (or may have been): the next upload deletes the older
+    # copies of the path the registry lists, so an fsync'd copy does not stay (README 21)
+    drop_older: bool = False
+    # sha256 of a PUT that failed after it was sent (timeout, cut off, 5xx): the registry may
+    # hold it. The next upload of the same bytes asks the registry first and does not send
+    # them again if they are there (as `recover` does); other bytes are sent, and the copy
+    # that may exist is an older copy deleted after it (drop_older)
+    unsure: str | None = None
+    putting: bool = False  # a PUT is in flight: a write or truncate now is EBUSY
+    active: int = 0  # unqueued writes running in worker threads
+    quiet: trio.Event = field(default_factory=trio.Event)  # set when `active` drops to 0
 
 
 @dataclass(frozen=True)
@@ -390,7 +403,16 @@ class Filesystem:
         return f
 
     async def attr_of(self, node: Node) -> Attr:
-        ino = self.ino(node)
+        """`node`'s attributes. Its inode number is taken after the last await, so the caller
+        counts the entry (`remember`, `hold`) in the same step: a FORGET that arrives during
+        the awaits cannot leave it holding a number the daemon has dropped, and a failure
+        takes no number."""
+        a = await self._attr(node)
+        return Attr(self.ino(node), a.is_dir, a.size, a.mtime, a.ttl)
+
+    async def _attr(self, node: Node) -> Attr:
+        """`node`'s attributes with inode number 0 (`attr_of` fills it in)."""
+        ino = 0
         k = node.kind
         if k is Kind.FILE:
             w = self._writing.get((node.owner, node.path))
@@ -443,7 +465,12 @@ class Filesystem:
         """All entries with attributes, sorted by name (stable offsets for the adapter)."""
         node = self.node(ino)
         kids = await self.children(node)
-        return [(name, await self.attr_of(kids[name])) for name in sorted(kids)]
+        attrs = [(name, await self._attr(kids[name])) for name in sorted(kids)]
+        # numbers after the last await, for the adapter's `hold` in the same step (attr_of)
+        return [
+            (name, Attr(self.ino(kids[name]), a.is_dir, a.size, a.mtime, a.ttl))
+            for name, a in attrs
+        ]
 
     async def open(self, ino: int, flags: int) -> Opened:
         node = self.node(ino)
@@ -469,7 +496,8 @@ class Filesystem:
         self._handles[fh] = FileHandle(node, f, cached)
         # the kernel may keep pages only of bytes checked against the sha256: an unverified
         # file's pages are dropped at open, so no earlier open's unchecked bytes are served
-        return Opened(fh, keep_cache=f.sha256 is not None and cached.verified)
+        # (and only if no page of bytes read before the verification can be in the kernel)
+        return Opened(fh, keep_cache=f.sha256 is not None and self.data.may_keep_pages(cached))
 
     def cache_key(self, f: RemoteFile) -> str:
         """Content address when the sha256 is known, else the registry's file identity."""
@@ -501,6 +529,7 @@ class Filesystem:
         key = (h.node.owner, h.node.path)
         if self._writing.get(key) is not h:
             return  # a reader of a file being written
+        kept = False
         try:
             await self._drain(h)
             if h.spool.dirty and h.error is None and h.spool_error is None:
@@ -519,8 +548,18 @@ class Filesystem:
                     h.spool_error,
                 )
                 h.spool.spool.remove(h.spool.entry)
-            elif h.spool.entry.state is UploadState.UPLOADED:  # else kept, as journaled
+            elif h.spool.entry.state is UploadState.UPLOADED:
                 h.spool.spool.remove(h.spool.entry)
+            else:
+                kept = True
+        if kept:
+            # kept, as journaled: released (pid 0), so `mlregfs recover` may take it now; it
+            # never touches an entry a running daemon holds
+            h.spool.entry.pid, h.spool.entry.pid_start = 0, None
+            try:
+                await self._journal(h)
+            except OSError as e:
+                log.warning("cannot release %s for 'mlregfs recover': %s", h.spool.entry.id, e)
 
     # -- writes -------------------------------------------------------------------------
     def _writable(self) -> Spool:
@@ -590,7 +629,16 @@ class Filesystem:
             if h.writer is not None:  # queued: disk write and hash overlap the next request
                 return await h.writer.write(off, data)
             # disk write and hashing run on the second core; the FUSE loop keeps serving
-            return await trio.to_thread.run_sync(h.spool.write, off, data)
+            h.active += 1
+            if h.active == 1:
+                h.quiet = trio.Event()
+            h.spool.gen += 1  # an upload computing the sha256 now sees the change
+            try:
+                return await trio.to_thread.run_sync(h.spool.write, off, data)
+            finally:
+                h.active -= 1
+                if h.active == 0:
+                    h.quiet.set()
         except OSError as e:
             h.spool_error = e
             raise
@@ -599,11 +647,10 @@ class Filesystem:
         """The first change after an upload: journal the entry as WRITING again, so a crash
         before the next close never leaves "uploaded" over bytes that were not."""
         entry = h.spool.entry
-        if not entry.can(UploadState.WRITING):
+        if h.putting or not entry.can(UploadState.WRITING):
             raise Busy(f"{h.node.path!r} is being uploaded (a close or fsync is running)")
-        entry.move(UploadState.WRITING)
         try:
-            await trio.to_thread.run_sync(self._writable().save, entry)
+            await self._journal(h, UploadState.WRITING)
         except OSError as e:
             h.spool_error = e
             raise
@@ -660,83 +707,190 @@ class Filesystem:
                 raise h.error
             await self._upload_locked(h)
 
-    async def _upload_locked(self, h: WriteHandle) -> None:
+    async def _journal(self, h: WriteHandle, to: UploadState | None = None) -> None:
+        """Move the entry to `to` (if given) and journal it. The snapshot is taken here, on
+        the trio thread, so saves land in the order of the changes (Spool.write drops an
+        older one). If the save fails the entry is back in its old state (unless a write
+        changed it meanwhile) and the OSError is raised."""
         spool = self._writable()
         entry = h.spool.entry
+        before = entry.state
+        if to is not None:
+            entry.move(to)
+        snap = spool.snapshot(entry)
+        try:
+            await trio.to_thread.run_sync(spool.write, snap)
+        except BaseException:
+            if to is not None and entry.state is to:
+                entry.state = before
+            raise
+
+    async def _settle(self, h: WriteHandle) -> None:
+        """Wait until every write that has started is on disk."""
+        await self._drain(h)
+        while h.active:
+            await h.quiet.wait()
+
+    async def _finish(self, h: WriteHandle) -> tuple[int, str, int]:
+        """Size, sha256 and write generation of bytes no write changed while they were
+        hashed. Re-hashing a spool written out of order is abandoned at shutdown."""
+        sf = h.spool
+        for _ in range(3):
+            await self._settle(h)
+            gen = sf.gen
+            done = sf.hashed()
+            if done is None:
+                with self._shutdown_scope() as scope:
+                    done = await trio.to_thread.run_sync(sf.finish, abandon_on_cancel=True)
+                if scope.cancelled_caught or done is None:
+                    sf.abandoned = True  # the abandoned thread stops at its next chunk
+                    raise UploadInterrupted(
+                        f"{sf.entry.target}: the mount shut down while its sha256 was computed;"
+                        " not uploaded"
+                    )
+            if sf.gen == gen and not h.active:
+                return done[0], done[1], gen
+        raise Busy(f"{h.node.path!r} kept being written while it was closed")
+
+    async def _upload_locked(self, h: WriteHandle) -> None:
+        sf = h.spool
+        entry = sf.entry
         self._uploading += 1
         self._idle = trio.Event() if self._uploading == 1 else self._idle
+        started = time.monotonic()
         try:
-            size, digest = await trio.to_thread.run_sync(h.spool.finish)
-            entry.move(UploadState.READY)
-            entry.size, entry.sha256, entry.error = size, digest, None
-            h.spool.dirty = False
-            started = time.monotonic()
             try:
-                await self._put(h, size)
-            except UploadInterrupted as e:
-                h.spool.dirty, h.error = True, e
-                if entry.state is UploadState.READY:  # never sent: journal that (UPLOADING is)
-                    await trio.to_thread.run_sync(spool.save, entry)
-                self.upload_stats["failed"] += 1
-                log.error(
-                    "upload of %s abandoned at unmount (state %s); the bytes are kept (journal"
-                    " %s): run 'mlregfs recover' to retry",
-                    entry.target,
-                    entry.state.value,
-                    entry.id,
-                )
-                raise
-            except MlregfsError as e:
-                h.spool.dirty, h.error = True, e
-                if entry.can(UploadState.FAILED):  # else written again meanwhile: WRITING
-                    entry.move(UploadState.FAILED)
-                    entry.error = str(e)
-                    await trio.to_thread.run_sync(spool.save, entry)
-                self.upload_stats["failed"] += 1
-                log.error(
-                    "upload of %s failed: %s; the bytes are kept (journal %s): run"
-                    " 'mlregfs recover' to retry",
-                    entry.target,
-                    e,
-                    entry.id,
-                )
-                raise
-            h.error = None
+                size, digest, gen = await self._finish(h)
+                entry.size, entry.sha256, entry.error = size, digest, None
+                await self._journal(h, UploadState.READY)
+                if h.unsure == digest and await self._stored(h, digest):
+                    # the PUT whose answer we missed was stored: not sent again
+                    log.info("%s: the earlier upload was stored after all", entry.target)
+                    entry.move(UploadState.UPLOADING)
+                else:
+                    await self._put(h, size)
+            except Exception as e:
+                if h.spool_error is not None:
+                    raise  # the spool lost bytes: reported as such, never uploaded
+                self._upload_failed(h, e)
+                assert h.error is not None
+                if entry.state in (UploadState.FAILED, UploadState.UPLOADING):
+                    try:
+                        await self._journal(h)
+                    except OSError as je:
+                        log.error("cannot journal the failure of %s: %s", entry.target, je)
+                if h.error is e:
+                    raise
+                raise h.error from e
+            drop = h.drop_older or bool(h.replaces)
+            h.error, h.unsure, h.drop_older = None, None, True
             h.uploads += 1
             self.upload_stats["uploaded"] += 1
             self.upload_stats["bytes"] += size
             entry.move(UploadState.UPLOADED)
-            await trio.to_thread.run_sync(spool.save, entry)
+            if sf.gen == gen:
+                sf.dirty = False
+            else:  # cannot happen (writes are EBUSY during the PUT); never "uploaded" over them
+                entry.move(UploadState.WRITING)
+            try:
+                await self._journal(h)
+            except OSError as e:
+                # the journal still says uploading: recover finds the copy and sends nothing
+                log.warning("uploaded %s but cannot journal it: %s", entry.target, e)
             elapsed = time.monotonic() - started
             log.info(
                 "uploaded %s (%d bytes, sha256 %s) in %.2f s", entry.target, size, digest, elapsed
             )
             self.meta.invalidate(("files", h.node.owner))
-            with self._shutdown_scope():  # at unmount older copies may stay (GitLab serves ours)
-                await self._drop_replaced(h)
+            if drop:  # at unmount older copies may stay (GitLab serves ours)
+                with self._shutdown_scope():
+                    await self._drop_replaced(h, digest)
         finally:
             self._uploading -= 1
             if self._uploading == 0:
                 self._idle.set()
 
-    async def _drop_replaced(self, h: WriteHandle) -> None:
-        """After an overwrite, delete the older copies (needs Maintainer; else keep them)."""
+    def _upload_failed(self, h: WriteHandle, e: Exception) -> None:
+        """Record a failed upload: the error the caller sees (with an errno), the state."""
+        from mlregfs import errors as E
+
+        # refused: certainly not stored. No answer: perhaps stored.
+        refused = (E.AuthError, E.BadRequest, E.TooLarge, E.NotFound, E.Conflict, E.RateLimited)
+        maybe_stored = (E.RegistryTimeout, E.ServerError, E.ProtocolError)
+        entry = h.spool.entry
+        h.spool.dirty = True
+        h.error = e if isinstance(e, MlregfsError | OSError) else MlregfsError(f"{e!r}")
+        self.upload_stats["failed"] += 1
+        if isinstance(e, UploadInterrupted):
+            # a PUT cut off stays UPLOADING (ambiguous); one never sent is READY or WRITING
+            log.error(
+                "upload of %s abandoned at unmount (state %s); the bytes are kept (journal"
+                " %s): run 'mlregfs recover' to retry",
+                entry.target,
+                entry.state.value,
+                entry.id,
+            )
+            return
+        sent = entry.state is UploadState.UPLOADING
+        if sent and not isinstance(e, refused):
+            h.unsure, h.drop_older = entry.sha256, True  # asked before it is sent again
+        if sent and isinstance(e, maybe_stored):
+            # no answer: the registry may have stored it. The journal says so, and recover
+            # (like our next upload) asks the registry before it sends the bytes again
+            entry.error = str(h.error)
+        elif entry.can(UploadState.FAILED):  # else written again meanwhile: WRITING
+            entry.move(UploadState.FAILED)
+            entry.error = str(h.error)
+        log.error(
+            "upload of %s failed: %s; the bytes are kept (journal %s): run"
+            " 'mlregfs recover' to retry",
+            entry.target,
+            h.error,
+            entry.id,
+        )
+
+    async def _stored(self, h: WriteHandle, digest: str) -> bool:
+        """The registry holds these bytes at this path (our PUT whose answer was lost)."""
+        with self._shutdown_scope():
+            owner = await self.owner(h.node.owner)
+            for f in await self.registry.list_files(owner):
+                if f.path == h.node.path and f.sha256 is not None and f.sha256.lower() == digest:
+                    return True
+        return False
+
+    async def _drop_replaced(self, h: WriteHandle, digest: str) -> None:
+        """After an overwrite (or a second upload through this handle), delete the older
+        copies of the path: those the registry lists behind ours (needs Maintainer; else
+        kept). If ours is not the newest (someone wrote after us), only the copy this
+        handle replaced at open."""
         replaced, h.replaces = h.replaces, ()
-        for f in replaced:
-            for fid in (f.file_id, *f.older_ids):
-                try:
-                    await self.registry.delete_file(
-                        RemoteFile(f.path, f.size, f.sha256, f.created_at, fid, f.package_id)
-                    )
-                except AuthError:
-                    log.info(
-                        "kept older copies of %s: deleting package files needs the Maintainer"
-                        " role (GitLab serves the newest copy)",
-                        h.spool.entry.target,
-                    )
-                    return
-                except MlregfsError as e:
-                    log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
+        ids = [i for f in replaced for i in (f.file_id, *f.older_ids)]
+        template = replaced[0] if replaced else None
+        try:
+            owner = await self.owner(h.node.owner)
+            for f in await self.registry.list_files(owner):
+                if f.path == h.node.path and f.sha256 is not None and f.sha256.lower() == digest:
+                    ids = [i for i in f.older_ids if i != f.file_id]
+                    template = f
+        except MlregfsError as e:
+            log.warning("could not list the older copies of %s: %s", h.spool.entry.target, e)
+        if template is None:
+            return
+        for fid in ids:
+            t = template
+            try:
+                await self.registry.delete_file(
+                    RemoteFile(t.path, t.size, t.sha256, t.created_at, fid, t.package_id)
+                )
+            except AuthError:
+                log.info(
+                    "kept older copies of %s: deleting package files needs the Maintainer"
+                    " role (GitLab serves the newest copy)",
+                    h.spool.entry.target,
+                )
+                return
+            except MlregfsError as e:
+                log.warning("could not delete an older copy of %s: %s", h.spool.entry.target, e)
 
     async def _put(self, h: WriteHandle, size: int) -> None:
         """READY -> UPLOADING (journaled before the PUT) -> the PUT; UploadInterrupted if the
@@ -753,9 +907,12 @@ class Filesystem:
             if entry.state is not UploadState.READY:
                 raise Busy(f"{h.node.path!r} was written again while being closed")
             await trio.lowlevel.checkpoint_if_cancelled()
-            entry.move(UploadState.UPLOADING)
-            await trio.to_thread.run_sync(self._writable().save, entry)
-            await self.registry.upload(owner, h.node.path, h.spool.path, size)
+            h.putting = True  # from here a write is EBUSY
+            try:
+                await self._journal(h, UploadState.UPLOADING)
+                await self.registry.upload(owner, h.node.path, h.spool.path, size)
+            finally:
+                h.putting = False
         if scope.cancelled_caught:
             raise interrupted
 

@@ -355,3 +355,233 @@ async def test_concurrent_flushes_upload_once(fs: Filesystem, reg: InMemoryRegis
     await fs.release(opened.fh)
     assert reg.stats.by_kind["upload"] == 1
     assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+# -- the upload lifecycle's failure paths (review findings 3, 4, 6, 9a, 10) -----------------
+
+
+async def _open_new(fs: Filesystem, name: str) -> int:
+    opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), name, os.O_CREAT)
+    return opened.fh
+
+
+def _stored(reg: InMemoryRegistry, name: str) -> tuple[bytes, tuple[int, ...]]:
+    f, data = reg._files[("v", "llama", "1.0.0")][name]
+    return data, f.older_ids
+
+
+async def test_a_journal_that_cannot_be_saved_fails_close_and_nothing_is_lost(
+    fs: Filesystem, reg: InMemoryRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while journaling the close: close() gets ENOSPC, the file is still written
+    (no EBUSY), and the next close uploads it (close never claims an upload it did not do)."""
+    real_fsync = os.fsync
+    full = False
+
+    def fsync(fd: int) -> None:
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fh = await _open_new(fs, "j.bin")
+    await fs.write(fh, 0, b"data")
+    full = True
+    with pytest.raises(OSError) as ei:
+        await fs.flush(fh)
+    assert to_errno(ei.value) == errno.ENOSPC
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    full = False
+    await fs.write(fh, 4, b"more")  # not EBUSY: nothing is being uploaded
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert reg.stats.by_kind["upload"] == 1
+    assert _stored(reg, "j.bin")[0] == b"datamore"
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+class _OSErrorUploads(InMemoryRegistry):
+    """The PUT fails with a plain OSError (not an MlregfsError) the first time."""
+
+    fail = 1
+
+    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+        if self.fail:
+            self.fail -= 1
+            self.stats.count("upload")
+            raise OSError(errno.ECONNRESET, "reset by peer")
+        await super().upload(owner, path, source, size)
+
+
+async def test_a_plain_oserror_from_the_put_is_reported_and_uploaded_at_the_next_close(
+    tmp_path: Path,
+) -> None:
+    reg = _OSErrorUploads()
+    reg.add_version("llama", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fh = await _open_new(fs, "o.bin")
+    await fs.write(fh, 0, b"payload")
+    with pytest.raises(OSError) as ei:
+        await fs.flush(fh)  # fsync
+    assert to_errno(ei.value) == errno.ECONNRESET
+    assert _journal_on_disk(fs)["state"] == "failed"
+    await fs.flush(fh)  # close: uploaded now (not a silent success)
+    await fs.release(fh)
+    assert reg.stats.by_kind["upload"] == 2
+    assert _stored(reg, "o.bin")[0] == b"payload"
+
+
+async def test_a_failed_file_is_released_to_recover_at_close(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """While the writer holds a failed file, the journal names the daemon; at release it is
+    given up (pid 0), and only then may `recover` take it."""
+    fh = await _open_new(fs, "r.bin")
+    await fs.write(fh, 0, b"kept")
+    reg.down = True
+    with pytest.raises(MlregfsError):
+        await fs.flush(fh)
+    (held,) = fs.spool.entries()  # type: ignore[union-attr]
+    assert held.pid == os.getpid() and not held.orphaned()
+    await fs.release(fh)
+    (released,) = fs.spool.entries()  # type: ignore[union-attr]
+    assert released.pid == 0 and released.orphaned() and released.state == "failed"
+
+
+async def test_a_write_landing_while_the_sha256_is_computed_is_uploaded(
+    fs: Filesystem, reg: InMemoryRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that lands while close computes size and sha256 is not lost: the upload sends
+    the bytes as they are after it, with their own sha256."""
+    from mlregfs.writeback import SpoolFile
+
+    fh = await _open_new(fs, "g.bin")
+    await fs.write(fh, 0, b"aaaa")
+    await fs.write(fh, 0, b"bbbb")  # a rewrite: close hashes the spool again
+    real_finish = SpoolFile.finish
+    landed = False
+
+    def finish(self: SpoolFile) -> tuple[int, str]:
+        nonlocal landed
+        result = real_finish(self)
+        if not landed:
+            landed = True
+            trio.from_thread.run(fs.write, fh, 4, b"late")
+        return result
+
+    monkeypatch.setattr(SpoolFile, "finish", finish)
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert landed
+    assert _stored(reg, "g.bin")[0] == b"bbbblate"
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_hashing_at_close_is_abandoned_when_the_drain_timeout_passes(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool re-hashed at close (written out of order) does not hold up shutdown."""
+    import threading
+
+    from mlregfs.writeback import SpoolFile
+
+    release = threading.Event()
+    hashing = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    real_finish = SpoolFile.finish
+
+    def finish(self: SpoolFile) -> tuple[int, str]:
+        token.run_sync_soon(hashing.set)
+        release.wait(20)
+        return real_finish(self)
+
+    monkeypatch.setattr(SpoolFile, "finish", finish)
+    fh = await _open_new(fs, "h.bin")
+    await fs.write(fh, 0, b"aaaa")
+    await fs.write(fh, 0, b"bbbb")
+    caught: list[BaseException] = []
+
+    async def close() -> None:
+        try:
+            await fs.flush(fh)
+        except Exception as e:
+            caught.append(e)
+        await fs.release(fh)
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(close)
+                await hashing.wait()
+                await fs.drain(0.1, grace=1)
+    finally:
+        release.set()
+    (e,) = caught
+    assert to_errno(e) == errno.EIO and "shut down" in str(e)
+
+
+async def test_an_fsynced_copy_is_replaced_by_the_final_upload(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """fsync -> write -> close: the fsync'd copy is deleted after the final upload, as the
+    copy an O_TRUNC open replaces is (README semantics 21, Maintainer)."""
+    fh = await _open_new(fs, "f.bin")
+    await fs.write(fh, 0, b"first")
+    await fs.flush(fh)  # fsync: stored
+    await fs.write(fh, 5, b" and more")
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert _stored(reg, "f.bin") == (b"first and more", ())
+
+
+class _StoredButTimedOut(InMemoryRegistry):
+    """The first PUT is stored but its answer never comes (a timeout)."""
+
+    lose_answer = 1
+
+    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+        from mlregfs.errors import RegistryTimeout
+
+        await super().upload(owner, path, source, size)
+        if self.lose_answer:
+            self.lose_answer -= 1
+            raise RegistryTimeout("PUT: no answer within 30 s")
+
+
+async def test_a_timed_out_put_is_journaled_as_ambiguous_and_never_sent_twice(
+    tmp_path: Path,
+) -> None:
+    reg = _StoredButTimedOut()
+    reg.add_version("llama", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fh = await _open_new(fs, "t.bin")
+    await fs.write(fh, 0, b"sent once")
+    with pytest.raises(MlregfsError) as ei:
+        await fs.flush(fh)  # fsync
+    assert to_errno(ei.value) == errno.ETIMEDOUT
+    assert _journal_on_disk(fs)["state"] == "uploading"  # outcome unknown: recover asks
+    await fs.flush(fh)  # close: the registry has it; not sent again
+    await fs.release(fh)
+    assert reg.stats.by_kind["upload"] == 1
+    assert _stored(reg, "t.bin") == (b"sent once", ())
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_a_write_after_a_timed_out_put_is_uploaded_and_replaces_it(
+    tmp_path: Path,
+) -> None:
+    reg = _StoredButTimedOut()
+    reg.add_version("llama", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fh = await _open_new(fs, "t.bin")
+    await fs.write(fh, 0, b"first")
+    with pytest.raises(MlregfsError):
+        await fs.flush(fh)
+    await fs.write(fh, 5, b"+second")  # not EBUSY: no PUT is in flight
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert reg.stats.by_kind["upload"] == 2
+    assert _stored(reg, "t.bin") == (b"first+second", ())

@@ -211,3 +211,78 @@ def test_spool_is_private_and_looser_modes_are_tightened(tmp_path: Path) -> None
     Spool(root)  # the next start
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
+
+
+def test_recover_never_touches_an_entry_a_running_daemon_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even a failed one: its writer may still close the file and the daemon upload it."""
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "4" * 32, b"held", pid=os.getpid())  # an old journal: no pid_start
+    reg = InMemoryRegistry()
+    reg.add_version("llama", "1.0.0")
+    assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    assert f"held by running mount pid {os.getpid()}" in capsys.readouterr().out
+    assert _retry(tmp_path, reg) == 0
+    assert _retry(tmp_path, reg, "4" * 32) == 2  # still active
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert spool.data_path("4" * 32).read_bytes() == b"held"
+
+
+def test_a_reused_pid_is_not_a_live_daemon(tmp_path: Path) -> None:
+    """In a container the daemon has the same pid after every restart: the journal keeps the
+    process start time too, and an entry of an earlier process with our pid is orphaned."""
+    from mlregfs.writeback import proc_start
+
+    mine = JournalEntry("5" * 32, "src", ["c", "1"], "f")
+    assert mine.pid == os.getpid() and mine.pid_start == proc_start(os.getpid())
+    assert mine.held_by_live_daemon()
+    spool = Spool(tmp_path / "spool")
+    start = proc_start(os.getpid())
+    assert start is not None
+    _journal(spool, "6" * 32, pid=os.getpid(), pid_start=start - 1, state="ready")
+    (e,) = spool.entries()
+    assert not e.held_by_live_daemon() and e.orphaned()
+    _journal(spool, "6" * 32, pid=0, state="ready")  # released by its daemon
+    (e,) = spool.entries()
+    assert e.orphaned()
+
+
+def test_journal_saves_never_land_out_of_order(tmp_path: Path) -> None:
+    """Saves run in worker threads: an older snapshot that finishes last is dropped."""
+    spool = Spool(tmp_path / "spool")
+    sf = spool.new("src", ("c", "1"), "f.bin")
+    e = sf.entry
+    e.move(S.READY)
+    e.move(S.UPLOADING)
+    e.move(S.UPLOADED)
+    older = spool.snapshot(e)
+    e.move(S.WRITING)
+    newer = spool.snapshot(e)
+    spool.write(newer)
+    spool.write(older)
+    (on_disk,) = spool.entries()
+    assert on_disk.state is S.WRITING
+    spool.remove(e)
+    spool.write(spool.snapshot(e))  # a save still on its way after the removal
+    assert list(spool.root.iterdir()) == []
+    sf.close()
+
+
+def test_a_candidate_id_must_be_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "9" * 32, owner=["c", "x"])
+    reg = InMemoryRegistry()
+    assert _retry(tmp_path, reg) == 1  # orphaned data, not a traceback
+    assert "unreadable journal" in capsys.readouterr().err
+    assert reg.stats.by_kind.get("upload", 0) == 0
+
+
+def test_an_old_journal_without_start_time_falls_back_to_the_pid(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    _journal(spool, "3" * 32, pid=os.getpid(), state="ready")
+    (e,) = spool.entries()
+    assert e.pid_start is None and e.held_by_live_daemon()
+    _journal(spool, "3" * 32, pid=DEAD_PID, state="ready")
+    (e,) = spool.entries()
+    assert e.pid_start is None and not e.held_by_live_daemon()
