@@ -69,6 +69,8 @@ def mmap_read(path: Path) -> subprocess.CompletedProcess[bytes]:
 def test_wrong_sha256_fails_every_read_never_from_the_page_cache(
     server: ServerProcess, world: World, mount_factory
 ) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 9 and 15: "every read of the file fails with `EIO` until a download
+    matches"; "no page of a mismatching download is served again, by `read` or by `mmap`"."""
     data = blob(901, 5 * MiB + 123)
     rel = add_file(server, data, wrong_sha=True)
     m = mount_factory(world.private, token=world.tokens["developer"], options=["block_size=1M"])
@@ -87,7 +89,9 @@ def test_wrong_sha256_fails_every_read_never_from_the_page_cache(
 def test_mismatch_drops_pages_cached_for_handles_still_open(
     server: ServerProcess, world: World, mount_factory
 ) -> None:  # type: ignore[no-untyped-def]
-    """A reader that opened the file before the mismatch was found must not get the pages
+    """Semantics 15: "also for handles already open".
+
+    A reader that opened the file before the mismatch was found must not get the pages
     cached meanwhile from the kernel either: they are invalidated when the check fails."""
     data = blob(905, 5 * MiB + 77)
     rel = add_file(server, data, wrong_sha=True)
@@ -120,6 +124,8 @@ def _damage_block(cache: Path, key: str, index: int) -> None:
 def test_damaged_block_with_rewritten_checksum_is_not_served(
     server: ServerProcess, world: World, mount_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 9: "a block damaged on disk ... is dropped and refetched (or fails with
+    `EIO`), never served" - even when its own header checksum was rewritten to match."""
     data = blob(902, 3 * MiB + 5)
     rel = add_file(server, data, wrong_sha=False)
     cache = tmp_path / "damaged-cache"
@@ -142,6 +148,8 @@ def test_damaged_block_with_rewritten_checksum_is_not_served(
 def test_file_larger_than_the_cache_is_checked(
     server: ServerProcess, world: World, mount_factory, memory: str | None
 ) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 9: "whatever the cache size ... whoever reads a file to its end gets `EIO`,
+    not success, when the download does not match"."""
     data = blob(903, 24 * MiB)
     rel = add_file(server, data, wrong_sha=True)
     opts = ["cache_size=16M", "block_size=4M"] + ([f"memory_cache={memory}"] if memory else [])
@@ -163,6 +171,8 @@ def test_file_larger_than_the_cache_with_right_sha256_reads(
 
 
 def test_forget_shrinks_the_inode_table(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 35: "an inode the kernel no longer references (and no open file uses) is
+    dropped from the daemon's tables ... Inode numbers are never reused."."""
     m = mount_factory(world.private, token=world.tokens["developer"])
     inos = {p: os.stat(p).st_ino for p in (m.path / "models").rglob("*")}
     before = os.statvfs(m.path).f_files
