@@ -100,16 +100,21 @@ class Operations(pyfuse3.Operations):
         except Exception as e:  # e.g. the kernel forgot the inode meanwhile: no pages left
             log.debug("invalidating the pages of inode %d: %s", ino, e)
 
-    def close_session(self, wait: float = 5.0) -> None:
+    def close_session(self, wait: float = 30.0) -> None:
         """Call before pyfuse3.close(): no page invalidation starts after this, and one in
-        progress is waited for (up to `wait` seconds: it may be blocked on a page lock of a
-        request that will never be answered, which only closing the session releases)."""
-        got = self._notify_lock.acquire(timeout=wait)
-        self._closing = True
-        if got:
+        progress is waited for. pyfuse3.invalidate_inode uses the session pointer after its
+        write to the kernel returns (libfuse's fuse_send_msg), and pyfuse3.close() frees the
+        session: so the wait is long (`wait` seconds). It is bounded all the same: an
+        invalidation blocked on a page lock of a request that will never be answered is only
+        released by closing the session."""
+        self._closing = True  # set first: an invalidation waiting for the lock never starts
+        if self._notify_lock.acquire(timeout=wait):
             self._notify_lock.release()
         else:
-            log.warning("closing the FUSE session while a page invalidation is in progress")
+            log.error(
+                "closing the FUSE session while a page invalidation is still in progress after %gs",
+                wait,
+            )
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -239,8 +239,22 @@ class DataCache:
 
     def close(self, cf: CachedFile) -> None:
         cf.refs -= 1
-        if cf.refs <= 0 and self._files.get(cf.spec.key) is cf and not cf.inflight:
-            del self._files[cf.spec.key]
+        self._forget_unused(cf)
+
+    def _forget_unused(self, cf: CachedFile) -> None:
+        """Drop the state of a file no handle has open and no download still uses (called
+        at close and when a download ends: a read-ahead may outlive the last handle). Kept
+        only as a record of whether it was verified (the mount asks at the next open)."""
+        if cf.refs > 0 or cf.inflight or self._files.get(cf.spec.key) is not cf:
+            return
+        del self._files[cf.spec.key]
+        cf.unhashed.clear()
+        cf.hashed_digests.clear()
+        cf.seen.clear()
+        cf.windows.clear()
+        cf.partial.clear()
+        cf.covered.clear()
+        cf.served.clear()
 
     def is_complete(self, spec: FileSpec) -> bool:
         """All blocks on disk and (if a sha256 is known) verified."""
@@ -307,8 +321,15 @@ class DataCache:
         for flight in list(cf.inflight.values()):
             await flight.done.wait()
         if cf.spec.sha256 is not None and (whole or self.store.count(cf.spec.key) >= cf.nblocks):
-            async with cf.hash_lock:
-                await self._verify(cf, fill=whole)
+            # one deadline for waiting for the check another reader is running and for this
+            # one's own (blocks fetched again included): k readers do not wait k deadlines
+            with trio.move_on_after(self.check_deadline) as scope:
+                async with cf.hash_lock:
+                    await self._verify(cf, fill=whole)
+            if scope.cancelled_caught:
+                raise RegistryTimeout(
+                    f"{cf.spec.key}: the sha256 check took longer than {self.check_deadline:g}s"
+                )
         if cf.poisoned:
             raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
 
@@ -334,6 +355,8 @@ class DataCache:
         starts = range(w0, w1, sw)
         kept = [self._small.get((key, -1 - w)) for w in starts]  # negative: never a block
         parts: list[Block] = [p for p in kept if p is not None]
+        if self._window_too_late(cf, idx):
+            return None
         if len(parts) < len(kept):
             async with self._limiter.slot(key):
                 data = await cf.fetch(w0, w1)
@@ -349,7 +372,7 @@ class DataCache:
             raise IntegrityError(f"{key} did not match its sha256; reopen to refetch")
         if cf.spec.sha256 is not None:
             # no await until the windows are recorded: the hash must not pass `idx` meanwhile
-            if cf.digests is not None or idx < max(cf.hashed_upto, cf.hashing_to):
+            if self._window_too_late(cf, idx):
                 return None
             wins = cf.windows.setdefault(idx, {})
             for w, part in zip(starts, parts, strict=True):
@@ -368,6 +391,13 @@ class DataCache:
         if len(parts) == 1:
             return memoryview(parts[0])[off - w0 : end - w0]
         return memoryview(b"".join(parts))[off - w0 : end - w0]
+
+    @staticmethod
+    def _window_too_late(cf: CachedFile, idx: int) -> bool:
+        """A window of block `idx` can no longer join the check (`_small_read`)."""
+        return cf.spec.sha256 is not None and (
+            cf.digests is not None or idx < max(cf.hashed_upto, cf.hashing_to)
+        )
 
     def _cover(self, cf: CachedFile, idx: int, w0: int, off: int, end: int) -> bool:
         """Record that bytes [off, end) of window `w0` were served; True once every byte of
@@ -427,6 +457,7 @@ class DataCache:
             if cf.inflight.get(idx) is flight:
                 del cf.inflight[idx]
             flight.finish()
+            self._forget_unused(cf)
 
     async def _prefetch(self, cf: CachedFile, idx: int) -> None:
         try:
@@ -503,6 +534,7 @@ class DataCache:
             if cf.inflight.get(idx) is flight:
                 del cf.inflight[idx]
             flight.finish()
+            self._forget_unused(cf)
 
         try:
             start = idx * self.block_size
@@ -551,7 +583,11 @@ class DataCache:
             if cf.poisoned:  # the check failed while this block was being stored
                 await trio.to_thread.run_sync(self.store.drop, spec.key)
                 raise IntegrityError(f"{spec.key} did not match its sha256; discarded")
-            if not cf.verified and self.store.count(spec.key) >= cf.nblocks:
+            if (
+                not cf.verified
+                and self.store.count(spec.key) >= cf.nblocks
+                and not cf.hash_lock.locked()  # its holder checks, or a reader's `_settle` will
+            ):
                 async with cf.hash_lock:
                     await self._verify(cf)
             return data
@@ -593,14 +629,26 @@ class DataCache:
         stored). So a complete file is checked without hashing it all again."""
         if cf.verified or idx < cf.hashed_upto:
             return
-        if idx > cf.hashed_upto:
-            if len(cf.unhashed) < MAX_UNHASHED:
+        if idx > cf.hashed_upto and len(cf.unhashed) < MAX_UNHASHED:
+            cf.unhashed[idx] = data
+        if idx > cf.hashed_upto and cf.hashed_upto not in cf.unhashed:
+            return  # the hash continues when the block it needs arrives
+        try:
+            cf.hash_lock.acquire_nowait()
+        except trio.WouldBlock:
+            # the hash is busy, and its holder may be fetching blocks for the check: never
+            # wait for that. The next block is parked for the holder's `_hash_forward`, which
+            # looks here first (one such block at most: the hash is not past it), or for the
+            # next arrival that finds the lock free.
+            if idx == cf.hashed_upto:
                 cf.unhashed[idx] = data
             return
-        async with cf.hash_lock:
+        try:
             await self._hash_forward(cf, idx, data)
             if cf.hashed_upto >= cf.nblocks:  # complete, whatever is still on disk
                 await self._conclude(cf)
+        finally:
+            cf.hash_lock.release()
 
     async def _hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
         """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
@@ -671,20 +719,14 @@ class DataCache:
     async def _verify(self, cf: CachedFile, fill: bool = False) -> None:
         """Check a complete file against its sha256; discard everything on mismatch. `fill`:
         blocks the running hash cannot find in memory or on disk are fetched again just for
-        hashing (not stored), several at a time, within `check_deadline` for the whole call
-        (RegistryTimeout past it; what was hashed stays hashed for the next try). Call with
+        hashing (not stored), several at a time (the caller, `_settle`, bounds the whole
+        check by `check_deadline`; what was hashed stays hashed for the next try). Call with
         `cf.hash_lock` held."""
         if cf.verified:
             return
         await self._hash_forward(cf)
         if fill and cf.hashed_upto < cf.nblocks and not cf.verified:
-            with trio.move_on_after(self.check_deadline) as scope:
-                await self._fill(cf)
-            if scope.cancelled_caught:
-                raise RegistryTimeout(
-                    f"{cf.spec.key}: fetching blocks again for the sha256 check took longer"
-                    f" than {self.check_deadline:g}s"
-                )
+            await self._fill(cf)
         if cf.hashed_upto < cf.nblocks:
             return  # a block was evicted meanwhile: checked once it is back
         await self._conclude(cf)

@@ -218,3 +218,48 @@ def test_random_small_reads_covering_a_wrong_file_end_in_eio(
     finally:
         os.close(fd)
     assert failed == errno.EIO
+
+
+def test_pages_of_unchecked_bytes_stay_unserved_after_another_path_verifies(
+    server: ServerProcess, world: World, mount_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Semantics 15: only pages of checked bytes are kept across opens. Two paths with the
+    same bytes share their cache entry: the first reads part of a bad block (unchecked, in
+    its page cache) and closes; the other is then read whole and verified. The first path's
+    next open must not serve its old pages."""
+    data = blob(906, 8 * MiB + 11)
+    v1 = add_file(server, data, wrong_sha=False)
+    v2 = add_file(server, data, wrong_sha=False)
+    cache = tmp_path / "shared-cache"
+    # blocks only on disk, no read-ahead: a 4 KiB read fetches block 0 alone
+    opts = ["block_size=1M", "memory_cache=512K", "readahead=0"]
+    m = mount_factory(world.private, token=world.tokens["developer"], cache=cache, options=opts)
+    fd = os.open(m.path / v2, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]  # block 0 reaches the disk (unchecked)
+    finally:
+        os.close(fd)
+    block0 = cache / "blocks" / "v2" / sha(data)[:2] / sha(data) / "0.blk"
+    deadline = time.monotonic() + 30
+    while not block0.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    _damage_block(cache, sha(data), 0)
+    fd = os.open(m.path / v1, os.O_RDONLY)
+    try:
+        bad = os.pread(fd, 4096, 0)  # the damaged block: now in v1's page cache
+    finally:
+        os.close(fd)
+    assert bad != data[:4096]
+    assert read_errno(m.path / v2) == errno.EIO  # the damaged block fails the check
+    deadline = time.monotonic() + 30
+    while read_errno(m.path / v2) is not None:  # EIO until that download's requests end
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert file_sha(m.path / v2) == sha(data)  # fetched again: verified
+    fd = os.open(m.path / v1, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+    finally:
+        os.close(fd)
+    assert file_sha(m.path / v1) == sha(data)

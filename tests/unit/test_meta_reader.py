@@ -496,3 +496,81 @@ async def test_check_fetches_missing_blocks_in_parallel_within_a_deadline(
     assert peak > 1  # not one block after another
     with pytest.raises(RegistryTimeout), trio.fail_after(30):
         await run(tmp_path / "b", 1000, 0.5)
+
+
+async def test_close_during_readahead_forgets_the_file(tmp_path: Path) -> None:
+    """A handle closed while its read-ahead is still downloading: once the download ends,
+    the file's state is not kept."""
+    bs = 1 << 16
+    data = os.urandom(8 * bs)
+    gate = trio.Event()
+
+    async def fetch(start: int, end: int) -> bytes:
+        if start >= 2 * bs:
+            await gate.wait()
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=2)
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(FileSpec("ra", len(data), hashlib.sha256(data).hexdigest()), fetch)
+        stream = ReadStream()
+        for off in (0, 4096, 8192):
+            await dc.read(cf, off, 4096, stream)
+        assert cf.inflight
+        dc.close(cf)
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+    assert "ra" not in dc._files
+
+
+async def test_a_reader_never_waits_for_the_hash_lock_of_another(tmp_path: Path) -> None:
+    """The hash lock may be held across network fetches (the completing check): a reader's
+    own download does not wait for it, and a reader's check waits within its deadline."""
+    bs = 1 << 16
+    data = os.urandom(4 * bs)
+
+    async def fetch(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0, check_deadline=0.5)
+    cf = dc.open(FileSpec("hl", len(data), hashlib.sha256(data).hexdigest()), fetch)
+    stall = trio.Event()
+    async with trio.open_nursery() as n:
+
+        async def holder() -> None:  # a check stuck in a refetch
+            async with cf.hash_lock:
+                await stall.wait()
+
+        n.start_soon(holder)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            assert bytes(await dc.read(cf, 0, bs)) == data[:bs]  # hash at block 0: lock busy
+            for i in (1, 2):
+                await dc.read(cf, i * bs, bs)
+            with pytest.raises(RegistryTimeout):
+                await dc.read(cf, 3 * bs, bs)  # completes the file: check bounded
+        stall.set()
+    assert bytes(await dc.read(cf, 3 * bs, bs)) == data[3 * bs :]
+    assert cf.verified
+
+
+async def test_small_read_of_a_hashed_block_fetches_no_window(tmp_path: Path) -> None:
+    """A small read of a block the hash has passed reads the block whole: no window is
+    fetched first only to be thrown away."""
+    bs = 1 << 20
+    data = os.urandom(4 * bs)
+    fetched: list[tuple[int, int]] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        fetched.append((start, end))
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0)
+    cf = dc.open(FileSpec("sm", len(data), hashlib.sha256(data).hexdigest()), fetch)
+    await dc.read(cf, 0, bs)
+    assert cf.hashed_upto == 1
+    _evict(dc, "sm", 0)
+    fetched.clear()
+    assert bytes(await dc.read(cf, 100, 4096, ReadStream())) == data[100:4196]
+    assert fetched == [(0, bs)]
