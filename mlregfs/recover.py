@@ -37,6 +37,8 @@ _LABEL = {
 def _describe(e: JournalEntry, spool: Spool) -> str:
     data = spool.data_path(e.id)
     state = _LABEL[e.state]
+    if e.state is S.READY and e.sha256 is None:
+        state = "not uploaded (closed; its sha256 is computed by retry)"
     if e.state is not S.UPLOADED and not data.exists():
         state = f"LOST (its data file is missing; was {e.state.value})"
     lines = [
@@ -121,6 +123,8 @@ async def _retry(
         except OSError as err:
             fail(e, f"cannot read the spooled bytes {data}: {err.strerror}; not uploaded")
             continue
+        if e.state is S.READY and e.sha256 is None and size == e.size:
+            e.sha256 = digest  # closed by its writer, not hashed (cut off): hashed now
         if e.sha256 is None or (size, digest) != (e.size, e.sha256):
             fail(e, "spooled bytes do not match the journal; not uploaded")
             continue

@@ -18,9 +18,11 @@ closed. Only then, or once its daemon is gone, may `mlregfs recover` touch it. S
 serialized where the entry changes and numbered: an older one never lands over a newer one.
 
 An entry found by a later process (its daemon is gone) means: WRITING - never closed (discard
-only); READY or FAILED - not stored; UPLOADING - the PUT was cut off and may or may not have
-been stored, so `recover` asks the registry before sending it again; UPLOADED - done (removed
-at the next start). The spool directory is 0700 and every file in it 0600.
+only); READY or FAILED - not stored (READY without a sha256: closed by its writer but not
+hashed, e.g. its hashing cut off at unmount; `recover` hashes it); UPLOADING - the PUT was cut
+off and may or may not have been stored, so `recover` asks the registry before sending it
+again; UPLOADED - done (removed at the next start). The spool directory is 0700 and every
+file in it 0600.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class UploadState(enum.StrEnum):
     """Where a spooled file is in its life. The values are what the journal stores."""
 
     WRITING = "writing"  # open: bytes still arriving
-    READY = "ready"  # closed: size and sha256 recorded, no PUT sent
+    READY = "ready"  # closed: size and sha256 recorded (sha256 None: not hashed), no PUT sent
     UPLOADING = "uploading"  # a PUT may be on its way (found later: interrupted, ambiguous)
     UPLOADED = "uploaded"  # the registry answered 201
     FAILED = "failed"  # the registry refused or could not be reached: not stored

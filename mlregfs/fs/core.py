@@ -222,6 +222,8 @@ class Filesystem:
         self._deferred: set[int] = set()  # forgotten while in use: dropped once unused
         self._handles: dict[int, FileHandle | WriteHandle] = {}
         self._next_fh = count(1)
+        # per inode, the file state its last read open served through (`_keep_pages`)
+        self._page_source: dict[int, CachedFile | None] = {}
         # files being written, by (owner, path): shown in listings with their spooled size
         self._writing: dict[tuple[tuple[str, ...], str], WriteHandle] = {}
         # directories made inside a version for this mount's lifetime (GitLab has none)
@@ -289,6 +291,7 @@ class Filesystem:
             return
         self._deferred.discard(ino)
         del self._node_of[ino]
+        self._page_source.pop(ino, None)  # an inode the kernel forgot has no pages left
         if self._ino_of.get(node) == ino:
             del self._ino_of[node]
 
@@ -482,6 +485,7 @@ class Filesystem:
         if w is not None:  # reading a file that is still being written: its spool
             fh = next(self._next_fh)
             self._handles[fh] = WriteHandle(node, w.spool)
+            self._keep_pages(ino, None)  # pages of the spool: the next open drops them
             return Opened(fh, keep_cache=False)
         f = await self._remote_file(node)
         owner = await self.owner(node.owner)
@@ -494,10 +498,25 @@ class Filesystem:
         cached = self.data.open(spec, fetch)
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(node, f, cached)
-        # the kernel may keep pages only of bytes checked against the sha256: an unverified
-        # file's pages are dropped at open, so no earlier open's unchecked bytes are served
-        # (and only if no page of bytes read before the verification can be in the kernel)
-        return Opened(fh, keep_cache=f.sha256 is not None and self.data.may_keep_pages(cached))
+        return Opened(fh, keep_cache=f.sha256 is not None and self._keep_pages(ino, cached))
+
+    def _keep_pages(self, ino: int, cached: CachedFile | None) -> bool:
+        """May the kernel keep `ino`'s cached pages at this open through `cached` (None: not
+        through the block cache)? Only bytes checked against the sha256 may stay: the file
+        must be verified, and so must the state the inode's previous open read through. Its
+        pages were dropped at that open unless the same held then, so every page the kernel
+        can hold came through a verified state (whose bytes served before the check were
+        compared with the checked ones). A verified file with the same bytes under another
+        path shares the cache key, not this inode's pages: those may be from an unchecked
+        download, so the first open of the inode after the verification drops them."""
+        prev = self._page_source.get(ino)
+        self._page_source[ino] = cached
+        return (
+            cached is not None
+            and prev is not None
+            and self.data.may_keep_pages(cached)
+            and self.data.may_keep_pages(prev)
+        )
 
     def cache_key(self, f: RemoteFile) -> str:
         """Content address when the sha256 is known, else the registry's file identity."""
@@ -537,6 +556,10 @@ class Filesystem:
         except (MlregfsError, OSError):
             pass  # logged where it happened; a spool write failure is in h.spool_error
         finally:
+            try:
+                size = os.fstat(h.spool.fd).st_size
+            except OSError:
+                size = h.spool.size
             h.spool.close()
             del self._writing[key]
             if h.spool_error is not None:
@@ -553,9 +576,17 @@ class Filesystem:
             else:
                 kept = True
         if kept:
+            entry = h.spool.entry
+            if entry.state is UploadState.WRITING:
+                # this is its last close: its writer closed it, but its sha256 was not taken
+                # (hashing cut off at unmount, Busy, READY not saved). READY with no sha256
+                # says "closed, not hashed": `recover retry` hashes and uploads it. WRITING
+                # stays for files never closed (the daemon killed while they were open).
+                entry.move(UploadState.READY)
+                entry.sha256, entry.size = None, size
             # kept, as journaled: released (pid 0), so `mlregfs recover` may take it now; it
             # never touches an entry a running daemon holds
-            h.spool.entry.pid, h.spool.entry.pid_start = 0, None
+            entry.pid, entry.pid_start = 0, None
             try:
                 await self._journal(h)
             except OSError as e:
@@ -627,7 +658,9 @@ class Filesystem:
             await self._rewrite(h)
         try:
             if h.writer is not None:  # queued: disk write and hash overlap the next request
-                return await h.writer.write(off, data)
+                # a wait for queue space may end after a close took the sha256: checked again
+                # right before the bytes are queued
+                return await h.writer.write(off, data, lambda: self._still_writing(h))
             # disk write and hashing run on the second core; the FUSE loop keeps serving
             h.active += 1
             if h.active == 1:
@@ -642,6 +675,11 @@ class Filesystem:
         except OSError as e:
             h.spool_error = e
             raise
+
+    def _still_writing(self, h: WriteHandle) -> None:
+        """Busy unless new bytes may go into the spool now (WRITING, no PUT in flight)."""
+        if h.putting or h.spool.entry.state is not UploadState.WRITING:
+            raise Busy(f"{h.node.path!r} is being uploaded (a close or fsync is running)")
 
     async def _rewrite(self, h: WriteHandle) -> None:
         """The first change after an upload: journal the entry as WRITING again, so a crash
@@ -766,6 +804,9 @@ class Filesystem:
                 if h.unsure == digest and await self._stored(h, digest):
                     # the PUT whose answer we missed was stored: not sent again
                     log.info("%s: the earlier upload was stored after all", entry.target)
+                    h.unsure = None  # newer bytes are sent, and replace it (drop_older)
+                    if entry.state is not UploadState.READY:  # written while we asked
+                        raise Busy(f"{h.node.path!r} was written again while being closed")
                     entry.move(UploadState.UPLOADING)
                 else:
                     await self._put(h, size)
@@ -790,7 +831,8 @@ class Filesystem:
             entry.move(UploadState.UPLOADED)
             if sf.gen == gen:
                 sf.dirty = False
-            else:  # cannot happen (writes are EBUSY during the PUT); never "uploaded" over them
+            else:  # written during the PUT (a bug: writes are EBUSY from READY on, queued ones
+                # checked again before they are queued); never "uploaded" over them
                 entry.move(UploadState.WRITING)
             try:
                 await self._journal(h)
@@ -850,12 +892,25 @@ class Filesystem:
         )
 
     async def _stored(self, h: WriteHandle, digest: str) -> bool:
-        """The registry holds these bytes at this path (our PUT whose answer was lost)."""
-        with self._shutdown_scope():
+        """The registry holds these bytes at this path (our PUT whose answer was lost).
+        Asked of the registry itself, never of the catalog: its listing from before an
+        outage would say "not stored" and the bytes would be sent twice. An outage raises
+        (the close fails, the bytes are kept, asked again at the next close or by recover)."""
+        from mlregfs.registry.catalog import CatalogRegistry
+
+        registry: Registry = self.registry
+        if isinstance(registry, CatalogRegistry):
+            registry = registry.inner
+        with self._shutdown_scope() as scope:
             owner = await self.owner(h.node.owner)
-            for f in await self.registry.list_files(owner):
+            for f in await registry.list_files(owner):
                 if f.path == h.node.path and f.sha256 is not None and f.sha256.lower() == digest:
                     return True
+        if scope.cancelled_caught:  # no answer: unknown, so nothing is sent
+            raise UploadInterrupted(
+                f"{h.spool.entry.target}: the mount shut down while asking the registry whether"
+                " an earlier upload was stored; the bytes are kept for 'mlregfs recover'"
+            )
         return False
 
     async def _drop_replaced(self, h: WriteHandle, digest: str) -> None:

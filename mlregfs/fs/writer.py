@@ -36,11 +36,16 @@ class SpoolWriter:
         self._changed = trio.Event()
         self.error: Exception | None = None
 
-    async def write(self, off: int, data: bytes) -> int:
+    async def write(self, off: int, data: bytes, guard: Callable[[], None] | None = None) -> int:
+        """Queue `data` at `off`. `guard` runs right before the bytes are queued (after any
+        wait for queue space) and raises if they may no longer be written: a close that
+        hashed the file meanwhile must not have bytes added under its upload."""
         self._raise()
         while self._queued and self._queued + len(data) > self._limit:
             await self._changed.wait()
             self._raise()
+        if guard is not None:
+            guard()
         self._queue.append((off, data))
         self._queued += len(data)
         self.sf.note_write(off, len(data))  # size visible at once (getattr, listings)

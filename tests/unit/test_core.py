@@ -222,8 +222,10 @@ async def test_forget_drops_unused_inodes_and_never_reuses_numbers(fs: Filesyste
         fs.forget(i, 1)
     assert set(fs._node_of) == {ROOT_INO, ino}  # the root stays; so does an open file
     assert len(fs._ino_of) == 2
+    assert ino in fs._page_source  # which file state its pages came from
     await fs.release(opened.fh)
     assert set(fs._node_of) == {ROOT_INO}
+    assert not fs._page_source  # a forgotten inode has no pages: nothing kept for it
     again = await walk(fs, "models/llama/1.0.0/config.json")
     assert again not in known  # a new number, never one given out before
     assert await read_all(fs, "models/llama/1.0.0/config.json") == b'{"a": 1}'
@@ -347,3 +349,76 @@ async def test_no_page_invalidation_after_the_session_closes(
     ops._closing = False
     await ops._invalidate(7)  # pyfuse3.main has returned
     assert calls == [5]
+
+
+async def test_pages_of_another_path_with_the_same_bytes_are_not_kept(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """Bullet 15 only for checked pages: v1/f read in part (a corrupt download) and closed
+    unchecked; the same bytes under another path are then verified. v1/f's next open is
+    verified too (same cache key), but its kernel pages are the unchecked ones: dropped."""
+    blob = os.urandom(5 * BS + 7)
+    v1 = reg.add_version("same", "1.0.0")
+    v2 = reg.add_version("same", "2.0.0")
+    reg.add_file(v1, "a/f.bin", blob)
+    reg.add_file(v2, "b/f.bin", blob)
+    ino = await walk(fs, "models/same/1.0.0/a/f.bin")
+    reg.corrupt.add("a/f.bin")
+    first = await fs.open(ino, os.O_RDONLY)
+    assert not first.keep_cache
+    await fs.read(first.fh, 0, 4096)  # the kernel caches these (wrong) bytes
+    await fs.release(first.fh)
+    reg.corrupt.clear()
+    with pytest.raises(IntegrityError):  # the corrupt block was stored: EIO, discarded
+        await read_all(fs, "models/same/2.0.0/b/f.bin")
+    assert await read_all(fs, "models/same/2.0.0/b/f.bin") == blob  # fetched again: verified
+    again = await fs.open(ino, os.O_RDONLY)
+    assert not again.keep_cache  # the pages of the first open were never checked
+    await fs.release(again.fh)
+    third = await fs.open(ino, os.O_RDONLY)
+    assert third.keep_cache  # dropped at the last open, which was verified
+    await fs.release(third.fh)
+
+
+def test_no_page_invalidation_starts_once_the_session_is_closing(
+    fs: Filesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close_session waits for an invalidation in progress; one that is queued behind it
+    never starts (pyfuse3.close() frees the session it would use)."""
+    import threading
+
+    import pyfuse3
+
+    from mlregfs.fuse_ops import Operations
+
+    inside, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def invalidate(ino: int, attr_only: bool = False) -> None:
+        calls.append(ino)
+        inside.set()
+        release.wait(10)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", invalidate)
+    monkeypatch.setattr(pyfuse3, "trio_token", object(), raising=False)
+    ops = Operations(fs)
+
+    def run(ino: int) -> None:
+        trio.run(ops._invalidate, ino)
+
+    a = threading.Thread(target=run, args=(1,))
+    a.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=ops.close_session)
+    closer.start()
+    b = threading.Thread(target=run, args=(2,))
+    for _ in range(100):  # closing is announced at once, before the wait
+        if ops._closing:
+            break
+        threading.Event().wait(0.01)
+    assert ops._closing
+    b.start()
+    release.set()
+    for t in (a, closer, b):
+        t.join(10)
+    assert calls == [1]

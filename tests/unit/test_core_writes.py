@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
@@ -26,7 +27,7 @@ from mlregfs.errors import (
     RegistryUnavailable,
     to_errno,
 )
-from mlregfs.fs.core import Filesystem
+from mlregfs.fs.core import Filesystem, WriteHandle
 from mlregfs.registry.fake import InMemoryRegistry
 from mlregfs.writeback import Spool
 from tests.unit.test_core import names, read_all, walk
@@ -585,3 +586,175 @@ async def test_a_write_after_a_timed_out_put_is_uploaded_and_replaces_it(
     await fs.release(fh)
     assert reg.stats.by_kind["upload"] == 2
     assert _stored(reg, "t.bin") == (b"first+second", ())
+
+
+# -- review findings 2, 3, 7 (uploads-fix-2) ------------------------------------------------
+
+
+async def test_a_closed_file_whose_hashing_was_cut_off_is_released_ready_for_recover(
+    fs: Filesystem, reg: InMemoryRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Its writer closed it: kept as READY with no sha256 (closed, not hashed), never WRITING
+    ("never closed"), and `recover retry` hashes and uploads it."""
+    import threading
+
+    from mlregfs import recover
+    from mlregfs.writeback import SpoolFile
+
+    release = threading.Event()
+    hashing = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    real_finish = SpoolFile.finish
+
+    def finish(self: SpoolFile) -> tuple[int, str]:
+        token.run_sync_soon(hashing.set)
+        release.wait(20)
+        return real_finish(self)
+
+    monkeypatch.setattr(SpoolFile, "finish", finish)
+    fh = await _open_new(fs, "cut.bin")
+    await fs.write(fh, 0, b"aaaa")
+    await fs.write(fh, 0, b"bbbb")  # out of order: hashed again at close
+
+    async def close() -> None:
+        with pytest.raises(MlregfsError):
+            await fs.flush(fh)
+        await fs.release(fh)
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(close)
+                await hashing.wait()
+                await fs.drain(0.1, grace=1)
+    finally:
+        release.set()
+    j = _journal_on_disk(fs)
+    assert (j["state"], j["sha256"], j["size"], j["pid"]) == ("ready", None, 4, 0)
+    monkeypatch.setattr(SpoolFile, "finish", real_finish)
+    code = await trio.to_thread.run_sync(
+        lambda: recover.main(["--cache-dir", str(tmp_path), "retry"], make_registry=lambda s: reg)
+    )
+    assert code == 0
+    assert _stored(reg, "cut.bin")[0] == b"bbbb"
+
+
+async def test_a_queued_write_woken_after_close_hashed_is_ebusy_never_in_the_put(
+    fs: Filesystem, reg: InMemoryRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write waiting for queue space that wakes after close took the sha256 is EBUSY: the
+    PUT carries exactly the hashed bytes, and the file is uploaded once."""
+    import threading
+
+    from mlregfs.writeback import SpoolFile
+
+    real_put = SpoolFile.put
+    gate = threading.Event()
+
+    def put(self: SpoolFile, off: int, chunk: bytes) -> None:
+        gate.wait(10)
+        real_put(self, off, chunk)
+
+    monkeypatch.setattr(SpoolFile, "put", put)
+    for i in range(8):  # trio wakes the two waiters in either order: both are tried
+        gate.clear()
+        late: list[object] = []
+        name = f"q{i}.bin"
+        async with trio.open_nursery() as n:
+            fs.start(n)
+            fh = await _open_new(fs, name)
+            h = fs._handles[fh]
+            assert isinstance(h, WriteHandle) and h.writer is not None
+            h.writer._limit = 4
+
+            async def close(fh: int = fh) -> None:
+                await fs.flush(fh)
+                await fs.release(fh)
+
+            async def late_write(fh: int = fh, late: list[object] = late) -> None:
+                try:
+                    late.append(await fs.write(fh, 4, b"bbbb"))
+                except MlregfsError as e:
+                    late.append(e)
+
+            await h.upload_lock.acquire()
+            n.start_soon(close)  # waits for the lock
+            await trio.testing.wait_all_tasks_blocked()
+            await fs.write(fh, 0, b"aaaa")  # queued; its disk write waits for the gate
+            h.upload_lock.release()
+            await trio.testing.wait_all_tasks_blocked()  # close waits for the queue to drain
+            n.start_soon(late_write)  # waits for queue space, woken with close
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        (outcome,) = late
+        assert reg.stats.by_kind["upload"] == i + 1
+        if isinstance(outcome, Busy):  # woken after close took the sha256
+            assert _stored(reg, name)[0] == b"aaaa"
+        else:  # woken first: part of what close uploads
+            assert outcome == 4 and _stored(reg, name)[0] == b"aaaabbbb"
+
+
+async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write landing while close asks whether the timed-out PUT was stored: close is EBUSY
+    (not EIO), nothing is lost, the next close uploads the new bytes."""
+    reg = _StoredButTimedOut()
+    reg.add_version("llama", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fh = await _open_new(fs, "s.bin")
+    await fs.write(fh, 0, b"first")
+    with pytest.raises(MlregfsError):
+        await fs.flush(fh)  # stored, answer lost
+    real_stored = fs._stored
+
+    async def stored(h, digest):  # type: ignore[no-untyped-def]
+        await fs.write(fh, 5, b"+more")
+        return await real_stored(h, digest)
+
+    monkeypatch.setattr(fs, "_stored", stored)
+    with pytest.raises(MlregfsError) as ei:
+        await fs.flush(fh)
+    assert to_errno(ei.value) == errno.EBUSY
+    monkeypatch.setattr(fs, "_stored", real_stored)
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert _stored(reg, "s.bin") == (b"first+more", ())
+    assert reg.stats.by_kind["upload"] == 2
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+class _ListingDown(_StoredButTimedOut):
+    list_down = False
+
+    async def list_files(self, owner):  # type: ignore[no-untyped-def]
+        if self.list_down:
+            raise RegistryUnavailable("registry unreachable")
+        return await super().list_files(owner)
+
+
+async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) -> None:
+    """Whether a timed-out PUT was stored is asked of the registry itself: in an outage the
+    catalog's stale listing (without it) would make close send the bytes a second time."""
+    from mlregfs.registry.catalog import CatalogRegistry
+
+    inner = _ListingDown()
+    inner.add_version("llama", "1.0.0")
+    reg = CatalogRegistry(inner, tmp_path / "catalog" / "c.json")
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fh = await _open_new(fs, "c.bin")  # the catalog has a listing without c.bin
+    await fs.write(fh, 0, b"sent once")
+    with pytest.raises(MlregfsError):
+        await fs.flush(fh)
+    inner.list_down = True
+    with pytest.raises(MlregfsError) as ei:
+        await fs.flush(fh)
+    assert to_errno(ei.value) != errno.EBUSY
+    assert inner.stats.by_kind["upload"] == 1
+    inner.list_down = False
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert inner.stats.by_kind["upload"] == 1
+    assert _stored(inner, "c.bin") == (b"sent once", ())

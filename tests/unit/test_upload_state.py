@@ -286,3 +286,19 @@ def test_an_old_journal_without_start_time_falls_back_to_the_pid(tmp_path: Path)
     _journal(spool, "3" * 32, pid=DEAD_PID, state="ready")
     (e,) = spool.entries()
     assert e.pid_start is None and not e.held_by_live_daemon()
+
+
+def test_a_closed_but_unhashed_entry_is_hashed_and_uploaded(tmp_path: Path) -> None:
+    """READY with no sha256: closed by its writer, its hashing cut off; retry hashes it (the
+    recorded size must match: a spool cut short is never uploaded)."""
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(3000)
+    _journal(spool, "9" * 32, data, state="ready", sha256=None, pid=0)
+    _journal(spool, "a" * 32, data[:100], state="ready", sha256=None, size=3000, pid=0)
+    reg = InMemoryRegistry()
+    reg.add_version("llama", "1.0.0")
+    assert _retry(tmp_path, reg, "9" * 32) == 0
+    (f,) = reg._files[("v", "llama", "1.0.0")].values()
+    assert f[1] == data
+    assert _retry(tmp_path, reg, "a" * 32) == 1  # shorter than journaled: not uploaded
+    assert reg.stats.by_kind["upload"] == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.writeback import Spool
@@ -49,4 +50,46 @@ async def test_a_failed_disk_write_is_reported_by_next_write_and_drain(
         with pytest.raises(OSError) as e2:
             await w.write(4096, b"y")
         assert e2.value.errno == errno.ENOSPC
+    sf.close()
+
+
+async def test_the_guard_runs_after_the_wait_for_queue_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that waited for queue space is checked again before its bytes are queued: an
+    upload that started meanwhile makes it fail, and nothing of it reaches the spool."""
+    import threading
+
+    sf = Spool(tmp_path).new("src", ("c", "1"), "f.bin")
+    gate = threading.Event()
+    real_put = sf.put
+
+    def put(off: int, data: bytes) -> None:
+        gate.wait(10)
+        real_put(off, data)
+
+    monkeypatch.setattr(sf, "put", put)
+    uploading = False
+
+    def guard() -> None:
+        if uploading:
+            raise BlockingIOError(errno.EBUSY, "being uploaded")
+
+    async with trio.open_nursery() as n:
+        w = SpoolWriter(sf, n, limit=4)
+        await w.write(0, b"aaaa", guard)
+        caught: list[OSError] = []
+
+        async def late() -> None:
+            with pytest.raises(OSError) as e:
+                await w.write(4, b"bbbb", guard)
+            caught.append(e.value)
+
+        n.start_soon(late)
+        await trio.testing.wait_all_tasks_blocked()
+        uploading = True
+        gate.set()
+    assert [e.errno for e in caught] == [errno.EBUSY]
+    await w.drain()
+    assert sf.size == 4 and sf.path.read_bytes() == b"aaaa"
     sf.close()
