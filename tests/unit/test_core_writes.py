@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -264,8 +265,7 @@ async def test_drain_timeout_is_a_bound_and_leaves_the_upload_interrupted(
     the journal stays in UPLOADING (ambiguous: `recover` asks the registry before resending)."""
     reg = _StallingUploads()
     reg.add_version("llama", "1.0.0")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     opened, _ = await fs.create(await walk(fs, "models/llama/1.0.0"), "w.bin", os.O_CREAT)
     await fs.write(opened.fh, 0, b"stalled bytes")
     caught: list[BaseException] = []
@@ -327,8 +327,7 @@ async def test_a_failed_spool_write_leaves_nothing_behind(
     def full(self: SpoolFile, off: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     async with trio.open_nursery() as n:
         if queued:
             fs.start(n)
@@ -419,8 +418,7 @@ async def test_a_plain_oserror_from_the_put_is_reported_and_uploaded_at_the_next
 ) -> None:
     reg = _OSErrorUploads()
     reg.add_version("llama", "1.0.0")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     fh = await _open_new(fs, "o.bin")
     await fs.write(fh, 0, b"payload")
     with pytest.raises(OSError) as ei:
@@ -483,21 +481,9 @@ async def test_hashing_at_close_is_abandoned_when_the_drain_timeout_passes(
     fs: Filesystem, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A spool re-hashed at close (written out of order) does not hold up shutdown."""
-    import threading
 
-    from mlregfs.writeback import SpoolFile
 
-    release = threading.Event()
-    hashing = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-    real_finish = SpoolFile.finish
-
-    def finish(self: SpoolFile) -> tuple[int, str]:
-        token.run_sync_soon(hashing.set)
-        release.wait(20)
-        return real_finish(self)
-
-    monkeypatch.setattr(SpoolFile, "finish", finish)
+    release, hashing = _stall_finish(monkeypatch)
     fh = await _open_new(fs, "h.bin")
     await fs.write(fh, 0, b"aaaa")
     await fs.write(fh, 0, b"bbbb")
@@ -555,8 +541,7 @@ async def test_a_timed_out_put_is_journaled_as_ambiguous_and_never_sent_twice(
 ) -> None:
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     fh = await _open_new(fs, "t.bin")
     await fs.write(fh, 0, b"sent once")
     with pytest.raises(MlregfsError) as ei:
@@ -575,8 +560,7 @@ async def test_a_write_after_a_timed_out_put_is_uploaded_and_replaces_it(
 ) -> None:
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     fh = await _open_new(fs, "t.bin")
     await fs.write(fh, 0, b"first")
     with pytest.raises(MlregfsError):
@@ -596,22 +580,10 @@ async def test_a_closed_file_whose_hashing_was_cut_off_is_released_ready_for_rec
 ) -> None:
     """Its writer closed it: kept as READY with no sha256 (closed, not hashed), never WRITING
     ("never closed"), and `recover retry` hashes and uploads it."""
-    import threading
 
     from mlregfs import recover
-    from mlregfs.writeback import SpoolFile
 
-    release = threading.Event()
-    hashing = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-    real_finish = SpoolFile.finish
-
-    def finish(self: SpoolFile) -> tuple[int, str]:
-        token.run_sync_soon(hashing.set)
-        release.wait(20)
-        return real_finish(self)
-
-    monkeypatch.setattr(SpoolFile, "finish", finish)
+    release, hashing = _stall_finish(monkeypatch)
     fh = await _open_new(fs, "cut.bin")
     await fs.write(fh, 0, b"aaaa")
     await fs.write(fh, 0, b"bbbb")  # out of order: hashed again at close
@@ -631,7 +603,6 @@ async def test_a_closed_file_whose_hashing_was_cut_off_is_released_ready_for_rec
         release.set()
     j = _journal_on_disk(fs)
     assert (j["state"], j["sha256"], j["size"], j["pid"]) == ("ready", None, 4, 0)
-    monkeypatch.setattr(SpoolFile, "finish", real_finish)
     code = await trio.to_thread.run_sync(
         lambda: recover.main(["--cache-dir", str(tmp_path), "retry"], make_registry=lambda s: reg)
     )
@@ -701,8 +672,7 @@ async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
     (not EIO), nothing is lost, the next close uploads the new bytes."""
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     fh = await _open_new(fs, "s.bin")
     await fs.write(fh, 0, b"first")
     with pytest.raises(MlregfsError):
@@ -742,8 +712,7 @@ async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) 
     inner = _ListingDown()
     inner.add_version("llama", "1.0.0")
     reg = CatalogRegistry(inner, tmp_path / "catalog" / "c.json")
-    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    fs = Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    fs = _writable_fs(reg, tmp_path)
     fh = await _open_new(fs, "c.bin")  # the catalog has a listing without c.bin
     await fs.write(fh, 0, b"sent once")
     with pytest.raises(MlregfsError):
@@ -758,3 +727,28 @@ async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) 
     await fs.release(fh)
     assert inner.stats.by_kind["upload"] == 1
     assert _stored(inner, "c.bin") == (b"sent once", ())
+
+
+def _stall_finish(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, trio.Event]:
+    """Make close's hashing (`SpoolFile.finish`) wait in its thread until `release` is set;
+    `hashing` is set once it started."""
+    from mlregfs.writeback import SpoolFile
+
+    release = threading.Event()
+    hashing = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    real_finish = SpoolFile.finish
+
+    def finish(self: SpoolFile) -> tuple[int, str]:
+        token.run_sync_soon(hashing.set)
+        release.wait(20)
+        return real_finish(self)
+
+    monkeypatch.setattr(SpoolFile, "finish", finish)
+    return release, hashing
+
+
+def _writable_fs(reg: InMemoryRegistry, tmp_path: Path) -> Filesystem:
+    """A writable core over `reg`, with its cache and spool under `tmp_path`."""
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    return Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -398,15 +399,7 @@ async def test_reader_bytes_are_the_checked_bytes(tmp_path: Path) -> None:
     reader got, so the read that completes the file fails."""
     bs = 1 << 16
     data = os.urandom(6 * bs)
-    downloads: dict[int, int] = {}
-
-    async def fetch(start: int, end: int) -> bytes:
-        idx = start // bs
-        downloads[idx] = downloads.get(idx, 0) + 1
-        out = bytearray(data[start:end])
-        if idx == 1 and downloads[idx] == 1:
-            out[5] ^= 1
-        return bytes(out)
+    fetch = _wrong_first_download(data, bs)
 
     spec = FileSpec("twice", len(data), hashlib.sha256(data).hexdigest())
     store = BlockStore(tmp_path, bs)  # blocks evicted from disk as others arrive
@@ -426,15 +419,7 @@ async def test_blocks_in_memory_from_an_earlier_open_are_checked_too(tmp_path: P
     serves it must compare it with the bytes its check hashes (fetched again here)."""
     bs = 1 << 16
     data = os.urandom(6 * bs)
-    downloads: dict[int, int] = {}
-
-    async def fetch(start: int, end: int) -> bytes:
-        idx = start // bs
-        downloads[idx] = downloads.get(idx, 0) + 1
-        out = bytearray(data[start:end])
-        if idx == 1 and downloads[idx] == 1:
-            out[5] ^= 1
-        return bytes(out)
+    fetch = _wrong_first_download(data, bs)
 
     spec = FileSpec("carried", len(data), hashlib.sha256(data).hexdigest())
     store = BlockStore(tmp_path, bs)
@@ -574,3 +559,18 @@ async def test_small_read_of_a_hashed_block_fetches_no_window(tmp_path: Path) ->
     fetched.clear()
     assert bytes(await dc.read(cf, 100, 4096, ReadStream())) == data[100:4196]
     assert fetched == [(0, bs)]
+
+
+def _wrong_first_download(data: bytes, bs: int) -> Callable[[int, int], Awaitable[bytes]]:
+    """A fetcher whose first download of block 1 has one flipped bit; later ones are right."""
+    downloads: dict[int, int] = {}
+
+    async def fetch(start: int, end: int) -> bytes:
+        idx = start // bs
+        downloads[idx] = downloads.get(idx, 0) + 1
+        out = bytearray(data[start:end])
+        if idx == 1 and downloads[idx] == 1:
+            out[5] ^= 1
+        return bytes(out)
+
+    return fetch
