@@ -438,13 +438,7 @@ class BlockStore:
                 raw = b""
             if len(raw) != 8:  # missing or damaged: a new seed invalidates every marker
                 raw = os.urandom(8)
-                tmp = path.with_name(f"seed.{threading.get_ident()}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    os.write(fd, raw)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
+                write_private(path, raw)
             self._seed = int.from_bytes(raw, "little")
             return self._seed
 
@@ -462,13 +456,7 @@ class BlockStore:
         text = json.dumps(
             {"seed": self._seed_id(), "block_size": block_size, "size": size, "digests": digests}
         ).encode()
-        tmp = d / f"verified.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, text)
-        finally:
-            os.close(fd)
-        os.replace(tmp, d / "verified")
+        write_private(d / "verified", text)
 
     def verified_digests(
         self, key: str, block_size: int | None = None, *, size: int | None = None
