@@ -76,6 +76,10 @@ class Config:
 
 
 # option name -> (Config field, parser). Flags without value map to True.
+def _octal(text: str) -> int:
+    return int(text, 8)
+
+
 _VALUE_OPTIONS = {
     "token_file": ("token_file", Path),
     "cache_dir": ("cache_dir", Path),
@@ -89,11 +93,11 @@ _VALUE_OPTIONS = {
     "retry_deadline": ("retry_deadline", parse_duration),
     "log_file": ("log_file", Path),
     "metrics": ("metrics", Path),
-    "metrics_mode": ("metrics_mode", lambda v: int(v, 8)),
+    "metrics_mode": ("metrics_mode", _octal),
     "drain_timeout": ("drain_timeout", parse_duration),
     "uid": ("uid", int),
     "gid": ("gid", int),
-    "umask": ("umask", lambda v: int(v, 8)),
+    "umask": ("umask", _octal),
     "fsname": ("fsname", str),
 }
 _FLAG_OPTIONS = {"allow_other": "allow_other", "debug": "debug", "ro": "read_only"}

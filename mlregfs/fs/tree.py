@@ -7,11 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mlregfs.registry.types import Model, RemoteFile
-from mlregfs.registry.validate import has_control
+from mlregfs.registry.validate import NAME_MAX, has_control
 
 log = logging.getLogger("mlregfs.fs")
-
-NAME_MAX = 255  # bytes, Linux
 
 
 def usable_name(name: str) -> bool:

@@ -74,18 +74,8 @@ def _opt(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
-def _valid(rule: Callable[[Any], Any]) -> Check:
-    """A registry rule of `validate` as a check: the catalog holds what the registry said, so
-    it is held to the same rules when it is read back."""
-
-    def check(v: Any) -> bool:
-        try:
-            rule(v)
-        except validate.Invalid:
-            return False
-        return True
-
-    return check
+# the catalog holds what the registry said, so it is held to the same rules when read back
+_valid = validate.check
 
 
 _sha256 = _valid(validate.sha256)
@@ -115,7 +105,7 @@ _CANDIDATE = {
 _FILE = {
     "path": _rel_path,
     "size": _valid(validate.size),
-    "sha256": _opt(_sha256),
+    "sha256": _sha256,  # null allowed: the registry may know no checksum
     "created_at": _num,
     "file_id": _int,
     "package_id": _int,
@@ -130,7 +120,7 @@ def _entry(d: Any, spec: dict[str, Check]) -> dict[str, Any] | None:
     out = {k: d.get(k) for k in spec}
     if not all(check(out[k]) for k, check in spec.items()):
         return None
-    return {k: v for k, v in out.items() if v is not None or k not in ("older_ids",)}
+    return {k: v for k, v in out.items() if v is not None or k != "older_ids"}
 
 
 def _entries(items: Any, spec: dict[str, Check], dropped: list[str], what: str) -> list[Any]:
@@ -162,7 +152,7 @@ def _validated(raw: Any) -> tuple[dict[str, Any], list[str]]:
     if "models" in raw:
         models = []
         for m in _entries(
-            raw["models"], {**_MODEL, "versions": _opt(lambda v: True)}, dropped, "models"
+            raw["models"], {**_MODEL, "versions": lambda v: True}, dropped, "models"
         ):
             m["versions"] = _entries(m.get("versions") or [], _VERSION, dropped, "versions")
             models.append(m)

@@ -114,13 +114,8 @@ _MODEL_ID_IN_SOURCE = re.compile(r"/-/ml/models/([0-9]+)(?:/|$)")
 _CONTENT_RANGE = re.compile(r"\Abytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 
 
-def is_semver(text: str) -> bool:
-    """True when `text` is a version GitLab accepts for a model version (no leading `v`, §2)."""
-    try:
-        validate.semver(text)
-    except validate.Invalid:
-        return False
-    return True
+# True when a text is a version GitLab accepts for a model version (no leading `v`, §2)
+is_semver = validate.check(validate.semver)
 
 
 def _drop(what: str, exc: validate.Invalid) -> None:
@@ -760,10 +755,9 @@ class GitLabRegistry:
             if hop == MAX_REDIRECTS:
                 break
             where = f"GET {_where(url)}"
-            url = urljoin(url, result.location)
             try:
-                validate.url(url)
-            except validate.Invalid as exc:
+                url = validate.url(urljoin(url, result.location))
+            except (validate.Invalid, ValueError) as exc:  # urljoin refuses some garbage too
                 raise _Failure(ProtocolError(f"{where}: {exc}"), retryable=False) from None
             if hop == 0 and cache_key is not None and route != "storage":
                 self._remember_signed(cache_key, url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +34,19 @@ _SEMVER = re.compile(
 
 class Invalid(ValueError):
     """A registry value that must not be used; the message names it by a truncated repr."""
+
+
+def check(rule: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """A rule of this module as a predicate: True when `rule` accepts the value."""
+
+    def ok(value: Any) -> bool:
+        try:
+            rule(value)
+        except Invalid:
+            return False
+        return True
+
+    return ok
 
 
 def shown(value: Any) -> str:
@@ -130,8 +144,12 @@ def optional_text(value: Any) -> str | None:
 
 def url(value: str) -> str:
     """A URL the registry told us to fetch (a redirect): http(s) with a host, nothing odd."""
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # e.g. "http://[zz/": not a URL at all
+        raise Invalid(f"URL {shown(value)} cannot be parsed") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
         raise Invalid(f"URL with scheme {shown(parts.scheme)} or no host is not followed")
     if has_control(value) or " " in value or parts.username is not None:
         raise Invalid("URL with control characters, spaces or credentials is not followed")
