@@ -185,12 +185,7 @@ def test_5_dripping_body_fails_in_bounded_time_and_does_not_block_others(
     shards = m.path / "models/llama/2.0.0/shards"
     assert len(os.listdir(shards)) == 150
     started = time.monotonic()
-    cats = [
-        subprocess.Popen(
-            ["cat", str(shards / n)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        for n in names
-    ]
+    cats = _cats(shards, names)
     try:
         _wait(lambda: proxy.faults["drip"] >= 4, 20, "four dripping downloads")
         healthy = "models/llama/2.0.0/shards/part-010.bin"
@@ -226,12 +221,7 @@ def test_5_sigterm_ends_daemon_promptly_during_drips(
     m = _mount(mount_factory, proxy, world, "timeout=30s", "retry_deadline=60s")
     shards = m.path / "models/llama/2.0.0/shards"
     os.listdir(shards)
-    cats = [
-        subprocess.Popen(
-            ["cat", str(shards / n)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        for n in names
-    ]
+    cats = _cats(shards, names)
     try:
         _wait(lambda: proxy.faults["drip"] >= 2, 20, "two dripping downloads")
         assert m.proc is not None
@@ -364,3 +354,11 @@ def test_hostile_proxy_passes_through(
     p = "models/llama/1.0.0/config.json"
     assert (m.path / p).read_bytes() == world.files[p]
     assert proxy.requests() > 0
+
+
+def _cats(d: Path, names: list[str]) -> list[subprocess.Popen[bytes]]:
+    """One `cat` per file, running in the background."""
+    return [
+        subprocess.Popen(["cat", str(d / n)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for n in names
+    ]

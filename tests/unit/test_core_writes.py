@@ -384,8 +384,7 @@ async def test_a_journal_that_cannot_be_saved_fails_close_and_nothing_is_lost(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    fh = await _open_new(fs, "j.bin")
-    await fs.write(fh, 0, b"data")
+    fh = await _open_written(fs, "j.bin", b"data")
     full = True
     with pytest.raises(OSError) as ei:
         await fs.flush(fh)
@@ -419,8 +418,7 @@ async def test_a_plain_oserror_from_the_put_is_reported_and_uploaded_at_the_next
     reg = _OSErrorUploads()
     reg.add_version("llama", "1.0.0")
     fs = _writable_fs(reg, tmp_path)
-    fh = await _open_new(fs, "o.bin")
-    await fs.write(fh, 0, b"payload")
+    fh = await _open_written(fs, "o.bin", b"payload")
     with pytest.raises(OSError) as ei:
         await fs.flush(fh)  # fsync
     assert to_errno(ei.value) == errno.ECONNRESET
@@ -436,8 +434,7 @@ async def test_a_failed_file_is_released_to_recover_at_close(
 ) -> None:
     """While the writer holds a failed file, the journal names the daemon; at release it is
     given up (pid 0), and only then may `recover` take it."""
-    fh = await _open_new(fs, "r.bin")
-    await fs.write(fh, 0, b"kept")
+    fh = await _open_written(fs, "r.bin", b"kept")
     reg.down = True
     with pytest.raises(MlregfsError):
         await fs.flush(fh)
@@ -455,8 +452,7 @@ async def test_a_write_landing_while_the_sha256_is_computed_is_uploaded(
     the bytes as they are after it, with their own sha256."""
     from mlregfs.writeback import SpoolFile
 
-    fh = await _open_new(fs, "g.bin")
-    await fs.write(fh, 0, b"aaaa")
+    fh = await _open_written(fs, "g.bin", b"aaaa")
     await fs.write(fh, 0, b"bbbb")  # a rewrite: close hashes the spool again
     real_finish = SpoolFile.finish
     landed = False
@@ -484,8 +480,7 @@ async def test_hashing_at_close_is_abandoned_when_the_drain_timeout_passes(
 
 
     release, hashing = _stall_finish(monkeypatch)
-    fh = await _open_new(fs, "h.bin")
-    await fs.write(fh, 0, b"aaaa")
+    fh = await _open_written(fs, "h.bin", b"aaaa")
     await fs.write(fh, 0, b"bbbb")
     caught: list[BaseException] = []
 
@@ -513,8 +508,7 @@ async def test_an_fsynced_copy_is_replaced_by_the_final_upload(
 ) -> None:
     """fsync -> write -> close: the fsync'd copy is deleted after the final upload, as the
     copy an O_TRUNC open replaces is (README semantics 21, Maintainer)."""
-    fh = await _open_new(fs, "f.bin")
-    await fs.write(fh, 0, b"first")
+    fh = await _open_written(fs, "f.bin", b"first")
     await fs.flush(fh)  # fsync: stored
     await fs.write(fh, 5, b" and more")
     await fs.flush(fh)
@@ -542,8 +536,7 @@ async def test_a_timed_out_put_is_journaled_as_ambiguous_and_never_sent_twice(
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
     fs = _writable_fs(reg, tmp_path)
-    fh = await _open_new(fs, "t.bin")
-    await fs.write(fh, 0, b"sent once")
+    fh = await _open_written(fs, "t.bin", b"sent once")
     with pytest.raises(MlregfsError) as ei:
         await fs.flush(fh)  # fsync
     assert to_errno(ei.value) == errno.ETIMEDOUT
@@ -561,8 +554,7 @@ async def test_a_write_after_a_timed_out_put_is_uploaded_and_replaces_it(
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
     fs = _writable_fs(reg, tmp_path)
-    fh = await _open_new(fs, "t.bin")
-    await fs.write(fh, 0, b"first")
+    fh = await _open_written(fs, "t.bin", b"first")
     with pytest.raises(MlregfsError):
         await fs.flush(fh)
     await fs.write(fh, 5, b"+second")  # not EBUSY: no PUT is in flight
@@ -584,8 +576,7 @@ async def test_a_closed_file_whose_hashing_was_cut_off_is_released_ready_for_rec
     from mlregfs import recover
 
     release, hashing = _stall_finish(monkeypatch)
-    fh = await _open_new(fs, "cut.bin")
-    await fs.write(fh, 0, b"aaaa")
+    fh = await _open_written(fs, "cut.bin", b"aaaa")
     await fs.write(fh, 0, b"bbbb")  # out of order: hashed again at close
 
     async def close() -> None:
@@ -673,8 +664,7 @@ async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
     reg = _StoredButTimedOut()
     reg.add_version("llama", "1.0.0")
     fs = _writable_fs(reg, tmp_path)
-    fh = await _open_new(fs, "s.bin")
-    await fs.write(fh, 0, b"first")
+    fh = await _open_written(fs, "s.bin", b"first")
     with pytest.raises(MlregfsError):
         await fs.flush(fh)  # stored, answer lost
     real_stored = fs._stored
@@ -713,8 +703,7 @@ async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) 
     inner.add_version("llama", "1.0.0")
     reg = CatalogRegistry(inner, tmp_path / "catalog" / "c.json")
     fs = _writable_fs(reg, tmp_path)
-    fh = await _open_new(fs, "c.bin")  # the catalog has a listing without c.bin
-    await fs.write(fh, 0, b"sent once")
+    fh = await _open_written(fs, "c.bin", b"sent once")  # the catalog has a listing without c.bin
     with pytest.raises(MlregfsError):
         await fs.flush(fh)
     inner.list_down = True
@@ -752,3 +741,10 @@ def _writable_fs(reg: InMemoryRegistry, tmp_path: Path) -> Filesystem:
     """A writable core over `reg`, with its cache and spool under `tmp_path`."""
     data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
     return Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+
+
+async def _open_written(fs: Filesystem, name: str, data: bytes) -> int:
+    """A new file `name` in llama/1.0.0 holding `data` (written, not closed): its handle."""
+    fh = await _open_new(fs, name)
+    await fs.write(fh, 0, data)
+    return fh
