@@ -574,3 +574,58 @@ def _wrong_first_download(data: bytes, bs: int) -> Callable[[int, int], Awaitabl
         return bytes(out)
 
     return fetch
+
+
+async def test_tail_read_waits_for_downloads_in_flight_within_the_check_deadline(
+    tmp_path: Path,
+) -> None:
+    """The end of a file waits for the blocks still downloading before its check, but within
+    the check's one deadline: a stalled download does not hold the reader past it."""
+    bs = 1 << 16
+    data = os.urandom(4 * bs)
+    stall = trio.Event()
+
+    async def fetch(start: int, end: int) -> bytes:
+        if start == 2 * bs:
+            await stall.wait()
+        return data[start:end]
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0, check_deadline=0.5)
+    cf = dc.open(FileSpec("fl", len(data), hashlib.sha256(data).hexdigest()), fetch)
+    async with trio.open_nursery() as n:
+        for i in (0, 1):
+            await dc.read(cf, i * bs, bs)
+        n.start_soon(dc.read, cf, 2 * bs, bs)  # its download stalls
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 in cf.inflight
+        with trio.fail_after(5), pytest.raises(RegistryTimeout):
+            await dc.read(cf, 3 * bs, bs)
+        stall.set()
+    assert bytes(await dc.read(cf, 3 * bs, bs)) == data[3 * bs :]
+    assert cf.verified
+
+
+async def test_a_downloaded_block_is_digested_once(tmp_path: Path) -> None:
+    """The digest a download's block got for the comparison with the hashed bytes is the
+    one the running hash records: the block is not digested a second time."""
+    bs = 1 << 16
+    data = os.urandom(6 * bs)
+
+    async def fetch(start: int, end: int) -> bytes:
+        return data[start:end]
+
+    store = BlockStore(tmp_path, 1 << 30)
+    digested: list[int] = []
+    digest = store.digest
+
+    def counting(block: bytes | bytearray | memoryview) -> str:
+        digested.append(len(block))
+        return digest(block)
+
+    store.digest = counting  # type: ignore[method-assign]
+    dc = DataCache(store, block_size=bs, readahead=0)
+    cf = dc.open(FileSpec("once", len(data), hashlib.sha256(data).hexdigest()), fetch)
+    for i in (1, 2, 0, 3, 5, 4):  # out of order: blocks wait ahead of the hash
+        assert bytes(await dc.read(cf, i * bs, bs)) == data[i * bs : (i + 1) * bs]
+    assert cf.verified
+    assert digested == [bs] * 6
