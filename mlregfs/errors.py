@@ -108,10 +108,6 @@ class IntegrityError(MlregfsError):
     """Downloaded bytes do not match the registry's sha256."""
 
 
-class SpoolFailure(MlregfsError):
-    """Written bytes could not be stored in the local spool (disk full, I/O error)."""
-
-
 class InvalidPath(MlregfsError):
     """A path or name that cannot exist in the registry."""
 

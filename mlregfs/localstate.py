@@ -81,8 +81,11 @@ def tighten(path: Path, mode: int, st: os.stat_result | None = None) -> None:
         log.warning("cannot make %s private: %s", path, e)
 
 
-def write_private(path: Path, data: bytes | str, mode: int = FILE_MODE) -> None:
-    """Replace `path` atomically with a new file of `mode`.
+def write_private(
+    path: Path, data: bytes | str, mode: int = FILE_MODE, *, fsync: bool = False
+) -> None:
+    """Replace `path` atomically with a new file of `mode` (its bytes fsynced first with
+    `fsync`).
 
     The temp file is created with O_EXCL|O_NOFOLLOW under a random name and renamed over
     `path`: a symlink planted at either name is never written through."""
@@ -96,6 +99,8 @@ def write_private(path: Path, data: bytes | str, mode: int = FILE_MODE) -> None:
             view = memoryview(raw)
             while view:
                 view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

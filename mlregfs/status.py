@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlregfs.localstate import write_private
+from mlregfs.localstate import DIR_MODE, FILE_MODE, write_private
 
 log = logging.getLogger("mlregfs.status")
 
@@ -46,7 +46,7 @@ def checked_state_dir(path: Path, *, create: bool) -> Path:
         if not create:
             raise
         with contextlib.suppress(FileExistsError):  # lost a race: checked below
-            os.mkdir(path, 0o700)
+            os.mkdir(path, DIR_MODE)
         st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise PermissionError(f"refusing status directory {path}: not a directory (a symlink?)")
@@ -54,13 +54,9 @@ def checked_state_dir(path: Path, *, create: bool) -> Path:
         raise PermissionError(
             f"refusing status directory {path}: owned by uid {st.st_uid}, not by us"
         )
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    if stat.S_IMODE(st.st_mode) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
     return path
-
-
-def _write(path: Path, text: str, mode: int = 0o600) -> None:
-    write_private(path, text, mode)
 
 
 def prometheus(snapshot: dict[str, Any]) -> str:
@@ -108,7 +104,7 @@ class Reporter:
     """Collects a snapshot from the running mount and writes the state (and metrics) files."""
 
     def __init__(
-        self, mountpoint: Path, metrics: Path | None, collect: Any, metrics_mode: int = 0o600
+        self, mountpoint: Path, metrics: Path | None, collect: Any, metrics_mode: int = FILE_MODE
     ) -> None:
         self.path = state_path(mountpoint)
         self.metrics = metrics
@@ -128,9 +124,9 @@ class Reporter:
                 log.warning("no status file for `mlregfs status`: %s", e)
                 self._refused = str(e)
         else:
-            _write(self.path, json.dumps(snap, indent=1))
+            write_private(self.path, json.dumps(snap, indent=1))
         if self.metrics is not None:
-            _write(self.metrics, prometheus(snap), self.metrics_mode)
+            write_private(self.metrics, prometheus(snap), self.metrics_mode)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

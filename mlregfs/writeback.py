@@ -47,6 +47,7 @@ from typing import Any
 
 from mlregfs import directio
 from mlregfs.errors import MlregfsError
+from mlregfs.localstate import FILE_MODE, private_dir, tighten, write_private
 
 log = logging.getLogger("mlregfs.writeback")
 
@@ -250,15 +251,20 @@ class Spool:
         self._locks_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._written: dict[str, float] = {}  # entry id -> newest seq on disk (inf: removed)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.root)
         if tidy:
             self.tidy()
 
     def tidy(self) -> None:
         """At start: tighten modes (0700 dir, 0600 files) and drop entries already uploaded."""
-        _tighten(self.root, 0o700)
+        private_dir(self.root)
         for p in self.root.iterdir():
-            _tighten(p, 0o600, files_only=True)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                tighten(p, FILE_MODE, st)
         entries, _ = self.scan()
         for e in entries:
             if e.state is UploadState.UPLOADED and not e.held_by_live_daemon():
@@ -276,7 +282,7 @@ class Spool:
         # journal first: a data file without a journal is then always an orphan
         self.save(entry)
         try:
-            fd = os.open(self.data_path(entry.id), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.data_path(entry.id), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except OSError:
             self._journal_path(entry.id).unlink(missing_ok=True)
             raise
@@ -302,19 +308,7 @@ class Spool:
         with self._lock(snap.id):
             if self._written.get(snap.id, 0) >= snap.seq:
                 return
-            path = self._journal_path(snap.id)
-            # a temp name per writer: two processes never rename each other's file
-            tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(snap.text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            write_private(self._journal_path(snap.id), snap.text, fsync=True)
             self._written[snap.id] = snap.seq
 
     def remove(self, entry: JournalEntry) -> None:
@@ -333,8 +327,11 @@ class Spool:
             raise ValueError(f"not a spool id: {entry_id!r}")
         for p in (self.data_path(entry_id), self._journal_path(entry_id)):
             p.unlink(missing_ok=True)
-        for p in self.root.glob(f"{glob.escape(entry_id)}.json.*.tmp"):
-            p.unlink(missing_ok=True)
+        name = glob.escape(entry_id)
+        # write_private's temp files, and those of versions before it
+        for pattern in (f".{name}.json.*.tmp", f"{name}.json.*.tmp"):
+            for p in self.root.glob(pattern):
+                p.unlink(missing_ok=True)
 
     def scan(self) -> tuple[list[JournalEntry], list[Orphan]]:
         """Valid journal entries, and data files that no valid entry accounts for."""
@@ -372,22 +369,6 @@ class Spool:
             if (e.state is UploadState.FAILED or e.orphaned())
             and e.state is not UploadState.UPLOADED
         ]
-
-    def orphans(self) -> list[Orphan]:
-        return self.scan()[1]
-
-
-def _tighten(path: Path, mode: int, *, files_only: bool = False) -> None:
-    """chmod `path` down to `mode` if it allows more (never follows a symlink)."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode) or (files_only and not stat.S_ISREG(st.st_mode)):
-            return
-        if not st.st_mode & 0o777 & ~mode:
-            return
-        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
-    except OSError as e:
-        log.warning("cannot tighten the mode of %s: %s", path, e.strerror)
 
 
 class SpoolFile:

@@ -213,6 +213,30 @@ def test_spool_is_private_and_looser_modes_are_tightened(tmp_path: Path) -> None
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in root.iterdir())
 
 
+def test_journal_temp_files_are_private_ignored_and_discarded(tmp_path: Path) -> None:
+    """Journal entries are written by localstate.write_private (O_EXCL|O_NOFOLLOW, random
+    temp name): a symlink at the old per-thread temp name is never written through, and a
+    temp file left by a crash is not an entry and goes with `discard`."""
+    import threading
+
+    spool = Spool(tmp_path / "spool")
+    eid = "7" * 32
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    planted = spool.root / f"{eid}.json.{os.getpid()}-{threading.get_ident()}.tmp"
+    planted.symlink_to(victim)
+    entry = JournalEntry(eid, "src", ["c", "1"], "f.bin")
+    spool.save(entry)
+    assert victim.read_text() == "keep"
+    assert JournalEntry.parse(eid, spool._journal_path(eid).read_text()).id == eid
+    planted.unlink()
+    leftover = spool.root / f".{eid}.json.{os.getpid()}.abcd1234.tmp"
+    leftover.write_text("{")
+    assert [e.id for e in spool.scan()[0]] == [eid] and spool.scan()[1] == []
+    spool.discard(eid)
+    assert list(spool.root.iterdir()) == []
+
+
 def test_recover_never_touches_an_entry_a_running_daemon_holds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
