@@ -22,6 +22,7 @@ from itertools import count
 import semver
 import trio
 
+from mlregfs import errors as E
 from mlregfs.buffers import Buffer
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import CachedFile, DataCache, FileSpec, ReadStream
@@ -41,6 +42,7 @@ from mlregfs.errors import (
 )
 from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
 from mlregfs.fs.writer import SpoolWriter
+from mlregfs.registry import validate
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
 from mlregfs.writeback import Spool, SpoolFile, UploadInterrupted, UploadState
@@ -168,7 +170,8 @@ FILE_NAME_RE = re.compile(r"\A[A-Za-z0-9._+\- ]+\Z")
 MODEL_NAME_RE = re.compile(
     r"\A@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]+))@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]*))\Z"
 )
-_SHA256_RE = re.compile(r"\A[0-9a-f]{64}\Z")  # only such a sha256 names a cache entry
+# only a valid sha256 (64 hex digits, the registry's rule) names a cache entry
+_IS_SHA256 = validate.check(validate.sha256)
 # a directory name that is meant as a version: starts with a digit, or v + digit
 VERSION_LIKE_RE = re.compile(r"\A[vV]?\d")
 
@@ -520,7 +523,7 @@ class Filesystem:
 
     def cache_key(self, f: RemoteFile) -> str:
         """Content address when the sha256 is known, else the registry's file identity."""
-        if f.sha256 and _SHA256_RE.match(f.sha256.lower()):
+        if f.sha256 and _IS_SHA256(f.sha256):
             return f.sha256.lower()
         ident = f"{self.source_id}|{f.package_id}|{f.file_id}|{f.size}"
         return "f" + hashlib.blake2b(ident.encode(), digest_size=20).hexdigest()
@@ -652,10 +655,7 @@ class Filesystem:
             or self._writing.get((h.node.owner, h.node.path)) is not h
         ):
             raise NotPermitted("handle not open for writing")
-        if h.spool_error is not None:
-            raise h.spool_error
-        if h.spool.entry.state is not UploadState.WRITING:
-            await self._rewrite(h)
+        await self._before_change(h)
         try:
             if h.writer is not None:  # queued: disk write and hash overlap the next request
                 # a wait for queue space may end after a close took the sha256: checked again
@@ -681,10 +681,15 @@ class Filesystem:
         if h.putting or h.spool.entry.state is not UploadState.WRITING:
             raise Busy(f"{h.node.path!r} is being uploaded (a close or fsync is running)")
 
-    async def _rewrite(self, h: WriteHandle) -> None:
-        """The first change after an upload: journal the entry as WRITING again, so a crash
-        before the next close never leaves "uploaded" over bytes that were not."""
+    async def _before_change(self, h: WriteHandle) -> None:
+        """Before bytes of `h`'s spool change (write, truncate): raise an earlier spool
+        failure; the first change after an upload journals the entry as WRITING again, so a
+        crash before the next close never leaves "uploaded" over bytes that were not."""
+        if h.spool_error is not None:
+            raise h.spool_error
         entry = h.spool.entry
+        if entry.state is UploadState.WRITING:
+            return
         if h.putting or not entry.can(UploadState.WRITING):
             raise Busy(f"{h.node.path!r} is being uploaded (a close or fsync is running)")
         try:
@@ -713,10 +718,7 @@ class Filesystem:
         if w is None:
             raise NotPermitted("only a file being written can be truncated (open it with O_TRUNC)")
         await self._drain(w)
-        if w.spool_error is not None:
-            raise w.spool_error
-        if w.spool.entry.state is not UploadState.WRITING:
-            await self._rewrite(w)
+        await self._before_change(w)
         w.spool.truncate(size)
 
     async def _drain(self, h: WriteHandle) -> None:
@@ -854,8 +856,6 @@ class Filesystem:
 
     def _upload_failed(self, h: WriteHandle, e: Exception) -> None:
         """Record a failed upload: the error the caller sees (with an errno), the state."""
-        from mlregfs import errors as E
-
         # refused: certainly not stored. No answer: perhaps stored.
         refused = (E.AuthError, E.BadRequest, E.TooLarge, E.NotFound, E.Conflict, E.RateLimited)
         maybe_stored = (E.RegistryTimeout, E.ServerError, E.ProtocolError)

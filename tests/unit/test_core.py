@@ -422,3 +422,18 @@ def test_no_page_invalidation_starts_once_the_session_is_closing(
     for t in (a, closer, b):
         t.join(10)
     assert calls == [1]
+
+
+def test_cache_key_is_the_lowercase_sha256_or_the_file_identity(fs: Filesystem) -> None:
+    """A valid sha256 (any case) names the cache entry, lowercased; a missing or malformed
+    one gives the registry's file identity."""
+    from mlregfs.registry.types import RemoteFile
+
+    sha = hashlib.sha256(b"x").hexdigest()
+
+    def key(sha256: str | None, file_id: int = 1) -> str:
+        return fs.cache_key(RemoteFile("m.bin", 1, sha256, 0.0, file_id, 1))
+
+    assert key(sha) == key(sha.upper()) == sha
+    for bad in (None, "", sha[:-1], sha + "0", sha[:-1] + "g", sha + "\n", " " + sha):
+        assert key(bad).startswith("f") and key(bad) != key(bad, file_id=2)
