@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -84,9 +83,8 @@ class CachedFile:
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_upto: int = 0  # blocks [0, hashed_upto) are in `hasher`
     # blocks that arrived ahead of `hashed_upto` (parallel fetches finish out of order); held
-    # here, not in the memory LRU, so the last blocks of a file need no re-read from disk;
-    # with the block's digest when it was computed already (a download's, `_note`)
-    unhashed: dict[int, tuple[Block, str | None]] = field(default_factory=dict)
+    # here, not in the memory LRU, so the last blocks of a file need no re-read from disk
+    unhashed: dict[int, Block] = field(default_factory=dict)
     hash_lock: trio.Lock = field(default_factory=trio.Lock)
     # digests of blocks [0, hashed_upto), for the verified marker
     hashed_digests: list[str] = field(default_factory=list)
@@ -103,18 +101,6 @@ class CachedFile:
     partial: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     covered: dict[int, set[int]] = field(default_factory=dict)  # whole windows served, per block
     hashing_to: int = 0  # blocks [hashed_upto, hashing_to) are being hashed right now
-
-    def reset_check(self, *, served: bool) -> None:
-        """Forget the blocks held for the running hash, the digests hashed or seen and the
-        small-read windows; `served`: also which blocks were served."""
-        self.unhashed.clear()
-        self.hashed_digests.clear()
-        self.seen.clear()
-        self.windows.clear()
-        self.partial.clear()
-        self.covered.clear()
-        if served:
-            self.served.clear()
 
 
 class FairLimiter:
@@ -262,7 +248,13 @@ class DataCache:
         if cf.refs > 0 or cf.inflight or self._files.get(cf.spec.key) is not cf:
             return
         del self._files[cf.spec.key]
-        cf.reset_check(served=True)
+        cf.unhashed.clear()
+        cf.hashed_digests.clear()
+        cf.seen.clear()
+        cf.windows.clear()
+        cf.partial.clear()
+        cf.covered.clear()
+        cf.served.clear()
 
     def is_complete(self, spec: FileSpec) -> bool:
         """All blocks on disk and (if a sha256 is known) verified."""
@@ -326,31 +318,20 @@ class DataCache:
         when the download does not match. `whole`: every block was served, so blocks the
         running hash missed are re-read or fetched again for it; otherwise (a reader of the
         tail alone) the check completes only if every block is at hand."""
-        # one deadline for waiting for the downloads in flight (the check needs their blocks),
-        # for the check another reader is running and for this one's own (blocks fetched again
-        # included): k readers do not wait k deadlines. No check without a sha256: no deadline.
-        checked = cf.spec.sha256 is not None
-        with trio.move_on_after(self.check_deadline if checked else math.inf) as scope:
-            for flight in list(cf.inflight.values()):
-                await flight.done.wait()
-            if checked and (whole or self.store.count(cf.spec.key) >= cf.nblocks):
+        for flight in list(cf.inflight.values()):
+            await flight.done.wait()
+        if cf.spec.sha256 is not None and (whole or self.store.count(cf.spec.key) >= cf.nblocks):
+            # one deadline for waiting for the check another reader is running and for this
+            # one's own (blocks fetched again included): k readers do not wait k deadlines
+            with trio.move_on_after(self.check_deadline) as scope:
                 async with cf.hash_lock:
                     await self._verify(cf, fill=whole)
-        if scope.cancelled_caught:
-            raise RegistryTimeout(
-                f"{cf.spec.key}: the sha256 check took longer than {self.check_deadline:g}s"
-            )
+            if scope.cancelled_caught:
+                raise RegistryTimeout(
+                    f"{cf.spec.key}: the sha256 check took longer than {self.check_deadline:g}s"
+                )
         if cf.poisoned:
             raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
-
-    async def _get(self, cf: CachedFile, lo: int, hi: int) -> Block:
-        """Bytes [lo, hi) of `cf` from the registry, under a limiter slot; an answer of
-        another length is a ProtocolError."""
-        async with self._limiter.slot(cf.spec.key):
-            data = await cf.fetch(lo, hi)
-        if len(data) != hi - lo:
-            raise ProtocolError(f"expected {hi - lo} bytes of {cf.spec.key}, got {len(data)}")
-        return data
 
     def _have(self, cf: CachedFile, idx: int) -> bool:
         key = (cf.spec.key, idx)
@@ -377,7 +358,10 @@ class DataCache:
         if self._window_too_late(cf, idx):
             return None
         if len(parts) < len(kept):
-            data = await self._get(cf, w0, w1)
+            async with self._limiter.slot(key):
+                data = await cf.fetch(w0, w1)
+            if len(data) != w1 - w0:
+                raise ProtocolError(f"expected {w1 - w0} bytes of {key}, got {len(data)}")
             self.stats.small_reads += 1
             self.stats.fetched_bytes += len(data)
             parts = [bytes(data[w - w0 : w - w0 + sw]) for w in starts]
@@ -555,7 +539,10 @@ class DataCache:
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
-            data = await self._get(cf, start, end)
+            async with self._limiter.slot(spec.key):
+                data = await cf.fetch(start, end)
+            if len(data) != end - start:
+                raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
             self.stats.fetched_blocks += 1
             self.stats.fetched_bytes += len(data)
             if cf.digests is not None:
@@ -582,18 +569,16 @@ class DataCache:
                 cf.digests, cf.verified = [digest], True
                 self._remember(key, data)
                 return data
-            noted: str | None = None
             if spec.sha256 is not None:
                 # what readers get is what the check compares (`_note`)
-                noted = await trio.to_thread.run_sync(self.store.digest, data)
-                self._note(cf, idx, noted)
+                self._note(cf, idx, await trio.to_thread.run_sync(self.store.digest, data))
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed; the end of the file waits for the sha256 check (`_settle`).
             if self._remember(key, data):
                 flight.ready.set()
             # hashed as it arrives (arrival order is nearly file order; the disk write can finish
             # in any order); `_verify` finds whatever the running hash had to skip on disk
-            await self._advance_hash(cf, idx, data, noted)
+            await self._advance_hash(cf, idx, data)
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             if cf.poisoned:  # the check failed while this block was being stored
                 await trio.to_thread.run_sync(self.store.drop, spec.key)
@@ -635,20 +620,17 @@ class DataCache:
     def _expected(cf: CachedFile, idx: int) -> str | None:
         return cf.digests[idx] if cf.digests is not None else None
 
-    async def _advance_hash(
-        self, cf: CachedFile, idx: int, data: Block, digest: str | None = None
-    ) -> None:
+    async def _advance_hash(self, cf: CachedFile, idx: int, data: Block) -> None:
         """Feed blocks to the running sha256 in file order, off the FUSE thread.
 
         Parallel fetches finish out of order: a block ahead of the hash waits in `cf.unhashed`;
         past MAX_UNHASHED of them it is left to the memory cache or the disk, and the hash
         picks it up there when its turn comes (at the latest in `_verify`, once every block is
-        stored). So a complete file is checked without hashing it all again. `digest`: the
-        block digest of `data` if it was computed already (not computed again for it)."""
+        stored). So a complete file is checked without hashing it all again."""
         if cf.verified or idx < cf.hashed_upto:
             return
         if idx > cf.hashed_upto and len(cf.unhashed) < MAX_UNHASHED:
-            cf.unhashed[idx] = (data, digest)
+            cf.unhashed[idx] = data
         if idx > cf.hashed_upto and cf.hashed_upto not in cf.unhashed:
             return  # the hash continues when the block it needs arrives
         try:
@@ -659,38 +641,29 @@ class DataCache:
             # looks here first (one such block at most: the hash is not past it), or for the
             # next arrival that finds the lock free.
             if idx == cf.hashed_upto:
-                cf.unhashed[idx] = (data, digest)
+                cf.unhashed[idx] = data
             return
         try:
-            await self._hash_forward(cf, idx, data, digest)
+            await self._hash_forward(cf, idx, data)
             if cf.hashed_upto >= cf.nblocks:  # complete, whatever is still on disk
                 await self._conclude(cf)
         finally:
             cf.hash_lock.release()
 
-    async def _hash_forward(
-        self,
-        cf: CachedFile,
-        idx: int = -1,
-        data: Block | None = None,
-        digest: str | None = None,
-    ) -> None:
+    async def _hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
         """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
         per run of blocks, and compare what readers were served of those blocks (`_note`,
-        `_small_read`) with the hashed bytes. A block's digest is computed for it unless it
-        came with the one of its own bytes (`data`'s `digest`, `cf.unhashed`). Call with
-        `cf.hash_lock` held."""
+        `_small_read`) with the hashed bytes. Call with `cf.hash_lock` held."""
         key, bs = cf.spec.key, self.block_size
         while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
-            # (None, None): on disk, loaded by the worker; digest None: computed by the worker
-            batch: list[tuple[Block | None, str | None]] = []
+            batch: list[Block | None] = []  # None: on disk, loaded by the worker
             for i in range(cf.hashed_upto, min(cf.nblocks, cf.hashed_upto + HASH_BATCH)):
-                entry = (data, digest) if i == idx else cf.unhashed.get(i)
-                if entry is None or entry[0] is None:
-                    entry = (self._mem.get((key, i)), None)
-                if entry[0] is None and not self.store.has(key, i):
+                block = data if i == idx else cf.unhashed.get(i)
+                if block is None:
+                    block = self._mem.get((key, i))
+                if block is None and not self.store.has(key, i):
                     break  # not fetched yet: its own _advance_hash continues from here
-                batch.append(entry)
+                batch.append(block)
             if not batch:
                 return
             start = cf.hashed_upto
@@ -702,13 +675,13 @@ class DataCache:
             }
 
             def work(
-                batch: list[tuple[Block | None, str | None]] = batch,
+                batch: list[Block | None] = batch,
                 start: int = start,
                 windows: dict[int, dict[int, str]] = windows,
                 hasher: Any = hasher,
             ) -> tuple[list[str], bool]:
                 digests: list[str] = []
-                for n, (block, known) in enumerate(batch):
+                for n, block in enumerate(batch):
                     i = start + n
                     if block is None:
                         block = self.store.get(key, i)
@@ -720,7 +693,7 @@ class DataCache:
                         if self.store.digest(view[lo : lo + SMALL_WINDOW]) != digest:
                             return digests, True
                     hasher.update(block)
-                    digests.append(known if known is not None else self.store.digest(block))
+                    digests.append(self.store.digest(block))
                 return digests, False
 
             cf.hashing_to = start + len(batch)
@@ -778,7 +751,10 @@ class DataCache:
             ) -> None:
                 lo, hi = i * bs, min((i + 1) * bs, cf.spec.size)
                 try:
-                    block = await self._get(cf, lo, hi)
+                    async with self._limiter.slot(key):
+                        block = await cf.fetch(lo, hi)
+                    if len(block) != hi - lo:
+                        raise ProtocolError(f"expected {hi - lo} bytes of {key}, got {len(block)}")
                 except Exception as e:
                     errors.append(e)
                     nursery.cancel_scope.cancel()
@@ -793,9 +769,7 @@ class DataCache:
                 raise errors[0]
             if cf.poisoned or cf.verified:
                 return
-            # where the running hash looks first; popped as hashed. No digest: the worker
-            # computes it from these bytes, to compare with the copies served (`cf.seen`)
-            cf.unhashed.update((i, (block, None)) for i, block in got.items())
+            cf.unhashed.update(got)  # where the running hash looks first; popped as hashed
             await self._hash_forward(cf)
             if cf.hashed_upto == start:
                 return  # no progress (cannot happen with block `start` at hand): give up
@@ -824,7 +798,12 @@ class DataCache:
         cf.poisoned = True
         cf.verified, cf.digests = False, None
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
-        cf.reset_check(served=False)  # what was served stays counted toward a whole reading
+        cf.hashed_digests.clear()
+        cf.unhashed.clear()
+        cf.seen.clear()
+        cf.windows.clear()
+        cf.partial.clear()
+        cf.covered.clear()
         for k in [k for k in self._small if k[0] == key]:  # never served again, after reopen
             self._small.pop(k, None)
         self.stats.integrity_failures += 1
