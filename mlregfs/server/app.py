@@ -134,6 +134,9 @@ class Settings:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     latency_ms: float = 0.0
     storage_port: int | None = None  # redirect mode: the storage listener's port
+    # redirect mode: an external object store (e.g. nginx aliasing /<bucket>/ to DATA/blobs/)
+    # that serves the blobs instead of the built-in listener; no trailing slash
+    storage_url: str | None = None
     url_expires: int = 300
 
 
@@ -687,10 +690,13 @@ def present_file(ctx: Ctx, f: Row, pkg: Row) -> Any:
     store.touch_downloaded(int(pkg["id"]))
     settings = ctx.app.settings
     if settings.download_mode == "redirect":
-        host = ctx.request.url.hostname or "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        base = f"{ctx.request.url.scheme}://{host}:{settings.storage_port}"
+        if settings.storage_url:
+            base = settings.storage_url
+        else:
+            host = ctx.request.url.hostname or "127.0.0.1"
+            if ":" in host:
+                host = f"[{host}]"
+            base = f"{ctx.request.url.scheme}://{host}:{settings.storage_port}"
         method = "HEAD" if ctx.request.method == "HEAD" else "GET"
         url = ctx.app.signer.sign(base, f["blob"], method)
         body = f"This resource has been moved temporarily to {url}."

@@ -11,7 +11,9 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from mlregfs.server.storage import BUCKET
 from mlregfs.server.store import ROLES, Store, StoreError
 
 
@@ -61,6 +63,18 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _storage_url(text: str, mode: str) -> str:
+    """The --storage-url base, checked; without a trailing slash."""
+    if mode != "redirect":
+        raise ValueError("--storage-url needs --download-mode redirect")
+    u = urlsplit(text)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise ValueError(f"--storage-url must be an http(s) URL, got {text!r}")
+    if u.query or u.fragment or u.username or u.password:
+        raise ValueError("--storage-url takes no query, fragment or credentials")
+    return text.rstrip("/")
+
+
 def serve_main(argv: list[str]) -> int:
     """Entry point of `mlregfs serve`."""
     p = argparse.ArgumentParser(
@@ -85,6 +99,15 @@ def serve_main(argv: list[str]) -> int:
         help="local: serve bytes directly; redirect: 302 to signed storage URLs",
     )
     p.add_argument(
+        "--storage-url",
+        default=None,
+        metavar="BASE",
+        help="redirect mode only: downloads go to an external object store instead of the "
+        f"built-in listener; the 302 Location becomes BASE/{BUCKET}/<project>/<package>/<file>"
+        "?X-Amz-... (the same signed query, which the external server need not check), e.g. "
+        f"nginx with 'location /{BUCKET}/ {{ alias DATA/blobs/; }}' and sendfile on",
+    )
+    p.add_argument(
         "--url-expires", type=int, default=300, help="lifetime of signed URLs in seconds"
     )
     p.add_argument(
@@ -99,6 +122,11 @@ def serve_main(argv: list[str]) -> int:
         "--port-file", type=Path, default=None, help="write the bound port here once ready"
     )
     args = p.parse_args(argv)
+    if args.storage_url is not None:
+        try:
+            args.storage_url = _storage_url(args.storage_url, args.download_mode)
+        except ValueError as e:
+            p.error(str(e))
 
     data = args.data or default_data_dir()
     try:
@@ -143,12 +171,13 @@ async def _serve(store: Store, args: argparse.Namespace) -> int:
         max_file_size=args.max_file_size,
         latency_ms=args.latency_ms,
         url_expires=args.url_expires,
+        storage_url=args.storage_url,
     )
     stats = Stats()
     main_app, storage_app = build_apps(store, settings, stats)
     main_sock = _bind(args.host, args.port)
     socks = [(main_app, main_sock)]
-    if args.download_mode == "redirect":
+    if args.download_mode == "redirect" and not args.storage_url:
         storage_sock = _bind(args.host, args.storage_port)
         settings.storage_port = storage_sock.getsockname()[1]
         socks.append((storage_app, storage_sock))
@@ -191,6 +220,8 @@ async def _serve(store: Store, args: argparse.Namespace) -> int:
         line = f"mlregfs serve: listening on http://{host}:{port}"
         if settings.storage_port:
             line += f" (storage http://{host}:{settings.storage_port})"
+        elif settings.storage_url:
+            line += f" (storage {settings.storage_url})"
         print(line, file=sys.stderr, flush=True)
         if args.port_file:
             tmp = Path(str(args.port_file) + ".tmp")

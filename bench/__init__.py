@@ -1,0 +1,1 @@
+"""The mlregfs benchmark (run bench/run.py)."""
