@@ -1,16 +1,23 @@
-"""Recycled block buffers.
+"""Block buffers: a recycled ring within one memory budget.
 
 On our VMs the first touch of fresh memory costs ~0.8 s of CPU per GiB (fuse-ceiling.md §0), and
 with malloc's mmap threshold bounded (mount.bound_malloc, which keeps RSS flat) every 8 MiB block
-buffer is fresh memory. Downloads and cache loads therefore fill buffers taken from this pool,
+buffer is fresh memory. Downloads and cache loads therefore fill buffers leased from this ring,
 and the memory cache gives a buffer back when it evicts a block.
 
-Pooled buffers are anonymous mmaps: page-aligned, so the block cache can read and write them
-with O_DIRECT and no staging copy (see `directio`).
+Ring buffers are anonymous mmaps: page-aligned, so the block cache can read and write them with
+O_DIRECT and no staging copy (see `directio`).
+
+The budget: at most `limit` block buffers are alive at once (counted exactly: a finalizer
+notes each one that is dropped). `lease` waits for one while the budget is spent, after asking
+the memory cache to let blocks go, so downloads slow down instead of the daemon growing. A
+lease that cannot be met within `OVER_BUDGET_AFTER` seconds is granted anyway and counted
+(`over_budget`): a bounded overshoot is better than a stalled read.
 
 A buffer is reused only if nothing else refers to it: CPython counts every reference, and every
 memoryview of a bytearray holds one, so `sys.getrefcount` proves that no reader, hasher or
-writer still sees the old bytes before they are overwritten.
+writer still sees the old bytes before they are overwritten (a FUSE reply may still be copying
+a block a moment after the read handler returned).
 """
 
 from __future__ import annotations
@@ -18,39 +25,89 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 
 # Anything the byte paths hand around: the buffer protocol, len() in bytes, never mutated once
 # filled.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
+OVER_BUDGET_AFTER = 2.0  # seconds a lease waits for the budget before it is granted anyway
+_POLL = 0.002  # buffers come back when their last reference goes: poll for that
 
-class BufferPool:
-    """Page-aligned buffers of one size (the block size); other sizes are plain bytearrays."""
 
-    def __init__(self, size: int = 0, keep: int = 4) -> None:
+class BufferRing:
+    """Page-aligned buffers of one size (the block size) within a budget of `limit` buffers;
+    other sizes are plain bytearrays, outside the budget."""
+
+    def __init__(self, size: int = 0, limit: int = 1 << 20) -> None:
         self.size = size
-        self.keep = keep
+        self.limit = limit
         self.reused = 0
         self.allocated = 0
+        self.over_budget = 0
+        self.waits = 0
+        self.alive = 0  # ring buffers that exist right now (free or in use)
+        self.peak = 0
         self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
-    def configure(self, size: int, keep: int = 4) -> None:
+    def configure(self, size: int, limit: int) -> None:
         with self._lock:
             if size != self.size:
                 self._free.clear()
-            self.size, self.keep = size, keep
+            self.size, self.limit = size, max(1, limit)
+
+    def _dropped(self) -> None:
+        with self._lock:
+            self.alive -= 1
+
+    def _new(self) -> mmap.mmap:
+        buf = mmap.mmap(-1, self.size)
+        with self._lock:
+            self.allocated += 1
+            self.alive += 1
+            self.peak = max(self.peak, self.alive)
+        weakref.finalize(buf, self._dropped)
+        return buf
 
     def take(self, n: int) -> mmap.mmap | bytearray:
-        """A buffer of exactly `n` bytes with arbitrary contents: the caller overwrites all."""
+        """A buffer of exactly `n` bytes with arbitrary contents: the caller overwrites all.
+        Never waits (worker threads call it); `lease` is the budgeted way."""
         if n != self.size or n == 0:
             return bytearray(n)
         with self._lock:
             if self._free:
                 self.reused += 1
                 return self._free.pop()
-            self.allocated += 1
-        return mmap.mmap(-1, n)
+        return self._new()
+
+    async def lease(self, n: int, evict: Callable[[], bool] | None = None) -> mmap.mmap | bytearray:
+        """`take`, but within the budget: while `limit` buffers are alive and none is free,
+        `evict()` (which lets one cached block go, False when it has none) is asked, then the
+        lease waits for a buffer to come back."""
+        import trio  # not at module level: the mount helper imports this module's types only
+
+        if n != self.size or n == 0:
+            return bytearray(n)
+        waited = 0.0
+        while True:
+            with self._lock:
+                if self._free:
+                    self.reused += 1
+                    return self._free.pop()
+                room = self.alive < self.limit
+            if room:
+                return self._new()
+            if evict is not None and evict():
+                continue
+            if waited >= OVER_BUDGET_AFTER:
+                self.over_budget += 1
+                return self._new()
+            if waited == 0.0:
+                self.waits += 1
+            await trio.sleep(_POLL)
+            waited += _POLL
 
     def give(self, buf: object, refs: int) -> bool:
         """Take `buf` back if the caller's `refs` references are all there are.
@@ -64,10 +121,15 @@ class BufferPool:
         ):
             return False
         with self._lock:
-            if len(self._free) >= self.keep:
+            if len(self._free) >= self.limit:
                 return False
             self._free.append(buf)
         return True
 
+    def trim(self) -> None:
+        """Let the free buffers go (their memory returns to the system)."""
+        with self._lock:
+            self._free.clear()
 
-POOL = BufferPool()
+
+POOL = BufferRing()

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlregfs.cache.prefetch import PREFETCH_POLICIES
 from mlregfs.registry.source import candidates
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -52,7 +53,9 @@ class Config:
     cache_size: int = 10 << 30
     block_size: int = 8 << 20
     readahead_blocks: int = 4
-    memory_cache: int = 64 << 20
+    memory_cache: int | None = None  # memory cache cap (default: all of memory_limit)
+    memory_limit: int = 192 << 20  # every block buffer: memory cache, downloads, hashing
+    prefetch: str = "weights"  # which files are fetched whole when opened (PREFETCH_POLICIES)
     listing_ttl: float = 30.0  # models, versions, candidates, candidate files
     file_ttl: float = 300.0  # files of a model version (immutable in practice)
     timeout: float = 30.0  # total per HTTP request: connect, headers, body (+size/256K/s uploads)
@@ -87,6 +90,8 @@ _VALUE_OPTIONS = {
     "block_size": ("block_size", parse_size),
     "readahead": ("readahead_blocks", int),
     "memory_cache": ("memory_cache", parse_size),
+    "memory_limit": ("memory_limit", parse_size),
+    "prefetch": ("prefetch", str),
     "listing_ttl": ("listing_ttl", parse_duration),
     "file_ttl": ("file_ttl", parse_duration),
     "timeout": ("timeout", parse_duration),
@@ -224,4 +229,8 @@ def from_options(
         raise ConfigError("drain_timeout must not be negative")
     if cfg.readahead_blocks < 0 or cfg.readahead_blocks > 64:
         raise ConfigError("readahead must be between 0 and 64 blocks")
+    if cfg.memory_limit < 4 * cfg.block_size:
+        raise ConfigError("memory_limit must hold at least 4 blocks")
+    if cfg.prefetch not in PREFETCH_POLICIES:
+        raise ConfigError(f"prefetch must be one of: {', '.join(PREFETCH_POLICIES)}")
     return cfg

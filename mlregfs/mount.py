@@ -236,12 +236,13 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         public_source(cfg.source),
     )
     store = await trio.to_thread.run_sync(BlockStore, cfg.cache_dir / "blocks", cfg.cache_size)
-    POOL.configure(cfg.block_size)  # download and cache-load buffers, recycled on eviction
-    data = DataCache(
+    data = DataCache(  # configures POOL: every block buffer within memory_limit
         store,
         block_size=cfg.block_size,
         memory_bytes=cfg.memory_cache,
+        memory_limit=cfg.memory_limit,
         readahead=cfg.readahead_blocks,
+        prefetch=cfg.prefetch,
     )
     spool = None
     if not cfg.read_only:
@@ -287,6 +288,12 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 "integrity_failures": ds.integrity_failures,
                 "block_buffers_reused": POOL.reused,
                 "block_buffers_allocated": POOL.allocated,
+                "block_buffers_alive": POOL.alive,
+                "block_buffers_peak": POOL.peak,
+                "block_buffer_waits": POOL.waits,
+                "block_buffers_over_budget": POOL.over_budget,
+                "streams": ds.streams,
+                "streams_peak": ds.streams_peak,
             },
             "registry": {
                 "requests": rs.requests,

@@ -224,15 +224,22 @@ class BlockStore:
         with self._lock:
             return len(self._by_key.get(key, ()))
 
-    def get(self, key: str, index: int, expect: str | None = None) -> mmap.mmap | bytearray | None:
+    def get(
+        self,
+        key: str,
+        index: int,
+        expect: str | None = None,
+        into: mmap.mmap | bytearray | None = None,
+    ) -> mmap.mmap | bytearray | None:
         """The block's payload, or None if absent or corrupt (a corrupt block is deleted).
 
         `expect`: the block's digest from the verified marker; a block whose payload does not
-        have it is corrupt, even if its own header checksum matches."""
+        have it is corrupt, even if its own header checksum matches. `into`: a buffer to read
+        into (the caller's lease), used when it has the payload's size."""
         path = self._path(self.check_key(key), index)
         payload: mmap.mmap | bytearray | None = None
         try:
-            header, payload = self._read(path)
+            header, payload = self._read(path, into)
             if payload is not None and not self._check(header, payload, key, index):
                 payload = None
             if payload is not None and expect is not None and self.digest(payload) != expect:
@@ -270,7 +277,9 @@ class BlockStore:
             pass
         return payload
 
-    def _read(self, path: Path) -> tuple[bytes, mmap.mmap | bytearray | None]:
+    def _read(
+        self, path: Path, into: mmap.mmap | bytearray | None = None
+    ) -> tuple[bytes, mmap.mmap | bytearray | None]:
         """Header and payload of a block file; payload None if the file is too short.
 
         Read buffered, then dropped from the page cache at once (the kernel caches these bytes
@@ -282,7 +291,7 @@ class BlockStore:
                 header = f.read(_HDR_SPACE)
                 if length < 0 or len(header) != _HDR_SPACE:
                     return header, None
-                payload = POOL.take(length)
+                payload = into if into is not None and len(into) == length else POOL.take(length)
                 if (f.readinto(payload) or 0) != length:
                     return header, None
                 return header, payload

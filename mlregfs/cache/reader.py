@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import mmap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,16 +36,19 @@ from cachetools import LRUCache
 
 from mlregfs.buffers import POOL, Buffer
 from mlregfs.cache.blocks import BlockStore
+from mlregfs.cache.prefetch import wants_prefetch
 from mlregfs.errors import IntegrityError, ProtocolError, RegistryTimeout
 
 log = logging.getLogger("mlregfs.cache")
 
 Block = Buffer  # a block's bytes: whatever the fetcher or the disk filled
-Fetcher = Callable[[int, int], Awaitable[Block]]
+Fetcher = Callable[..., Awaitable[Block]]  # (start, end) or (start, end, into=buffer)
 
 SMALL_READ = 64 << 10  # a non-sequential read up to this size is "small"...
-SMALL_WINDOW = 256 << 10  # ...and is served by fetching this aligned window only
-MAX_UNHASHED = 4  # blocks held for the running sha256 while an earlier one is still in flight
+SMALL_WINDOW = 64 << 10  # ...and is served by fetching this aligned window only (one short GET)
+MAX_WINDOW = 16  # most blocks one file's stream may run ahead of its running sha256
+DENSE_BLOCKS = 3  # distinct blocks read out of order before a file is streamed whole
+STREAM_AFTER = 8 << 20  # bytes read in order (and 2 blocks) before a file is streamed whole
 HASH_BATCH = 16  # blocks hashed per worker-thread call
 CHECK_DEADLINE = 120.0  # seconds one read may spend fetching blocks again for the sha256 check
 
@@ -75,6 +79,7 @@ class CachedFile:
     spec: FileSpec
     fetch: Fetcher
     nblocks: int
+    fetch_into: bool = False  # `fetch(start, end, into=buffer)` fills a leased buffer
     refs: int = 0
     verified: bool = False
     poisoned: bool = False  # a sha256 check failed: every read fails until all handles close
@@ -101,6 +106,11 @@ class CachedFile:
     partial: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     covered: dict[int, set[int]] = field(default_factory=dict)  # whole windows served, per block
     hashing_to: int = 0  # blocks [hashed_upto, hashing_to) are being hashed right now
+    hash_moved: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    # the whole-file stream (`DataCache.stream`): running, and its cancel scope
+    streaming: bool = False
+    stream_scope: trio.CancelScope | None = None
+    scattered: set[int] = field(default_factory=set)  # blocks read out of order
 
 
 class FairLimiter:
@@ -161,6 +171,7 @@ class ReadStream:
 
     next_off: int = 0
     sequential_hits: int = 0
+    run_bytes: int = 0  # bytes read in order since the last jump
 
 
 @dataclass
@@ -173,6 +184,8 @@ class DataStats:
     prefetched_blocks: int = 0
     small_reads: int = 0
     integrity_failures: int = 0
+    streams: int = 0  # files streamed whole (prefetch, sequential or dense readers)
+    streams_peak: int = 0  # most files streamed at the same time
 
 
 class DataCache:
@@ -183,18 +196,38 @@ class DataCache:
         store: BlockStore,
         *,
         block_size: int = 8 << 20,
-        memory_bytes: int = 64 << 20,
+        memory_bytes: int | None = None,
+        memory_limit: int = 192 << 20,
         readahead: int = 4,
         max_parallel: int = 4,
         on_corrupt: Callable[[str], None] | None = None,
         check_deadline: float = CHECK_DEADLINE,
+        prefetch: str = "off",
     ) -> None:
         self.store = store
+        self.prefetch = prefetch  # `prefetch.PREFETCH_POLICIES`: streamed whole at open
         self.block_size = block_size
         self.readahead = readahead
         self.stats = DataStats()
-        self._mem = _BlockLRU(max(memory_bytes, 1), getsizeof=len)
-        self._small: LRUCache[tuple[str, int], Block] = LRUCache(16 << 20, getsizeof=len)
+        # One budget for every block buffer (memory cache, downloads, blocks waiting for the
+        # hash): the ring. The memory cache may fill what the rest leaves and gives blocks
+        # back when a download needs a buffer (`_lease`).
+        self.budget_blocks = max(2, memory_limit // block_size)
+        POOL.configure(block_size, self.budget_blocks - 1)  # and one scratch for the hash
+        self._scratch: mmap.mmap | bytearray | None = None
+        self._scratch_lock = trio.Lock()
+        cap = memory_limit if memory_bytes is None else min(memory_bytes, memory_limit)
+        self._mem = _BlockLRU(max(cap, 1), getsizeof=len)
+        # small-read windows: plain bytes outside the ring, at most 1/8 of the budget
+        self._small: LRUCache[tuple[str, int], Block] = LRUCache(
+            max(memory_limit // 8, SMALL_WINDOW), getsizeof=len
+        )
+        self.max_parallel = max(1, max_parallel)
+        self._loads = trio.CapacityLimiter(self.max_parallel)
+        self._streams = 0  # files being streamed whole right now
+        # each stream needs a few buffers of the budget (its window and its downloads): more
+        # files than that wait for their turn instead of starving each other
+        self._stream_turns = trio.Semaphore(max(1, self.budget_blocks // 4))
         self.check_deadline = check_deadline
         self._limiter = FairLimiter(total=max_parallel, per_file=max_parallel)
         self._files: dict[str, CachedFile] = {}
@@ -207,8 +240,129 @@ class DataCache:
         """Enable background read-ahead in `nursery`."""
         self._nursery = nursery
 
+    # -- streaming whole files ----------------------------------------------------------
+    def fits(self, cf: CachedFile) -> bool:
+        """Can the disk cache hold all of `cf`, so that streaming it does not evict itself?"""
+        return cf.spec.size <= self.store.capacity - self.store.pinned_bytes()
+
+    def window(self) -> int:
+        """Blocks a stream may run ahead of its file's running sha256: half the memory budget,
+        shared by the files streaming now (the other half is for the memory cache and
+        other readers)."""
+        share = self.budget_blocks // (2 * max(1, self._streams))
+        return max(2, min(MAX_WINDOW, share, int(self._mem.maxsize) // self.block_size // 2))
+
+    def stream(self, cf: CachedFile, why: str) -> bool:
+        """Fetch all of `cf` in the background, in file order, up to `max_parallel` blocks at
+        a time, each block hashed as it arrives: a verified stream. The stream stays at most
+        `window()` blocks ahead of the running sha256 (back-pressure), so no block is
+        fetched, dropped unhashed and read back. Only if the disk cache can hold the file;
+        stops when the file's last handle closes. True if a stream was started."""
+        if (
+            cf.streaming
+            or self._nursery is None
+            or cf.poisoned
+            or cf.refs <= 0
+            or (cf.verified and self.store.count(cf.spec.key) >= cf.nblocks)
+            or not self.fits(cf)
+        ):
+            return False
+        cf.streaming = True
+        self._streams += 1
+        self.stats.streams += 1
+        self.stats.streams_peak = max(self.stats.streams_peak, self._streams)
+        self._nursery.start_soon(self._stream, cf, why)
+        return True
+
+    def _may_hold(self, cf: CachedFile) -> bool:
+        """May one more block wait in memory for `cf`'s hash? Within its window, and while
+        all files together hold at most half the budget this way (past that, a block waits
+        on disk and the hash reads it back)."""
+        if len(cf.unhashed) >= self.window() + self.max_parallel:
+            return False
+        held = sum(len(f.unhashed) for f in self._files.values())
+        return held < max(2, self.budget_blocks // 2)
+
+    def _at_hand(self, cf: CachedFile, idx: int) -> bool:
+        """Block `idx` can be hashed without a download."""
+        key = (cf.spec.key, idx)
+        return idx in cf.unhashed or key in self._mem or self.store.has(*key)
+
+    async def _stream(self, cf: CachedFile, why: str) -> None:
+        key = cf.spec.key
+        log.debug("streaming %s (%s)", key, why)
+        # one fetch slot of the file stays free for its readers' own misses
+        slots = trio.Semaphore(max(1, self.max_parallel - 1))
+
+        async def one(idx: int) -> None:
+            try:
+                await self._prefetch(cf, idx)
+            finally:
+                slots.release()
+
+        try:
+            async with self._stream_turns, trio.open_nursery() as nursery:
+                idx = 0
+                while idx < cf.nblocks and not cf.poisoned and cf.refs > 0:
+                    if not cf.verified and idx >= cf.hashed_upto + self.window():
+                        # back-pressure: wait for the hash to move on
+                        h = cf.hashed_upto
+                        if not self._at_hand(cf, h) and h not in cf.inflight:
+                            idx = h  # the block the hash needs went away: fetch it again
+                            continue
+                        await self._drive_hash(cf)
+                        if idx >= cf.hashed_upto + self.window() and not cf.verified:
+                            with trio.move_on_after(0.05):
+                                await cf.hash_moved.park()
+                        continue
+                    if idx in cf.inflight or (key, idx) in self._mem or self.store.has(key, idx):
+                        idx += 1
+                        continue
+                    await slots.acquire()
+                    if idx in cf.inflight or cf.poisoned or cf.refs <= 0:
+                        slots.release()
+                        continue
+                    cf.inflight[idx] = BlockFetch()  # claimed now: readers wait for it
+                    nursery.start_soon(one, idx)
+                    idx += 1
+        except Exception as e:  # a reader fetches (and reports) what the stream could not
+            log.debug("stream of %s stopped: %s", key, e)
+        finally:
+            cf.streaming = False
+            self._streams -= 1
+            self._forget_unused(cf)
+        log.debug("stream of %s ended (%s)", key, "verified" if cf.verified else "incomplete")
+
+    async def _drive_hash(self, cf: CachedFile) -> None:
+        """Hash what is at hand if no one else is hashing (blocks found on disk or in memory
+        start no hash of their own)."""
+        if cf.verified or cf.poisoned or cf.hash_lock.locked():
+            return
+        async with cf.hash_lock:
+            await self._hash_forward(cf)
+            if cf.hashed_upto >= cf.nblocks:
+                await self._conclude(cf)
+
+    def _evict_one(self) -> bool:
+        """Let the least recently used block of the memory cache go (for `POOL.lease`)."""
+        if not self._mem:
+            return False
+        self._mem.popitem()
+        return True
+
     # -- open/close ---------------------------------------------------------------------
-    def open(self, spec: FileSpec, fetch: Fetcher) -> CachedFile:
+    def open(
+        self, spec: FileSpec, fetch: Fetcher, *, into: bool = False, name: str = ""
+    ) -> CachedFile:
+        """The shared state of `spec`, one more handle on it. `into`: `fetch` takes an
+        `into=` buffer. `name`: the file's name, for the prefetch policy (a weights file is
+        streamed whole at once)."""
+        cf = self._open(spec, fetch, into)
+        if name and wants_prefetch(self.prefetch, name):
+            self.stream(cf, "prefetch")
+        return cf
+
+    def _open(self, spec: FileSpec, fetch: Fetcher, into: bool) -> CachedFile:
         cf = self._files.get(spec.key)
         if cf is None or cf.spec != spec or (cf.poisoned and not cf.inflight):
             nblocks = max(1, -(-spec.size // self.block_size))
@@ -225,6 +379,7 @@ class DataCache:
                     self._mem.pop(k, None)
             self._files[spec.key] = cf
         cf.fetch = fetch  # newest handle's fetcher (fresh owner metadata)
+        cf.fetch_into = into
         cf.refs += 1
         return cf
 
@@ -239,13 +394,15 @@ class DataCache:
 
     def close(self, cf: CachedFile) -> None:
         cf.refs -= 1
+        if cf.refs <= 0:
+            cf.hash_moved.unpark_all()  # a stream waiting for the hash stops
         self._forget_unused(cf)
 
     def _forget_unused(self, cf: CachedFile) -> None:
         """Drop the state of a file no handle has open and no download still uses (called
         at close and when a download ends: a read-ahead may outlive the last handle). Kept
         only as a record of whether it was verified (the mount asks at the next open)."""
-        if cf.refs > 0 or cf.inflight or self._files.get(cf.spec.key) is not cf:
+        if cf.refs > 0 or cf.inflight or cf.streaming or self._files.get(cf.spec.key) is not cf:
             return
         del self._files[cf.spec.key]
         cf.unhashed.clear()
@@ -278,7 +435,7 @@ class DataCache:
         bs = self.block_size
         first, last = off // bs, (end - 1) // bs
         if stream is not None:
-            self._maybe_readahead(cf, stream, off, end, last)
+            self._track(cf, stream, off, end, first, last)
             if (
                 first == last
                 # the last block goes whole, so a read of the end settles the check; a
@@ -304,6 +461,7 @@ class DataCache:
                 lo = max(off, idx * bs) - idx * bs
                 hi = min(end, (idx + 1) * bs) - idx * bs
                 out += memoryview(block)[lo:hi]
+                del block  # copied: never hold a buffer while waiting for the next one
         if not cf.verified:
             cf.served.update(range(first, last + 1))
             whole = len(cf.served) >= cf.nblocks
@@ -364,7 +522,10 @@ class DataCache:
                 raise ProtocolError(f"expected {w1 - w0} bytes of {key}, got {len(data)}")
             self.stats.small_reads += 1
             self.stats.fetched_bytes += len(data)
-            parts = [bytes(data[w - w0 : w - w0 + sw]) for w in starts]
+            # one window: keep the fetched buffer itself (no copy)
+            parts = (
+                [data] if len(starts) == 1 else [bytes(data[w - w0 : w - w0 + sw]) for w in starts]
+            )
             if not cf.poisoned:
                 for w, part in zip(starts, parts, strict=True):
                     self._small[(key, -1 - w)] = part
@@ -421,16 +582,36 @@ class DataCache:
         del cf.covered[idx]
         return True
 
-    def _maybe_readahead(
-        self, cf: CachedFile, stream: ReadStream, off: int, end: int, last: int
+    def _track(
+        self, cf: CachedFile, stream: ReadStream, off: int, end: int, first: int, last: int
     ) -> None:
+        """Read-ahead decisions from a handle's access pattern. A reader of the file in order
+        from where its sha256 stands, or one that touches several blocks out of order (mmap
+        loaders: page faults arrive as scattered 1 MiB reads), gets the file streamed whole;
+        other sequential readers get `readahead` blocks ahead of them."""
         if off == stream.next_off:
             stream.sequential_hits += 1
+            stream.run_bytes += end - off
         else:
-            stream.sequential_hits = 0
+            stream.sequential_hits = stream.run_bytes = 0
+            # page faults of an mmap loader (the kernel reads around them: 128 KiB and more),
+            # not small random preads (index lookups), which keep their short range requests
+            if not cf.verified and end - off > SMALL_READ and first not in cf.scattered:
+                cf.scattered.add(first)
+                if len(cf.scattered) >= DENSE_BLOCKS:
+                    self.stream(cf, "reads out of order")
         stream.next_off = end
         # two sequential reads in a row look like a streaming reader; a lone pread does not
         if self._nursery is None or self.readahead <= 0 or stream.sequential_hits < 2:
+            return
+        if cf.streaming or (
+            # a reader of the file from where its hash stands, past its first blocks (not
+            # `head`: the kernel's own read-ahead makes any first read look sequential)
+            not cf.verified
+            and stream.run_bytes >= max(2 * self.block_size, STREAM_AFTER)
+            and first <= cf.hashed_upto + self.window()
+            and self.stream(cf, "sequential reader")
+        ):
             return
         for idx in range(last + 1, min(last + 1 + self.readahead, cf.nblocks)):
             key = (cf.spec.key, idx)
@@ -473,6 +654,8 @@ class DataCache:
         key = (cf.spec.key, idx)
         while True:
             data = self._mem.get(key)
+            if data is None:
+                data = cf.unhashed.get(idx)  # held for the hash (noted when it arrived)
             if data is not None:
                 self.stats.memory_hits += 1
                 return data
@@ -484,15 +667,27 @@ class DataCache:
                 if flight.error is not None:
                     # share the failure: N waiters must not each wait out the retries again
                     raise flight.error
-                if key in self._mem or self.store.has(*key):
-                    continue
+                continue  # look again: in memory, on disk, or another flight took over
             if self.store.has(*key):
-                data = await self._load(cf, idx)
-                if data is not None:
-                    self.stats.disk_hits += 1
-                    self._remember(key, data)
-                    await self._advance_hash(cf, idx, data)
-                    return data
+                # one load per block, however many readers want it (mmap faults come in
+                # bursts of 1 MiB reads of the same block)
+                flight = cf.inflight[idx] = BlockFetch()
+                try:
+                    data = await self._load(cf, idx)
+                    if data is not None:
+                        self.stats.disk_hits += 1
+                        self._remember(key, data)
+                        flight.ready.set()
+                        await self._advance_hash(cf, idx, data)
+                        return data
+                except Exception as e:
+                    flight.error = e
+                    raise
+                finally:
+                    if cf.inflight.get(idx) is flight:
+                        del cf.inflight[idx]
+                    flight.finish()
+                    self._forget_unused(cf)
             return await self._fetch(cf, idx, claimed=False)
 
     async def _load(self, cf: CachedFile, idx: int) -> Block | None:
@@ -501,11 +696,14 @@ class DataCache:
         expect = self._expected(cf, idx)
         note = cf.spec.sha256 is not None and expect is None
 
-        def load() -> tuple[Block | None, str | None]:
-            data = self.store.get(cf.spec.key, idx, expect)
+        def load(buf: mmap.mmap | bytearray) -> tuple[Block | None, str | None]:
+            data = self.store.get(cf.spec.key, idx, expect, into=buf)
             return data, (self.store.digest(data) if note and data is not None else None)
 
-        data, digest = await trio.to_thread.run_sync(load)
+        async with self._loads:  # a bounded number of buffers filling from disk at once
+            buf = await self._lease(cf, idx)
+            data, digest = await trio.to_thread.run_sync(load, buf)
+        del buf
         if digest is not None:
             self._note(cf, idx, digest)
         return data
@@ -539,8 +737,19 @@ class DataCache:
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
-            async with self._limiter.slot(spec.key):
-                data = await cf.fetch(start, end)
+            if cf.fetch_into:
+                async with self._limiter.slot(spec.key):  # then the buffer: at most one per slot
+                    buf = await self._lease(cf, idx)
+                    got = await cf.fetch(start, end, into=memoryview(buf))
+                if len(got) != end - start:
+                    raise ProtocolError(
+                        f"expected {end - start} bytes of {spec.key}, got {len(got)}"
+                    )
+                del got  # the view into `buf`: the buffer must be recyclable
+                data: Block = buf
+            else:
+                async with self._limiter.slot(spec.key):
+                    data = await cf.fetch(start, end)
             if len(data) != end - start:
                 raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
             self.stats.fetched_blocks += 1
@@ -603,6 +812,11 @@ class DataCache:
         if self._mem.get((cf.spec.key, idx)) is not data and idx not in cf.unhashed:
             POOL.give(data, refs=2)  # this frame's `data` and the caller's
 
+    async def _lease(self, cf: CachedFile, idx: int) -> mmap.mmap | bytearray:
+        """A buffer for block `idx`, within the memory budget (waits while it is spent)."""
+        n = min(self.block_size, cf.spec.size - idx * self.block_size)
+        return await POOL.lease(n, self._evict_one)
+
     def _remember(self, key: tuple[str, int], data: Block) -> bool:
         # a block larger than the whole memory budget is simply not kept in memory
         if len(data) <= self._mem.maxsize:
@@ -624,14 +838,14 @@ class DataCache:
         """Feed blocks to the running sha256 in file order, off the FUSE thread.
 
         Parallel fetches finish out of order: a block ahead of the hash waits in `cf.unhashed`;
-        past MAX_UNHASHED of them it is left to the memory cache or the disk, and the hash
+        past the stream window of them it is left to the memory cache or the disk, and the hash
         picks it up there when its turn comes (at the latest in `_verify`, once every block is
         stored). So a complete file is checked without hashing it all again."""
         if cf.verified or idx < cf.hashed_upto:
             return
-        if idx > cf.hashed_upto and len(cf.unhashed) < MAX_UNHASHED:
+        if idx > cf.hashed_upto and self._may_hold(cf):
             cf.unhashed[idx] = data
-        if idx > cf.hashed_upto and cf.hashed_upto not in cf.unhashed:
+        if idx > cf.hashed_upto and not self._at_hand(cf, cf.hashed_upto):
             return  # the hash continues when the block it needs arrives
         try:
             cf.hash_lock.acquire_nowait()
@@ -656,8 +870,20 @@ class DataCache:
         `_small_read`) with the hashed bytes. Call with `cf.hash_lock` held."""
         key, bs = cf.spec.key, self.block_size
         while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
+            span = range(cf.hashed_upto, min(cf.nblocks, cf.hashed_upto + HASH_BATCH))
+            # blocks back from disk go through the one scratch buffer of the budget (a lease
+            # could wait for the very blocks this hash is about to let go)
+            scratch = None
+            if any(i != idx and i not in cf.unhashed and (key, i) not in self._mem for i in span):
+                await self._scratch_lock.acquire()
+                if self._scratch is None:
+                    self._scratch = POOL.take(self.block_size)
+                scratch = self._scratch
+                if cf.verified or cf.poisoned or cf.hashed_upto != span.start:
+                    self._scratch_lock.release()
+                    continue
             batch: list[Block | None] = []  # None: on disk, loaded by the worker
-            for i in range(cf.hashed_upto, min(cf.nblocks, cf.hashed_upto + HASH_BATCH)):
+            for i in span:
                 block = data if i == idx else cf.unhashed.get(i)
                 if block is None:
                     block = self._mem.get((key, i))
@@ -665,6 +891,8 @@ class DataCache:
                     break  # not fetched yet: its own _advance_hash continues from here
                 batch.append(block)
             if not batch:
+                if scratch is not None:
+                    self._scratch_lock.release()
                 return
             start = cf.hashed_upto
             hasher = cf.hasher
@@ -674,17 +902,20 @@ class DataCache:
                 i: dict(cf.windows[i]) for i in range(start, start + len(batch)) if i in cf.windows
             }
 
+            block = data = None  # the batch holds what it needs, no longer than it
+
             def work(
                 batch: list[Block | None] = batch,
                 start: int = start,
                 windows: dict[int, dict[int, str]] = windows,
                 hasher: Any = hasher,
+                scratch: mmap.mmap | bytearray | None = scratch,
             ) -> tuple[list[str], bool]:
                 digests: list[str] = []
                 for n, block in enumerate(batch):
                     i = start + n
                     if block is None:
-                        block = self.store.get(key, i)
+                        block = self.store.get(key, i, into=scratch)
                         if block is None:  # evicted or damaged meanwhile
                             return digests, False
                     view = memoryview(block)
@@ -696,11 +927,15 @@ class DataCache:
                     digests.append(self.store.digest(block))
                 return digests, False
 
-            cf.hashing_to = start + len(batch)
+            wanted = len(batch)
+            cf.hashing_to = start + wanted
             try:
                 digests, mismatch = await trio.to_thread.run_sync(work)
             finally:
                 cf.hashing_to = 0
+                del batch
+                if scratch is not None:
+                    self._scratch_lock.release()
             if cf.poisoned or cf.hasher is not hasher:
                 return  # discarded meanwhile
             for n, digest in enumerate(digests):
@@ -710,10 +945,11 @@ class DataCache:
                     mismatch = True  # a reader got other bytes than the ones hashed
             cf.hashed_digests.extend(digests)
             cf.hashed_upto = start + len(digests)
+            cf.hash_moved.unpark_all()
             if mismatch:
                 self._corrupt(cf)
                 raise IntegrityError(f"{key}: bytes served differ from the ones checked")
-            if len(digests) < len(batch):
+            if len(digests) < wanted:
                 return
 
     async def _verify(self, cf: CachedFile, fill: bool = False) -> None:
@@ -751,10 +987,17 @@ class DataCache:
             ) -> None:
                 lo, hi = i * bs, min((i + 1) * bs, cf.spec.size)
                 try:
-                    async with self._limiter.slot(key):
-                        block = await cf.fetch(lo, hi)
-                    if len(block) != hi - lo:
-                        raise ProtocolError(f"expected {hi - lo} bytes of {key}, got {len(block)}")
+                    block: Block
+                    if cf.fetch_into:
+                        async with self._limiter.slot(key):
+                            block = await self._lease(cf, i)
+                            n = len(await cf.fetch(lo, hi, into=memoryview(block)))
+                    else:
+                        async with self._limiter.slot(key):
+                            block = await cf.fetch(lo, hi)
+                        n = len(block)
+                    if n != hi - lo:
+                        raise ProtocolError(f"expected {hi - lo} bytes of {key}, got {n}")
                 except Exception as e:
                     errors.append(e)
                     nursery.cancel_scope.cancel()
@@ -807,6 +1050,7 @@ class DataCache:
         for k in [k for k in self._small if k[0] == key]:  # never served again, after reopen
             self._small.pop(k, None)
         self.stats.integrity_failures += 1
+        cf.hash_moved.unpark_all()
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         for k in [k for k in self._mem if k[0] == key]:
             self._mem.pop(k, None)

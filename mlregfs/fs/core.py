@@ -495,10 +495,10 @@ class Filesystem:
         spec = FileSpec(self.cache_key(f), f.size, f.sha256.lower() if f.sha256 else None)
         registry = self.registry
 
-        async def fetch(start: int, end: int) -> Buffer:
-            return await registry.read_range(owner, f, start, end)
+        async def fetch(start: int, end: int, into: memoryview | None = None) -> Buffer:
+            return await registry.read_range(owner, f, start, end, into=into)
 
-        cached = self.data.open(spec, fetch)
+        cached = self.data.open(spec, fetch, into=True, name=f.path)
         fh = next(self._next_fh)
         self._handles[fh] = FileHandle(node, f, cached)
         return Opened(fh, keep_cache=f.sha256 is not None and self._keep_pages(ino, cached))

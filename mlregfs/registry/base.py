@@ -58,8 +58,17 @@ class Registry(Protocol):
         """Files of a version or candidate, one entry per path (the newest copy)."""
         ...
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
-        """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
+    async def read_range(
+        self,
+        owner: FileOwner,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        *,
+        into: memoryview | None = None,
+    ) -> Buffer:
+        """Bytes [start, end) of `file`; exactly end-start bytes or an error. `into`: a
+        buffer of end-start bytes to fill (and return) instead of a new one."""
         ...
 
     # -- writes (issue #3) ----------------------------------------------------------------

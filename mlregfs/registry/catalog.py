@@ -304,8 +304,16 @@ class CatalogRegistry:
         return files
 
     # -- pass-through -------------------------------------------------------------------
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
-        return await self.inner.read_range(owner, file, start, end)
+    async def read_range(
+        self,
+        owner: FileOwner,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        *,
+        into: memoryview | None = None,
+    ) -> Buffer:
+        return await self.inner.read_range(owner, file, start, end, into=into)
 
     async def authorize_upload(self, owner: FileOwner, path: str) -> None:
         await self.inner.authorize_upload(owner, path)

@@ -99,7 +99,15 @@ class InMemoryRegistry:
         self._check("list_files")
         return [f for f, _ in self._files.get(self._key(owner), {}).values()]
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
+    async def read_range(
+        self,
+        owner: FileOwner,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        *,
+        into: memoryview | None = None,
+    ) -> Buffer:
         self._check("read_range")
         entry = self._files.get(self._key(owner), {}).get(file.path)
         if entry is None:
@@ -108,6 +116,9 @@ class InMemoryRegistry:
         if file.path in self.corrupt:
             data = bytes(b ^ 0xFF for b in data)
         self.stats.bytes_downloaded += end - start
+        if into is not None:
+            into[:] = data[start:end]
+            return into
         return data[start:end]
 
     # -- writes -------------------------------------------------------------------------

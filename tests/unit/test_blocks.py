@@ -96,7 +96,7 @@ def test_roundtrip_of_aligned_and_odd_sizes(tmp_path: Path, direct: bool, size: 
 
 
 def test_pooled_block_buffer_is_filled_in_place(tmp_path: Path) -> None:
-    POOL.configure(1 << 16)
+    POOL.configure(1 << 16, 64)
     try:
         s = BlockStore(tmp_path, 1 << 30)
         data = os.urandom(1 << 16)
@@ -104,7 +104,7 @@ def test_pooled_block_buffer_is_filled_in_place(tmp_path: Path) -> None:
         got = s.get("k", 0)
         assert isinstance(got, mmap.mmap) and bytes(got) == data
     finally:
-        POOL.configure(0)
+        POOL.configure(0, 1)
 
 
 def test_corruption_is_caught_on_the_direct_path(tmp_path: Path) -> None:

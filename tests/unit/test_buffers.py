@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from mlregfs import directio
-from mlregfs.buffers import BufferPool
+from mlregfs.buffers import BufferRing
 
 
 def test_pool_hands_out_aligned_buffers_of_its_size_only() -> None:
-    pool = BufferPool(1 << 16)
+    pool = BufferRing(1 << 16)
     buf = pool.take(1 << 16)
     assert isinstance(buf, mmap.mmap) and len(buf) == 1 << 16
     assert directio.address(buf) % directio.ALIGN == 0
@@ -21,7 +21,7 @@ def test_pool_hands_out_aligned_buffers_of_its_size_only() -> None:
 
 
 def test_buffer_with_a_live_view_is_not_reused() -> None:
-    pool = BufferPool(4096)
+    pool = BufferRing(4096)
     buf = pool.take(4096)
     buf[:5] = b"hello"
     view = memoryview(buf)[1:3]
@@ -36,7 +36,7 @@ def test_buffer_with_a_live_view_is_not_reused() -> None:
 
 
 def test_buffer_held_elsewhere_is_not_reused() -> None:
-    pool = BufferPool(4096)
+    pool = BufferRing(4096)
     buf = pool.take(4096)
     holders = {"cache": buf}
     assert not pool.give(buf, refs=1)
@@ -44,8 +44,8 @@ def test_buffer_held_elsewhere_is_not_reused() -> None:
     assert pool.give(buf, refs=1)
 
 
-def test_pool_keeps_a_bounded_number_of_free_buffers() -> None:
-    pool = BufferPool(4096, keep=2)
+def test_ring_keeps_a_bounded_number_of_free_buffers() -> None:
+    pool = BufferRing(4096, limit=2)
     bufs = [pool.take(4096) for _ in range(3)]
     # a temporary holds no reference of the caller: refs=0
     assert [pool.give(bufs.pop(), refs=0) for _ in range(3)] == [True, True, False]
