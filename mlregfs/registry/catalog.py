@@ -151,9 +151,7 @@ def _validated(raw: Any) -> tuple[dict[str, Any], list[str]]:
             data["project"] = project
     if "models" in raw:
         models = []
-        for m in _entries(
-            raw["models"], {**_MODEL, "versions": lambda v: True}, dropped, "models"
-        ):
+        for m in _entries(raw["models"], {**_MODEL, "versions": lambda v: True}, dropped, "models"):
             m["versions"] = _entries(m.get("versions") or [], _VERSION, dropped, "versions")
             models.append(m)
         data["models"] = models

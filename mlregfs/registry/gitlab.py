@@ -1,4 +1,6 @@
-"""GitLabRegistry: the one module that speaks HTTP to GitLab (httpx.AsyncClient under trio).
+"""GitLabRegistry: the one module that speaks HTTP to GitLab. API/JSON requests go through
+httpx.AsyncClient under trio; file bytes (ranged reads, uploads) through transfer.py, the one
+byte transport, which tests run over real sockets as production does.
 
 Routes and quirks follow /work/shared/reference/gitlab-api.md; the section numbers cited in
 comments (§5, §7, ...) refer to it.
@@ -21,11 +23,7 @@ import logging
 import math
 import random
 import re
-import socket
-import ssl
-import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -33,12 +31,10 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit
 
-import httpcore
 import httpx
 import trio
 
-from mlregfs import directio
-from mlregfs.buffers import POOL, Buffer
+from mlregfs.buffers import Buffer
 from mlregfs.errors import (
     BadRequest,
     Conflict,
@@ -63,6 +59,16 @@ from mlregfs.registry.retry import (
     retry_delay,
 )
 from mlregfs.registry.source import SourceSplit, candidates
+from mlregfs.registry.transfer import (
+    REDIRECTS,
+    USER_AGENT,
+    Answer,
+    Answered,
+    Redirect,
+    Transfer,
+    deadline_error,
+)
+from mlregfs.registry.transfer import Failure as _Failure
 from mlregfs.registry.types import (
     Candidate,
     FileOwner,
@@ -100,14 +106,8 @@ MAX_REDIRECTS = 3
 # the whole backoff sequence (24 reads x 3 s = EIO after more than a minute).
 OUTAGE_WINDOW = 5.0
 ERROR_DETAIL_CHARS = 200
-USER_AGENT = "mlregfs/0.1"
-UPLOAD_CHUNK = 1 << 20
 
-# httpcore reads 64 KiB per recv and h11 copies each chunk several times: that costs
-# 1.5-2.4 s of CPU per GiB. 1 MiB reads halve it (fuse-ceiling.md §5).
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
-
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_REDIRECTS = REDIRECTS
 _CANDIDATE_VERSION = re.compile(r"\Acandidate_([0-9]+)\Z")
 _CANDIDATE_URI = re.compile(r"candidate:([0-9]+)")
 _MODEL_ID_IN_SOURCE = re.compile(r"/-/ml/models/([0-9]+)(?:/|$)")
@@ -121,65 +121,6 @@ is_semver = validate.check(validate.semver)
 def _drop(what: str, exc: validate.Invalid) -> None:
     """Log an entry left out of a listing because the registry sent an invalid value."""
     log.warning("registry listing: %s dropped: %s", what, exc)
-
-
-class _Failure(Exception):
-    """One failed attempt: the error to raise if we give up, and how retryable it is.
-
-    `outage=False` marks a failure that says nothing about the registry being down (a body
-    cut short, a request over its deadline): it does not switch on the fail-fast outage mode.
-    """
-
-    def __init__(
-        self,
-        error: RegistryError,
-        *,
-        retryable: bool = True,
-        retry_after: float | None = None,
-        outage: bool = True,
-    ) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.outage = outage
-
-
-class _Ticket:
-    """One blocking request in a worker thread: the connection it uses, so that the trio side
-    can cut it off when the request's deadline passes or its caller is cancelled."""
-
-    def __init__(self) -> None:
-        self.conn: http.client.HTTPConnection | None = None
-        self.abandoned = False
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        _shutdown(self.conn)
-
-
-def _connect(conn: http.client.HTTPConnection, ticket: _Ticket, where: str) -> None:
-    """Connect now (not inside request()), so that a request abandoned while connecting
-    never goes on to wait for an answer nobody will read."""
-    if conn.sock is None:
-        conn.connect()
-    if ticket.abandoned:
-        raise _Failure(RegistryTimeout(f"{where}: abandoned"), outage=False)
-
-
-def _shutdown(conn: http.client.HTTPConnection | None) -> None:
-    """Make a thread blocked on `conn` return at once (shutdown is safe across threads)."""
-    sock = conn.sock if conn is not None else None
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-@dataclass(frozen=True)
-class _Redirect:
-    location: str
 
 
 @dataclass(frozen=True)
@@ -233,16 +174,9 @@ class GitLabRegistry:
             headers={"User-Agent": USER_AGENT},
         )
         self.stats = RegistryStats()
-        # ranged reads and uploads run in worker threads over http.client, unless a test
-        # injects a transport or a proxy is configured (httpx honours HTTP(S)_PROXY, the lean
-        # path does not)
-        self._blocking_reads = transport is None and not urllib.request.getproxies()
-        self._local = threading.local()
-        # every pooled http.client connection of every worker thread, so that aclose() can cut
-        # them all (threads abandoned in a socket read then end at once)
-        self._conns: set[http.client.HTTPConnection] = set()
-        self._conns_lock = threading.Lock()
-        self._closed = False
+        # ranged reads and uploads: one byte transport, in tests as in production (a test
+        # `transport` only carries the JSON requests)
+        self._transfer = Transfer(timeout, self._socket_failure)
 
         self._resolve_lock = trio.Lock()
         self._project: ProjectInfo | None = None
@@ -274,12 +208,7 @@ class GitLabRegistry:
 
     async def aclose(self) -> None:
         """Release connections, including those of worker threads still blocked on them."""
-        self._closed = True
-        with self._conns_lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            _shutdown(conn)
-            conn.close()
+        await self._transfer.aclose()
         await self._client.aclose()
 
     # ------------------------------------------------------------------------------ project
@@ -684,15 +613,27 @@ class GitLabRegistry:
 
     # ------------------------------------------------------------------------------ reads
 
-    async def read_range(self, owner: FileOwner, file: RemoteFile, start: int, end: int) -> Buffer:
-        """Bytes [start, end) of `file`; exactly end-start bytes or an error."""
+    async def read_range(
+        self,
+        owner: FileOwner,
+        file: RemoteFile,
+        start: int,
+        end: int,
+        *,
+        into: memoryview | None = None,
+    ) -> Buffer:
+        """Bytes [start, end) of `file`; exactly end-start bytes or an error. With `into`
+        (end-start bytes long) they land there and `into` is returned."""
         if not 0 <= start <= end:
             raise ValueError(f"invalid range [{start}, {end})")
         if end > file.size:
             raise ValueError(f"range end {end} is past the end of {file.path} ({file.size} B)")
+        if into is not None and len(into) != end - start:
+            raise ValueError(f"into is {len(into)} bytes, the range {end - start}")
         if start == end:
-            return b""
-        await self.project()
+            return into if into is not None else b""
+        if self._project is None:  # the lock is a trip through trio's scheduler per read
+            await self.project()
         url, route = self._download_url(owner, file)
         key = (file.package_id, file.file_id, file.path)
 
@@ -700,14 +641,14 @@ class GitLabRegistry:
             cached = self._signed_url(key)
             if cached is not None:
                 try:
-                    return await self._follow(cached, "storage", start, end, file)
+                    return await self._follow(cached, "storage", start, end, file, into)
                 except _Failure as failure:
                     self._signed.pop(key, None)
                     if failure.error.status not in (400, 403):
                         raise
                     # Expired or revoked signature: ask GitLab for a fresh one right away.
                     log.debug("signed URL for %s refused; re-signing", file.path)
-            return await self._follow(url, route, start, end, file, cache_key=key)
+            return await self._follow(url, route, start, end, file, into, cache_key=key)
 
         return await self._retrying(attempt, f"GET {_where(url)}")
 
@@ -744,13 +685,14 @@ class GitLabRegistry:
         start: int,
         end: int,
         file: RemoteFile,
+        into: memoryview | None,
         cache_key: tuple[int, int, str] | None = None,
     ) -> Buffer:
         """One Range GET, following redirects to storage without GitLab credentials."""
         kind = "read_storage" if route == "storage" else "read"
-        result = await self._range_get(url, route, kind, start, end, file)
+        result = await self._range_get(url, route, kind, start, end, file, into)
         for hop in range(MAX_REDIRECTS + 1):
-            if not isinstance(result, _Redirect):
+            if not isinstance(result, Redirect):
                 return result
             if hop == MAX_REDIRECTS:
                 break
@@ -762,303 +704,35 @@ class GitLabRegistry:
             if hop == 0 and cache_key is not None and route != "storage":
                 self._remember_signed(cache_key, url)
             # Signed object-storage URLs refuse a second auth mechanism (§4): send none.
-            result = await self._range_get(url, "storage", "read_storage", start, end, file)
+            result = await self._range_get(url, "storage", "read_storage", start, end, file, into)
         raise _Failure(
             ProtocolError(f"GET {_where(url)}: more than {MAX_REDIRECTS} redirects"),
             retryable=False,
         )
 
     async def _range_get(
-        self, url: str, route: Route, kind: str, start: int, end: int, file: RemoteFile
-    ) -> Buffer | _Redirect:
+        self,
+        url: str,
+        route: Route,
+        kind: str,
+        start: int,
+        end: int,
+        file: RemoteFile,
+        into: memoryview | None,
+    ) -> Buffer | Redirect:
         where = f"GET {_where(url)}"
         headers = self._auth_headers(route)
         headers["Range"] = f"bytes={start}-{end - 1}"
         headers["Accept-Encoding"] = "identity"  # byte offsets must mean file offsets
         self.stats.count(kind)
-        if self._blocking_reads:
-            result, received = await self._in_thread(
-                where,
-                self._timeout,
-                self._blocking_range_get,
-                url,
-                headers,
-                where,
-                start,
-                end,
-                file,
-            )
-            self.stats.bytes_downloaded += received
-            return result
-        with trio.move_on_after(self._timeout):
-            return await self._stream_range_get(url, headers, where, start, end, file)
-        raise _Failure(self._deadline_error(where, self._timeout), outage=False)
-
-    async def _stream_range_get(
-        self, url: str, headers: dict[str, str], where: str, start: int, end: int, file: RemoteFile
-    ) -> Buffer | _Redirect:
-        """The httpx byte path (tests, proxies). Leaving the stream early closes the
-        connection, so a broken answer never poisons the next request."""
-        try:
-            async with self._client.stream("GET", url, headers=headers) as resp:
-                status = resp.status_code
-                log.debug("%s [%d-%d) -> %d", where, start, end, status)
-                if status in _REDIRECTS:
-                    location = resp.headers.get("Location")
-                    if not location:
-                        raise _Failure(
-                            ProtocolError(f"{where} -> {status} without Location"),
-                            retryable=False,
-                        )
-                    return _Redirect(location)
-                if status not in (200, 206):
-                    body = await _read_limited(resp, 4096)
-                    raise self._status_failure("GET", url, resp, body)
-                encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-                if encoding not in ("", "identity"):
-                    raise _Failure(ProtocolError(f"{where}: unexpected {encoding} encoding"))
-                if status == 206:
-                    self._check_content_range(where, resp, start, end, file)
-                    return await self._read_body(where, resp, 0, end - start, exact=True)
-                # 200: the server ignored Range; skip to `start`, stop reading at `end`.
-                length = resp.headers.get("Content-Length")
-                if length is not None and length.isdigit() and int(length) != file.size:
-                    raise _Failure(_changed(where, int(length), file), retryable=False)
-                return await self._read_body(where, resp, start, end - start, exact=False)
-        except httpx.HTTPError as exc:
-            raise self._transport_failure(where, exc) from exc
-
-    async def _in_thread(self, where: str, budget: float, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking `fn(ticket, *args)` in a worker thread for at most `budget` seconds.
-
-        Past the budget, or when the caller is cancelled (unmount), the thread is abandoned
-        and its socket shut down, so it ends promptly and never holds the daemon or a reader.
-        """
-        ticket = _Ticket()
-        finished = False
-        try:
-            with trio.move_on_after(budget):
-                result = await trio.to_thread.run_sync(
-                    functools.partial(fn, ticket, *args), abandon_on_cancel=True
-                )
-                finished = True
-                return result
-        finally:
-            if not finished:
-                ticket.abandon()
-        raise _Failure(self._deadline_error(where, budget), outage=False)
-
-    def _deadline_error(self, where: str, budget: float) -> RegistryTimeout:
-        return RegistryTimeout(f"{where}: no complete answer within {budget:g} s")
-
-    def _blocking_range_get(
-        self,
-        ticket: _Ticket,
-        url: str,
-        headers: dict[str, str],
-        where: str,
-        start: int,
-        end: int,
-        file: RemoteFile,
-    ) -> tuple[Buffer | _Redirect, int]:
-        """The byte path, run in a worker thread (the second core): http.client reads straight
-        into one preallocated buffer with the GIL released, where httpx under trio costs the
-        FUSE thread 1.5-2.4 s of CPU per GiB (fuse-ceiling.md §5, §6).
-
-        Any failure after the request was sent closes the connection: a half-read or
-        unexpected answer must not be the start of the next response on it (issue 9.7)."""
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = self._connection(parts.scheme, parts.netloc)
-        ticket.conn = conn
-        try:
-            _connect(conn, ticket, where)
-            result = self._range_exchange(conn, target, headers, url, where, start, end, file)
-        except _Failure:
-            conn.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
-            conn.close()
-            raise self._socket_failure(where, exc) from exc
-        except BaseException:
-            conn.close()
-            raise
-        if ticket.abandoned:
-            conn.close()  # its socket may have been shut down under us
-        return result
-
-    def _range_exchange(
-        self,
-        conn: http.client.HTTPConnection,
-        target: str,
-        headers: dict[str, str],
-        url: str,
-        where: str,
-        start: int,
-        end: int,
-        file: RemoteFile,
-    ) -> tuple[Buffer | _Redirect, int]:
-        conn.request("GET", target, headers={**headers, "User-Agent": USER_AGENT})
-        resp = conn.getresponse()
-        status = resp.status
-        log.debug("%s [%d-%d) -> %d", where, start, end, status)
-        if status in _REDIRECTS:
-            location = resp.getheader("Location")
-            resp.read(64 << 10)
-            if not resp.isclosed():
-                conn.close()  # a redirect with a big body: not worth reading
-            if not location:
-                raise _Failure(
-                    ProtocolError(f"{where} -> {status} without Location"), retryable=False
-                )
-            return _Redirect(location), 0
-        if status not in (200, 206):
-            body = resp.read(4096)
-            fake = httpx.Response(status, headers=resp.getheaders(), content=body)
-            conn.close()
-            raise self._status_failure("GET", url, fake, body)
-        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise _Failure(ProtocolError(f"{where}: unexpected {encoding} encoding"))
-        skip = 0
-        if status == 206:
-            fake = httpx.Response(
-                206, headers={"Content-Range": resp.getheader("Content-Range") or ""}
-            )
-            self._check_content_range(where, fake, start, end, file)
-        else:  # 200: the server ignored Range; skip to `start`, stop at `end`
-            length = resp.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) != file.size:
-                raise _Failure(_changed(where, int(length), file), retryable=False)
-            skip = start
-        want = end - start
-        buf = POOL.take(want)  # recycled block buffer: fresh memory is slow on our VMs
-        view = memoryview(buf)
-        received = 0
-        while skip:
-            chunk = resp.read(min(skip, 1 << 20))
-            if not chunk:
-                break
-            skip -= len(chunk)
-            received += len(chunk)
-        pos = 0
-        while pos < want:
-            n = resp.readinto(view[pos:])
-            if not n:
-                break
-            pos += n
-        received += pos
-        if pos < want:
-            raise _truncated(where, pos, want)
-        if status == 200 or resp.length:
-            conn.close()  # unread rest of a full answer: don't reuse this connection
-        # the buffer itself, no copy: nothing writes to it once it is returned
-        return buf, received
-
-    def _blocking_upload(
-        self, ticket: _Ticket, url: str, where: str, source: Path, size: int
-    ) -> None:
-        """The upload byte path, on a worker thread: http.client streams the spool file in
-        1 MiB sends with the GIL released. The connection is kept only after a clean 201."""
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        headers = {
-            **self._auth_headers("ml_models"),  # per attempt: the token may rotate
-            "Content-Length": str(size),
-            "Content-Type": "application/octet-stream",
-            "User-Agent": USER_AGENT,
-        }
-        conn = self._connection(parts.scheme, parts.netloc)
-        ticket.conn = conn
-        try:
-            _connect(conn, ticket, where)
-            with directio.SequentialReader(source, UPLOAD_CHUNK) as f:
-                payload = _Limited(f, size)  # gives memoryviews: http.client sends any buffer
-                conn.request("PUT", target, body=payload, headers=headers)  # type: ignore[arg-type]
-            resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
-            conn.close()
-            raise self._socket_failure(where, exc) from exc
-        except BaseException:
-            conn.close()
-            raise
-        if ticket.abandoned:
-            conn.close()
-        if resp.status != 201:
-            conn.close()
-            fake = httpx.Response(resp.status, headers=resp.getheaders(), content=body)
-            raise self._status_failure("PUT", url, fake, body)
-
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        """A keep-alive connection per worker thread and origin (also listed registry-wide)."""
-        if scheme not in ("http", "https") or not netloc:
-            raise _Failure(ProtocolError(f"refusing to fetch a {scheme!r} URL"), retryable=False)
-        pool: dict[tuple[str, str], http.client.HTTPConnection] = (
-            getattr(self._local, "pool", None) or {}
+        result, received = await self._transfer.get_range(
+            url, headers, where, start, end, file.size, into
         )
-        self._local.pool = pool
-        conn = pool.get((scheme, netloc))
-        if conn is None or conn not in self._conns:  # new, or cut by aclose()
-            if self._closed:
-                raise _Failure(RegistryUnavailable("registry client closed"), retryable=False)
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    netloc,
-                    timeout=self._timeout,
-                    context=ssl.create_default_context(),
-                    blocksize=UPLOAD_CHUNK,
-                )
-            else:
-                conn = http.client.HTTPConnection(
-                    netloc, timeout=self._timeout, blocksize=UPLOAD_CHUNK
-                )
-            pool[(scheme, netloc)] = conn
-            with self._conns_lock:
-                self._conns.add(conn)
-        return conn
-
-    def _check_content_range(
-        self, where: str, resp: httpx.Response, start: int, end: int, file: RemoteFile
-    ) -> None:
-        header = resp.headers.get("Content-Range", "")
-        m = _CONTENT_RANGE.match(header.strip())
-        if m is None or int(m.group(1)) != start or int(m.group(2)) != end - 1:
-            raise _Failure(
-                ProtocolError(f"{where}: Content-Range {header!r} is not bytes {start}-{end - 1}")
-            )
-        if m.group(3) != "*" and int(m.group(3)) != file.size:
-            raise _Failure(_changed(where, int(m.group(3)), file), retryable=False)
-
-    async def _read_body(
-        self, where: str, resp: httpx.Response, skip: int, length: int, *, exact: bool
-    ) -> bytes:
-        """Copy `length` bytes after `skip` into one preallocated buffer (no re-joining)."""
-        buf = bytearray(length)
-        view = memoryview(buf)
-        pos = 0
-        # aiter_bytes (not aiter_raw) also works for an already-read body; with identity
-        # encoding it adds no copy.
-        async for chunk in resp.aiter_bytes():
-            self.stats.bytes_downloaded += len(chunk)
-            if pos == length:
-                break  # more than the range asked for: ignore it and drop the connection
-            data = memoryview(chunk)
-            if skip:
-                if len(data) <= skip:
-                    skip -= len(data)
-                    continue
-                data = data[skip:]
-                skip = 0
-            take = min(len(data), length - pos)
-            view[pos : pos + take] = data[:take]
-            pos += take
-            if pos == length and not exact:
-                break  # the rest of a full-file 200 answer is not wanted
-        if pos < length:
-            raise _truncated(where, pos, length)
-        # With `exact`, reading to the end of a 206 lets httpx reuse the connection.
-        return bytes(buf)
+        self.stats.bytes_downloaded += received
+        log.debug("%s [%d-%d) -> %s", where, start, end, type(result).__name__)
+        if isinstance(result, Answer):
+            raise self._status_failure("GET", url, result.status, result.headers, result.body)
+        return result
 
     # ------------------------------------------------------------------------------ writes
 
@@ -1089,43 +763,20 @@ class GitLabRegistry:
         url = self._file_url(owner, path)
         where = f"PUT {_where(url)}"
 
-        async def chunks() -> AsyncIterator[bytes]:
-            f = await trio.open_file(source, "rb")
-            async with f:
-                sent = 0
-                while chunk := await f.read(UPLOAD_CHUNK):
-                    sent += len(chunk)
-                    yield chunk
-            if sent != size:  # the spool changed under us: never send a wrong body
-                raise ProtocolError(f"{where}: spool has {sent} bytes, expected {size}")
-
         # a total deadline that grows with the size: a slow link is fine, a stall is not
         transfer = size / MIN_UPLOAD_RATE
         budget = self._timeout + transfer
 
         async def attempt() -> None:
             self.stats.count("upload")
-            if self._blocking_reads:
-                await self._in_thread(
-                    where, budget, self._blocking_upload, url, where, source, size
-                )
-                self.stats.bytes_uploaded += size
-                return
             headers = {
                 **self._auth_headers("ml_models"),  # per attempt: the token may rotate
-                "Content-Length": str(size),
                 "Content-Type": "application/octet-stream",
             }
-            with trio.move_on_after(budget):
-                try:
-                    resp = await self._client.request("PUT", url, content=chunks(), headers=headers)
-                except httpx.HTTPError as exc:
-                    raise self._transport_failure(where, exc) from exc
-                if resp.status_code != 201:
-                    raise self._status_failure("PUT", url, resp, resp.content)
-                self.stats.bytes_uploaded += size
-                return
-            raise _Failure(self._deadline_error(where, budget), outage=False)
+            answer = await self._transfer.put_file(url, headers, where, source, size, budget)
+            if answer.status != 201:
+                raise self._status_failure("PUT", url, answer.status, answer.headers, answer.body)
+            self.stats.bytes_uploaded += size
 
         await self._retrying(attempt, where, extra=transfer)
 
@@ -1281,7 +932,7 @@ class GitLabRegistry:
                 if status in passthrough and status >= 300:
                     return None, resp
                 raise _Failure(ProtocolError(f"{where} -> {status}: body is not JSON")) from None
-        raise self._status_failure(method, url, resp, resp.content)
+        raise self._status_failure(method, url, status, resp.headers, resp.content)
 
     async def _bounded_request(
         self,
@@ -1300,7 +951,7 @@ class GitLabRegistry:
                 )
             except httpx.HTTPError as exc:
                 raise self._transport_failure(where, exc) from exc
-        raise _Failure(self._deadline_error(where, self._timeout), outage=False)
+        raise _Failure(deadline_error(where, self._timeout), outage=False)
 
     async def _retrying(
         self, attempt: Callable[[], Awaitable[T]], where: str, *, extra: float = 0.0
@@ -1367,13 +1018,15 @@ class GitLabRegistry:
                 log.debug("%s; retry %d in %.2f s", failure.error, number, delay)
                 await self._sleep(delay)
 
-    def _status_failure(self, method: str, url: str, resp: httpx.Response, body: bytes) -> _Failure:
-        status = resp.status_code
+    def _status_failure(
+        self, method: str, url: str, status: int, headers: Mapping[str, str], body: bytes
+    ) -> _Failure:
         detail = self._scrub(_error_detail(body))
         message = f"{method} {_where(url)} -> {status}" + (f": {detail}" if detail else "")
         retry_after = None
         if status == 429 or status >= 500:
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+            # lower-case: byte answers come with lower-case names, httpx.Headers ignores case
+            retry_after = parse_retry_after(headers.get("retry-after"), time.time())
         cls: type[RegistryError]
         if status == 400:
             if "RESOURCE_ALREADY_EXISTS" in detail:
@@ -1402,13 +1055,15 @@ class GitLabRegistry:
         return _Failure(cls(message, status=status), retryable=retryable, retry_after=retry_after)
 
     def _socket_failure(self, where: str, exc: Exception) -> _Failure:
-        """A socket or http.client error of the lean byte path, as the error we would raise.
+        """A socket, http.client or HTTP framing error of the byte path, as the error we would
+        raise.
 
         Every one is retried like a dropped connection; a body cut short or a keep-alive
         connection the server closed says the registry is up (no fail-fast outage mode)."""
         if isinstance(exc, TimeoutError):
             return _Failure(RegistryTimeout(f"{where}: no answer within {self._timeout:g} s"))
-        answered = isinstance(exc, http.client.HTTPException)  # short body, closed keep-alive
+        # short body, closed keep-alive, garbage instead of an answer
+        answered = isinstance(exc, http.client.HTTPException | Answered)
         message = self._scrub(f"{where}: {_describe(exc)}")
         return _Failure(RegistryUnavailable(message), outage=not answered)
 
@@ -1717,41 +1372,12 @@ def _error_detail(body: bytes) -> str:
     return text if len(text) <= ERROR_DETAIL_CHARS else text[: ERROR_DETAIL_CHARS - 3] + "..."
 
 
-def _truncated(where: str, got: int, want: int) -> _Failure:
-    """A body that ended early: like a dropped connection (full retry budget), not an outage."""
-    return _Failure(
-        RegistryUnavailable(f"{where}: body cut short, got {got} of {want} bytes"), outage=False
-    )
-
-
-def _changed(where: str, size: int, file: RemoteFile) -> ProtocolError:
-    return ProtocolError(
-        f"{where}: file is {size} bytes but was listed as {file.size}; it changed on the "
-        "registry, list it again"
-    )
-
-
 def _dicts(data: Any, what: str) -> list[dict[str, Any]]:
     if data is None:
         return []
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise ProtocolError(f"{what}: expected a JSON list of objects")
     return data
-
-
-class _Limited:
-    """A file object that ends after `size` bytes: the body always matches Content-Length."""
-
-    def __init__(self, f: Any, size: int) -> None:
-        self.f, self.left = f, size
-
-    def read(self, n: int = -1) -> bytes | memoryview:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.f.read(n) if n else b""
-        self.left -= len(data)
-        if n and not data:
-            raise OSError(f"spool ended {self.left} bytes early")
-        return data
 
 
 def _dict(data: Any, key: str) -> dict[str, Any]:
@@ -1790,15 +1416,6 @@ def _origin(url: str) -> tuple[str, str]:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
-    out = bytearray()
-    async for chunk in resp.aiter_bytes():
-        out += chunk[: limit - len(out)]
-        if len(out) >= limit:
-            break
-    return bytes(out)
 
 
 async def _gather(tasks: list[Callable[[], Awaitable[None]]]) -> None:

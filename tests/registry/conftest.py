@@ -1,20 +1,38 @@
-"""Fixtures for the GitLabRegistry tests: a fake GitLab, instant sleeps, a registry factory."""
+"""Fixtures for the GitLabRegistry tests: a fake GitLab on two local origins (GitLab and
+object storage, real sockets), instant sleeps, a registry factory, a byte-path switch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from registry_fake import SOURCE, TOKEN, FakeGitLab, Sleeps
+from registry_fake import TOKEN, FakeGitLab, Sleeps
+from wire import WireServer
 
+from mlregfs.registry import transfer
 from mlregfs.registry.gitlab import GitLabRegistry
 from mlregfs.registry.retry import RetryPolicy
 
 
 @pytest.fixture
-def gitlab() -> FakeGitLab:
-    return FakeGitLab()
+def gitlab() -> Iterator[FakeGitLab]:
+    fake = FakeGitLab()
+    lock = threading.Lock()
+    with WireServer(fake.handle, lock) as api, WireServer(fake.handle, lock) as storage:
+        fake.origin, fake.storage_origin = api.url, storage.url
+        fake.wires = [api, storage]
+        yield fake
+
+
+@pytest.fixture(params=["trio", "thread"])
+def byte_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both ways transfer.py carries a range: the trio-native small-fetch path
+    and the worker-thread http.client path (every range counts as large)."""
+    if request.param == "thread":
+        monkeypatch.setattr(transfer, "SMALL_FETCH", 0)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -29,17 +47,16 @@ async def make_registry(
     made: list[GitLabRegistry] = []
 
     def make(
-        source: str = SOURCE,
+        source: str | None = None,
         token: str | None = TOKEN,
         *,
         retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> GitLabRegistry:
         reg = GitLabRegistry(
-            source,
+            source or gitlab.source,
             token,
             retry=retry,
-            transport=gitlab.transport(),
             sleep=sleeps.sleep,
             clock=sleeps.clock,
             **kwargs,

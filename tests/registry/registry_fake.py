@@ -1,4 +1,5 @@
-"""A small in-process GitLab for GitLabRegistry tests, served through httpx.MockTransport.
+"""A small in-process GitLab for GitLabRegistry tests, served over real sockets (wire.py; the
+`gitlab` fixture) or through httpx.MockTransport (JSON-only tests).
 
 It implements just enough of the routes in /work/shared/reference/gitlab-api.md (§1, §5, §6) to
 exercise the client: auth headers per route, offset and keyset pagination, fuzzy package_name,
@@ -12,10 +13,10 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
@@ -31,16 +32,20 @@ def encode_name(path: str) -> str:
     return quote(path, safe="-_.!~*'()")
 
 
-class ChunkedStream(httpx.AsyncByteStream):
+class ChunkedStream(httpx.AsyncByteStream, httpx.SyncByteStream):
     """A response body delivered in fixed-size chunks, like a socket would."""
 
     def __init__(self, data: bytes, chunk: int) -> None:
         self._data = data
         self._chunk = chunk
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __iter__(self) -> Iterator[bytes]:
         for i in range(0, len(self._data), self._chunk):
             yield self._data[i : i + self._chunk]
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self:
+            yield chunk
 
 
 @dataclass
@@ -87,6 +92,18 @@ class FakeGitLab:
     download_chunk: int = 1 << 20
     _next_id: int = 100
     sign_count: int = 0
+    origin: str = "https://gitlab.example"  # where the GitLab API answers
+    storage_origin: str = "https://storage.example"  # where signed URLs point
+    wires: list[Any] = field(default_factory=list)  # the WireServers, when on sockets
+
+    @property
+    def source(self) -> str:
+        return f"{self.origin}/group/proj"
+
+    def is_storage(self, request: httpx.Request) -> bool:
+        """Did this request reach the storage origin (not GitLab)?"""
+        want = urlsplit(self.storage_origin)
+        return (request.url.host, request.url.port) == (want.hostname, want.port)
 
     # ---------------------------------------------------------------- building state
 
@@ -138,7 +155,7 @@ class FakeGitLab:
             if re.search(pattern, path):
                 del self.failures[i]
                 return responder(request)
-        if request.url.host == "storage.example":
+        if self.is_storage(request):
             return self.storage(request)
         m = re.fullmatch(r"/api/v4/projects/([^/]+)(/.*)?", path)
         if not m:
@@ -267,7 +284,7 @@ class FakeGitLab:
             self.sign_count += 1
             now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             url = (
-                f"https://storage.example/bucket/{f.id}?X-Amz-Date={now}"
+                f"{self.storage_origin}/bucket/{f.id}?X-Amz-Date={now}"
                 f"&X-Amz-Expires={self.signed_expires}&X-Amz-Signature=sig{self.sign_count}"
             )
             return httpx.Response(302, headers={"Location": url})
@@ -292,6 +309,8 @@ class FakeGitLab:
             headers = {"Content-Range": f"bytes {a}-{b}/{len(data)}"}
         else:
             body, status, headers = data, 200, {}
+        # declared: on the wire, a short body then ends with the connection
+        headers["Content-Length"] = str(len(body))
         if self.short_body:
             body = body[: -self.short_body]
         return httpx.Response(

@@ -1,4 +1,4 @@
-"""GitLabRegistry metadata calls on MockTransport: project, models, candidates, files."""
+"""GitLabRegistry metadata calls: project, models, candidates, files; uploads over a socket."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from registry_fake import JOB_TOKEN, PROJECT_ID, TOKEN, FakeFile, FakeGitLab
+from wire import WireServer
 
 from mlregfs.errors import Forbidden, NotFound, TooLarge, Unauthorized
 from mlregfs.registry.base import Registry
@@ -74,8 +75,10 @@ async def test_relative_root_found_by_trying_splits(
     await reg.aclose()
 
 
-async def test_unknown_project_is_notfound_with_a_clear_message(make_registry: Make) -> None:
-    reg = make_registry("https://gitlab.example/group/other")
+async def test_unknown_project_is_notfound_with_a_clear_message(
+    gitlab: FakeGitLab, make_registry: Make
+) -> None:
+    reg = make_registry(f"{gitlab.origin}/group/other")
     with pytest.raises(NotFound, match=r"group/other not found .* not visible with this token"):
         await reg.project()
 
@@ -466,11 +469,13 @@ async def test_upload_is_one_raw_body_put_with_bearer(tmp_path: Path) -> None:
 
     src = tmp_path / "payload"
     src.write_bytes(b"x" * 3_000_000)
-    reg = GitLabRegistry("https://h/g/p", TOKEN, transport=httpx.MockTransport(handler))
-    mv = ModelVersion("m", "1.0.0", id=1001, created_at=0)
-    await reg.authorize_upload(mv, "dir/a b+.bin")
-    await reg.upload(mv, "dir/a b+.bin", src, 3_000_000)
-    await reg.aclose()
+    with WireServer(handler) as server:
+        reg = GitLabRegistry(f"{server.url}/g/p", TOKEN)
+        mv = ModelVersion("m", "1.0.0", id=1001, created_at=0)
+        await reg.authorize_upload(mv, "dir/a b+.bin")
+        await reg.upload(mv, "dir/a b+.bin", src, 3_000_000)
+        await reg.aclose()
+    assert reg._transfer.sent["upload"] == 1  # the production byte path, over a socket
     auth, put = seen[-2], seen[-1]
     assert auth.method == put.method == "PUT"
     assert auth.url.raw_path.decode() == (
@@ -490,9 +495,10 @@ async def test_upload_failure_maps_to_errors(tmp_path: Path) -> None:
 
     src = tmp_path / "payload"
     src.write_bytes(b"x")
-    reg = GitLabRegistry("https://h/g/p", TOKEN, transport=httpx.MockTransport(handler))
-    with pytest.raises(TooLarge):
-        await reg.upload(ModelVersion("m", "1.0.0", id=1, created_at=0), "a", src, 1)
-    with pytest.raises(Forbidden, match="job tokens"):  # no version id: clear refusal
-        await reg.upload(ModelVersion("m", "1.0.0", id=None, created_at=0), "a", src, 1)
-    await reg.aclose()
+    with WireServer(handler) as server:
+        reg = GitLabRegistry(f"{server.url}/g/p", TOKEN)
+        with pytest.raises(TooLarge):
+            await reg.upload(ModelVersion("m", "1.0.0", id=1, created_at=0), "a", src, 1)
+        with pytest.raises(Forbidden, match="job tokens"):  # no version id: clear refusal
+            await reg.upload(ModelVersion("m", "1.0.0", id=None, created_at=0), "a", src, 1)
+        await reg.aclose()

@@ -1,7 +1,8 @@
 """GitLabRegistry against a hostile or broken registry (issue 9 items 3-7).
 
 MockTransport tests for validation and page bounds; a real `mlregfs serve` behind
-tests/hostile.py for deadlines, abandoned threads and poisoned keep-alive connections.
+tests/hostile.py for deadlines, abandoned threads and poisoned keep-alive connections, each
+run on both ways transfer.py carries a range (`byte_path`: trio-native, worker thread).
 """
 
 from __future__ import annotations
@@ -340,22 +341,17 @@ async def _file(reg: GitLabRegistry) -> tuple[ModelVersion, RemoteFile]:
     return owner, f
 
 
-def _registry(
-    proxy: HostileProxy, served: dict[str, Any], *, lean: bool, **kw: Any
-) -> GitLabRegistry:
-    transport = None if lean else httpx.AsyncHTTPTransport()
-    return GitLabRegistry(f"{proxy.url}/t/p", served["token"], transport=transport, **kw)
+def _registry(proxy: HostileProxy, served: dict[str, Any], **kw: Any) -> GitLabRegistry:
+    return GitLabRegistry(f"{proxy.url}/t/p", served["token"], **kw)
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["http.client", "httpx"])
+@pytest.mark.usefixtures("byte_path")
 async def test_dripping_body_is_cut_at_the_total_deadline(
-    proxy: HostileProxy, served: dict[str, Any], lean: bool
+    proxy: HostileProxy, served: dict[str, Any]
 ) -> None:
     """Item 5: `timeout` bounds a whole request; the operation ends by `retry_deadline`."""
     # a byte a second never trips a 2 s per-read socket timeout: only a total deadline helps
-    async with _registry(
-        proxy, served, lean=lean, timeout=2.0, retry=RetryPolicy(deadline=4.5)
-    ) as reg:
+    async with _registry(proxy, served, timeout=2.0, retry=RetryPolicy(deadline=4.5)) as reg:
         owner, f = await _file(reg)
         proxy.drip = lambda path: path.endswith("/w.bin")
         t0 = time.monotonic()
@@ -368,9 +364,7 @@ async def test_dripping_body_is_cut_at_the_total_deadline(
 async def test_dripping_listing_is_cut_at_the_total_deadline(
     proxy: HostileProxy, served: dict[str, Any]
 ) -> None:
-    async with _registry(
-        proxy, served, lean=True, timeout=2.0, retry=RetryPolicy(deadline=4.5)
-    ) as reg:
+    async with _registry(proxy, served, timeout=2.0, retry=RetryPolicy(deadline=4.5)) as reg:
         await reg.project()
         proxy.drip = lambda path: path.endswith("registered-models/search")
         t0 = time.monotonic()
@@ -379,12 +373,13 @@ async def test_dripping_listing_is_cut_at_the_total_deadline(
         assert time.monotonic() - t0 < 9
 
 
+@pytest.mark.usefixtures("byte_path")
 async def test_cancelled_read_abandons_its_thread_and_aclose_cuts_it(
     proxy: HostileProxy, served: dict[str, Any]
 ) -> None:
     """A caller that goes away (unmount) is not held by a worker thread in a socket read,
     and the abandoned thread's connection is cut so it ends too."""
-    reg = _registry(proxy, served, lean=True, timeout=60.0, retry=RetryPolicy(deadline=120))
+    reg = _registry(proxy, served, timeout=60.0, retry=RetryPolicy(deadline=120))
     owner, f = await _file(reg)
     proxy.drip = lambda path: path.endswith("/w.bin")
     with trio.move_on_after(20) as outer:
@@ -400,13 +395,14 @@ async def test_cancelled_read_abandons_its_thread_and_aclose_cuts_it(
         await _until(lambda: proxy.faults["drip_cut"] >= 1)  # the proxy saw it go away
 
 
+@pytest.mark.usefixtures("byte_path")
 @pytest.mark.parametrize("fault", ["bad_content_range", "gzip"])
 async def test_broken_answer_does_not_poison_the_next_request(
     proxy: HostileProxy, served: dict[str, Any], fault: str
 ) -> None:
     """Item 7: after a refused answer the connection is discarded; the next request on the
     same worker thread gets a clean connection (no ResponseNotReady)."""
-    async with _registry(proxy, served, lean=True, retry=RetryPolicy(max_attempts=1)) as reg:
+    async with _registry(proxy, served, retry=RetryPolicy(max_attempts=1)) as reg:
         owner, f = await _file(reg)
         setattr(proxy, fault, 1)
         with pytest.raises(ProtocolError):
@@ -416,13 +412,14 @@ async def test_broken_answer_does_not_poison_the_next_request(
         assert proxy.faults[fault] == 1
 
 
+@pytest.mark.usefixtures("byte_path")
 async def test_truncated_bodies_use_the_full_retry_budget(
     proxy: HostileProxy, served: dict[str, Any]
 ) -> None:
     """Item 7: at a 30 % truncation rate every read still succeeds (8 attempts each) and the
     registry is never taken for down (which would cut the next reads to one attempt)."""
     retry = RetryPolicy(max_attempts=8, base_delay=0.01, deadline=60)
-    async with _registry(proxy, served, lean=True, retry=retry) as reg:
+    async with _registry(proxy, served, retry=retry) as reg:
         owner, f = await _file(reg)
         proxy.truncate_rate = 0.3
         for i in range(20):
