@@ -478,7 +478,6 @@ async def test_hashing_at_close_is_abandoned_when_the_drain_timeout_passes(
 ) -> None:
     """A spool re-hashed at close (written out of order) does not hold up shutdown."""
 
-
     release, hashing = _stall_finish(monkeypatch)
     fh = await _open_written(fs, "h.bin", b"aaaa")
     await fs.write(fh, 0, b"bbbb")
