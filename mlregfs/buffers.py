@@ -11,7 +11,8 @@ O_DIRECT and no staging copy (see `directio`).
 The budget: at most `limit` block buffers are alive at once (counted exactly: a finalizer
 notes each one that is dropped). `lease` waits for one while the budget is spent, after asking
 the memory cache to let blocks go, so downloads slow down instead of the daemon growing. A
-lease that cannot be met within `OVER_BUDGET_AFTER` seconds is granted anyway and counted
+lease that cannot be met within `OVER_BUDGET_AFTER` seconds may overshoot the budget by
+`OVERSHOOT` of it, and any lease is granted after `STUCK_AFTER`; both are counted
 (`over_budget`): a bounded overshoot is better than a stalled read.
 
 A buffer is reused only if nothing else refers to it: CPython counts every reference, and every
@@ -32,8 +33,10 @@ from collections.abc import Callable
 # filled.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
-OVER_BUDGET_AFTER = 2.0  # seconds a lease waits for the budget before it is granted anyway
-_POLL = 0.002  # buffers come back when their last reference goes: poll for that
+OVER_BUDGET_AFTER = 2.0  # seconds a lease waits for the budget before it may overshoot...
+OVERSHOOT = 0.25  # ...by at most this share of the budget; past that it waits on (bounded)
+STUCK_AFTER = 30.0  # ...and is granted anyway after this long (a stall is worse than RSS)
+_POLL = 0.005  # buffers come back when their last reference goes: poll for that
 
 
 class BufferRing:
@@ -53,10 +56,12 @@ class BufferRing:
         self._lock = threading.Lock()
 
     def configure(self, size: int, limit: int) -> None:
+        dropped: list[mmap.mmap] = []
         with self._lock:
             if size != self.size:
-                self._free.clear()
+                dropped, self._free = self._free, []
             self.size, self.limit = size, max(1, limit)
+        del dropped  # outside the lock: each buffer's finalizer takes it
 
     def _dropped(self) -> None:
         with self._lock:
@@ -90,24 +95,29 @@ class BufferRing:
 
         if n != self.size or n == 0:
             return bytearray(n)
-        waited = 0.0
+        started = None
         while True:
             with self._lock:
                 if self._free:
                     self.reused += 1
                     return self._free.pop()
-                room = self.alive < self.limit
-            if room:
+                alive = self.alive
+            if alive < self.limit:
                 return self._new()
             if evict is not None and evict():
                 continue
-            if waited >= OVER_BUDGET_AFTER:
+            now = trio.current_time()
+            if started is None:
+                started = now
+                self.waits += 1
+            waited = now - started
+            if (
+                waited >= OVER_BUDGET_AFTER
+                and alive < self.limit + max(1, int(self.limit * OVERSHOOT))
+            ) or waited >= STUCK_AFTER:
                 self.over_budget += 1
                 return self._new()
-            if waited == 0.0:
-                self.waits += 1
             await trio.sleep(_POLL)
-            waited += _POLL
 
     def give(self, buf: object, refs: int) -> bool:
         """Take `buf` back if the caller's `refs` references are all there are.
@@ -129,7 +139,8 @@ class BufferRing:
     def trim(self) -> None:
         """Let the free buffers go (their memory returns to the system)."""
         with self._lock:
-            self._free.clear()
+            dropped, self._free = self._free, []
+        del dropped  # outside the lock: each buffer's finalizer takes it
 
 
 POOL = BufferRing()

@@ -37,7 +37,7 @@ from cachetools import LRUCache
 from mlregfs.buffers import POOL, Buffer
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.prefetch import wants_prefetch
-from mlregfs.errors import IntegrityError, ProtocolError, RegistryTimeout
+from mlregfs.errors import IntegrityError, ProtocolError, RegistryTimeout, RegistryUnavailable
 
 log = logging.getLogger("mlregfs.cache")
 
@@ -49,8 +49,12 @@ SMALL_WINDOW = 64 << 10  # ...and is served by fetching this aligned window only
 MAX_WINDOW = 16  # most blocks one file's stream may run ahead of its running sha256
 DENSE_BLOCKS = 3  # distinct blocks read out of order before a file is streamed whole
 STREAM_AFTER = 8 << 20  # bytes read in order (and 2 blocks) before a file is streamed whole
+STREAM_FAILURES = 3  # blocks in a row a stream may fail to fetch before it gives up
 HASH_BATCH = 16  # blocks hashed per worker-thread call
 CHECK_DEADLINE = 120.0  # seconds one read may spend fetching blocks again for the sha256 check
+
+
+_GIVEN = b""  # what `_BlockLRU.popitem` returns for a block whose buffer went back to the ring
 
 
 class _BlockLRU(LRUCache[tuple[str, int], Block]):
@@ -59,7 +63,8 @@ class _BlockLRU(LRUCache[tuple[str, int], Block]):
 
     def popitem(self) -> tuple[tuple[str, int], Block]:
         key, value = super().popitem()
-        POOL.give(value, refs=1)
+        if POOL.give(value, refs=1):
+            return key, _GIVEN  # the caller must not use a recycled buffer
         return key, value
 
 
@@ -90,6 +95,8 @@ class CachedFile:
     # blocks that arrived ahead of `hashed_upto` (parallel fetches finish out of order); held
     # here, not in the memory LRU, so the last blocks of a file need no re-read from disk
     unhashed: dict[int, Block] = field(default_factory=dict)
+    # blocks fetched again only for the check (`_fill`): hashed, never served
+    refill: dict[int, Block] = field(default_factory=dict)
     hash_lock: trio.Lock = field(default_factory=trio.Lock)
     # digests of blocks [0, hashed_upto), for the verified marker
     hashed_digests: list[str] = field(default_factory=list)
@@ -108,7 +115,8 @@ class CachedFile:
     hashing_to: int = 0  # blocks [hashed_upto, hashing_to) are being hashed right now
     hash_moved: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     # the whole-file stream (`DataCache.stream`): running, and its cancel scope
-    streaming: bool = False
+    streaming: bool = False  # asked for: running or waiting for its turn
+    stream_running: bool = False
     stream_scope: trio.CancelScope | None = None
     scattered: set[int] = field(default_factory=set)  # blocks read out of order
 
@@ -242,8 +250,10 @@ class DataCache:
 
     # -- streaming whole files ----------------------------------------------------------
     def fits(self, cf: CachedFile) -> bool:
-        """Can the disk cache hold all of `cf`, so that streaming it does not evict itself?"""
-        return cf.spec.size <= self.store.capacity - self.store.pinned_bytes()
+        """Can the disk cache hold all of `cf` next to the files streaming now, so that
+        streaming it evicts neither itself nor them?"""
+        others = sum(f.spec.size for f in self._files.values() if f.streaming and f is not cf)
+        return cf.spec.size + others <= self.store.capacity - self.store.pinned_bytes()
 
     def window(self) -> int:
         """Blocks a stream may run ahead of its file's running sha256: half the memory budget,
@@ -267,11 +277,12 @@ class DataCache:
             or not self.fits(cf)
         ):
             return False
-        cf.streaming = True
-        self._streams += 1
-        self.stats.streams += 1
-        self.stats.streams_peak = max(self.stats.streams_peak, self._streams)
-        self._nursery.start_soon(self._stream, cf, why)
+        cf.streaming = True  # asked for (it may wait for a turn: `stream_running`)
+        try:
+            self._nursery.start_soon(self._stream, cf, why)
+        except RuntimeError:  # the nursery is closing: unmount
+            cf.streaming = False
+            return False
         return True
 
     def _may_hold(self, cf: CachedFile) -> bool:
@@ -286,52 +297,74 @@ class DataCache:
     def _at_hand(self, cf: CachedFile, idx: int) -> bool:
         """Block `idx` can be hashed without a download."""
         key = (cf.spec.key, idx)
-        return idx in cf.unhashed or key in self._mem or self.store.has(*key)
+        return idx in cf.unhashed or idx in cf.refill or key in self._mem or self.store.has(*key)
 
     async def _stream(self, cf: CachedFile, why: str) -> None:
         key = cf.spec.key
-        log.debug("streaming %s (%s)", key, why)
-        # one fetch slot of the file stays free for its readers' own misses
-        slots = trio.Semaphore(max(1, self.max_parallel - 1))
-
-        async def one(idx: int) -> None:
-            try:
-                await self._prefetch(cf, idx)
-            finally:
-                slots.release()
-
+        running = False
         try:
-            async with self._stream_turns, trio.open_nursery() as nursery:
-                idx = 0
-                while idx < cf.nblocks and not cf.poisoned and cf.refs > 0:
-                    if not cf.verified and idx >= cf.hashed_upto + self.window():
-                        # back-pressure: wait for the hash to move on
-                        h = cf.hashed_upto
-                        if not self._at_hand(cf, h) and h not in cf.inflight:
-                            idx = h  # the block the hash needs went away: fetch it again
-                            continue
-                        await self._drive_hash(cf)
-                        if idx >= cf.hashed_upto + self.window() and not cf.verified:
-                            with trio.move_on_after(0.05):
-                                await cf.hash_moved.park()
-                        continue
-                    if idx in cf.inflight or (key, idx) in self._mem or self.store.has(key, idx):
-                        idx += 1
-                        continue
-                    await slots.acquire()
-                    if idx in cf.inflight or cf.poisoned or cf.refs <= 0:
-                        slots.release()
-                        continue
-                    cf.inflight[idx] = BlockFetch()  # claimed now: readers wait for it
-                    nursery.start_soon(one, idx)
-                    idx += 1
+            async with self._stream_turns:  # a few files at a time share the budget
+                if cf.poisoned or cf.refs <= 0:
+                    return
+                log.debug("streaming %s (%s)", key, why)
+                running = cf.stream_running = True
+                self._streams += 1
+                self.stats.streams += 1
+                self.stats.streams_peak = max(self.stats.streams_peak, self._streams)
+                with trio.CancelScope() as scope:
+                    cf.stream_scope = scope  # cancelled when the last handle closes
+                    await self._stream_blocks(cf)
         except Exception as e:  # a reader fetches (and reports) what the stream could not
             log.debug("stream of %s stopped: %s", key, e)
         finally:
-            cf.streaming = False
-            self._streams -= 1
+            cf.streaming = cf.stream_running = False
+            cf.stream_scope = None
+            if running:
+                self._streams -= 1
             self._forget_unused(cf)
         log.debug("stream of %s ended (%s)", key, "verified" if cf.verified else "incomplete")
+
+    async def _stream_blocks(self, cf: CachedFile) -> None:
+        """Claim and fetch `cf`'s blocks in file order, at most `window()` ahead of its hash.
+        Ends after STREAM_FAILURES failed blocks in a row (a reader's own fetch reports)."""
+        key = cf.spec.key
+        # one fetch slot of the file stays free for its readers' own misses
+        slots = trio.Semaphore(max(1, self.max_parallel - 1))
+        failures = 0
+
+        async def one(idx: int) -> None:
+            nonlocal failures
+            try:
+                failures = 0 if await self._prefetch(cf, idx) else failures + 1
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            idx = 0
+            while idx < cf.nblocks and not cf.poisoned and cf.refs > 0:
+                if failures >= STREAM_FAILURES:
+                    raise RegistryUnavailable(f"{failures} blocks in a row failed")
+                if not cf.verified and idx >= cf.hashed_upto + self.window():
+                    # back-pressure: wait for the hash to move on
+                    h = cf.hashed_upto
+                    if not self._at_hand(cf, h) and h not in cf.inflight:
+                        idx = h  # the block the hash needs went away: fetch it again
+                        continue
+                    await self._drive_hash(cf)
+                    if idx >= cf.hashed_upto + self.window() and not cf.verified:
+                        with trio.move_on_after(0.05):
+                            await cf.hash_moved.park()
+                    continue
+                if idx in cf.inflight or (key, idx) in self._mem or self.store.has(key, idx):
+                    idx += 1
+                    continue
+                await slots.acquire()
+                if idx in cf.inflight or cf.poisoned or cf.refs <= 0:
+                    slots.release()
+                    continue
+                cf.inflight[idx] = BlockFetch()  # claimed now: readers wait for it
+                nursery.start_soon(one, idx)
+                idx += 1
 
     async def _drive_hash(self, cf: CachedFile) -> None:
         """Hash what is at hand if no one else is hashing (blocks found on disk or in memory
@@ -344,11 +377,15 @@ class DataCache:
                 await self._conclude(cf)
 
     def _evict_one(self) -> bool:
-        """Let the least recently used block of the memory cache go (for `POOL.lease`)."""
-        if not self._mem:
-            return False
-        self._mem.popitem()
-        return True
+        """Let least recently used blocks of the memory cache go until one buffer is back in
+        the ring (for `POOL.lease`); blocks still held elsewhere (a reply, the hash, a disk
+        write) free nothing, so at most a few of them are dropped per call."""
+        for _ in range(4):
+            if not self._mem:
+                return False
+            if self._mem.popitem()[1] is _GIVEN:
+                return True
+        return False
 
     # -- open/close ---------------------------------------------------------------------
     def open(
@@ -395,7 +432,9 @@ class DataCache:
     def close(self, cf: CachedFile) -> None:
         cf.refs -= 1
         if cf.refs <= 0:
-            cf.hash_moved.unpark_all()  # a stream waiting for the hash stops
+            cf.hash_moved.unpark_all()  # a stream waiting for the hash stops...
+            if cf.stream_scope is not None:
+                cf.stream_scope.cancel()  # ...and so do its downloads
         self._forget_unused(cf)
 
     def _forget_unused(self, cf: CachedFile) -> None:
@@ -406,6 +445,7 @@ class DataCache:
             return
         del self._files[cf.spec.key]
         cf.unhashed.clear()
+        cf.refill.clear()
         cf.hashed_digests.clear()
         cf.seen.clear()
         cf.windows.clear()
@@ -467,8 +507,16 @@ class DataCache:
             whole = len(cf.served) >= cf.nblocks
             if whole or last == cf.nblocks - 1:
                 await self._settle(cf, whole)
+        self._still_good(cf)
         self.stats.bytes_served += len(out)
         return out
+
+    @staticmethod
+    def _still_good(cf: CachedFile) -> None:
+        """Right before bytes go to the kernel (no await in between): a check that failed
+        while this read waited must fail it too, or its pages would outlive the drop."""
+        if cf.poisoned:
+            raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
 
     async def _settle(self, cf: CachedFile, whole: bool) -> None:
         """Before the end of a file, or the read that completes a reading of every block, is
@@ -548,6 +596,7 @@ class DataCache:
                     whole = len(cf.served) >= cf.nblocks
             if whole:
                 await self._settle(cf, True)
+        self._still_good(cf)
         self.stats.bytes_served += end - off
         if len(parts) == 1:
             return memoryview(parts[0])[off - w0 : end - w0]
@@ -598,13 +647,13 @@ class DataCache:
             # not small random preads (index lookups), which keep their short range requests
             if not cf.verified and end - off > SMALL_READ and first not in cf.scattered:
                 cf.scattered.add(first)
-                if len(cf.scattered) >= DENSE_BLOCKS:
+                if len(cf.scattered) >= max(DENSE_BLOCKS, cf.nblocks // 16):
                     self.stream(cf, "reads out of order")
         stream.next_off = end
         # two sequential reads in a row look like a streaming reader; a lone pread does not
         if self._nursery is None or self.readahead <= 0 or stream.sequential_hits < 2:
             return
-        if cf.streaming or (
+        if cf.stream_running or (
             # a reader of the file from where its hash stands, past its first blocks (not
             # `head`: the kernel's own read-ahead makes any first read look sequential)
             not cf.verified
@@ -640,15 +689,18 @@ class DataCache:
             flight.finish()
             self._forget_unused(cf)
 
-    async def _prefetch(self, cf: CachedFile, idx: int) -> None:
+    async def _prefetch(self, cf: CachedFile, idx: int) -> bool:
+        """Fetch block `idx` (claimed by the caller) in the background; False if it failed."""
         try:
             data = await self._fetch(cf, idx, claimed=True)
             self.stats.prefetched_blocks += 1
             self._recycle(cf, idx, data)
+            return True
         except IntegrityError:
             cf.poisoned = True
         except Exception as e:  # the foreground read will retry and report
             log.debug("read-ahead of %s block %d failed: %s", cf.spec.key, idx, e)
+        return False
 
     async def _block(self, cf: CachedFile, idx: int) -> Block:
         key = (cf.spec.key, idx)
@@ -740,12 +792,15 @@ class DataCache:
             if cf.fetch_into:
                 async with self._limiter.slot(spec.key):  # then the buffer: at most one per slot
                     buf = await self._lease(cf, idx)
-                    got = await cf.fetch(start, end, into=memoryview(buf))
+                    view = memoryview(buf)
+                    got = await cf.fetch(start, end, into=view)
                 if len(got) != end - start:
                     raise ProtocolError(
                         f"expected {end - start} bytes of {spec.key}, got {len(got)}"
                     )
-                del got  # the view into `buf`: the buffer must be recyclable
+                if got is not view:  # a fetcher that ignored `into`: never serve stale bytes
+                    view[:] = got
+                del got, view  # views into `buf`: the buffer must be recyclable
                 data: Block = buf
             else:
                 async with self._limiter.slot(spec.key):
@@ -844,7 +899,7 @@ class DataCache:
         if cf.verified or idx < cf.hashed_upto:
             return
         if idx > cf.hashed_upto and self._may_hold(cf):
-            cf.unhashed[idx] = data
+            cf.unhashed.setdefault(idx, data)  # a held copy may have been served: keep it
         if idx > cf.hashed_upto and not self._at_hand(cf, cf.hashed_upto):
             return  # the hash continues when the block it needs arrives
         try:
@@ -855,7 +910,7 @@ class DataCache:
             # looks here first (one such block at most: the hash is not past it), or for the
             # next arrival that finds the lock free.
             if idx == cf.hashed_upto:
-                cf.unhashed[idx] = data
+                cf.unhashed.setdefault(idx, data)
             return
         try:
             await self._hash_forward(cf, idx, data)
@@ -874,7 +929,14 @@ class DataCache:
             # blocks back from disk go through the one scratch buffer of the budget (a lease
             # could wait for the very blocks this hash is about to let go)
             scratch = None
-            if any(i != idx and i not in cf.unhashed and (key, i) not in self._mem for i in span):
+            if any(
+                i != idx
+                and i not in cf.unhashed
+                and i not in cf.refill
+                and (key, i) not in self._mem
+                and self.store.has(key, i)
+                for i in span
+            ):
                 await self._scratch_lock.acquire()
                 if self._scratch is None:
                     self._scratch = POOL.take(self.block_size)
@@ -885,6 +947,8 @@ class DataCache:
             batch: list[Block | None] = []  # None: on disk, loaded by the worker
             for i in span:
                 block = data if i == idx else cf.unhashed.get(i)
+                if block is None:
+                    block = cf.refill.get(i)
                 if block is None:
                     block = self._mem.get((key, i))
                 if block is None and not self.store.has(key, i):
@@ -940,6 +1004,7 @@ class DataCache:
                 return  # discarded meanwhile
             for n, digest in enumerate(digests):
                 cf.unhashed.pop(start + n, None)
+                cf.refill.pop(start + n, None)
                 cf.windows.pop(start + n, None)
                 if any(d != digest for d in cf.seen.pop(start + n, ())):
                     mismatch = True  # a reader got other bytes than the ones hashed
@@ -976,8 +1041,7 @@ class DataCache:
             want = [
                 i
                 for i in range(start, min(cf.nblocks, start + HASH_BATCH))
-                if i == start
-                or not (i in cf.unhashed or (key, i) in self._mem or self.store.has(key, i))
+                if i == start or not self._at_hand(cf, i)
             ][: self._limiter.per_file]
             got: dict[int, Block] = {}
             errors: list[Exception] = []
@@ -991,7 +1055,12 @@ class DataCache:
                     if cf.fetch_into:
                         async with self._limiter.slot(key):
                             block = await self._lease(cf, i)
-                            n = len(await cf.fetch(lo, hi, into=memoryview(block)))
+                            view = memoryview(block)
+                            answer = await cf.fetch(lo, hi, into=view)
+                            n = len(answer)
+                            if answer is not view and n == len(view):
+                                view[:] = answer
+                            del answer, view
                     else:
                         async with self._limiter.slot(key):
                             block = await cf.fetch(lo, hi)
@@ -1012,7 +1081,7 @@ class DataCache:
                 raise errors[0]
             if cf.poisoned or cf.verified:
                 return
-            cf.unhashed.update(got)  # where the running hash looks first; popped as hashed
+            cf.refill.update(got)  # where the running hash looks first; popped as hashed
             await self._hash_forward(cf)
             if cf.hashed_upto == start:
                 return  # no progress (cannot happen with block `start` at hand): give up
@@ -1031,6 +1100,7 @@ class DataCache:
             )
             cf.digests, cf.verified = digests, True
             cf.unhashed.clear()
+            cf.refill.clear()
             log.debug("%s verified against sha256", spec.key)
             return
         self._corrupt(cf)
@@ -1043,6 +1113,7 @@ class DataCache:
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
         cf.hashed_digests.clear()
         cf.unhashed.clear()
+        cf.refill.clear()
         cf.seen.clear()
         cf.windows.clear()
         cf.partial.clear()

@@ -1144,7 +1144,10 @@ class GitLabRegistry:
             if next_page is not None:
                 if not next_page.strip():
                     return rows
-                if not next_page.strip().isdigit() or int(next_page) <= page:
+                if (
+                    not (next_page.strip().isascii() and next_page.strip().isdigit())
+                    or int(next_page) <= page
+                ):
                     raise ProtocolError(f"{where}: bad X-Next-Page {validate.shown(next_page)}")
                 page = int(next_page)
             elif "next" in resp.links or len(items) >= PER_PAGE:
@@ -1236,12 +1239,12 @@ def signed_url_lifetime(url: str, now: float) -> float:
     query = {k.lower(): v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
     for prefix in ("x-amz-", "x-goog-"):
         expires = query.get(prefix + "expires")
-        if expires is not None and expires.isdigit():
+        if expires is not None and expires.isascii() and expires.isdigit():
             signed_at = _parse_compact_date(query.get(prefix + "date", ""))
             start = signed_at if signed_at is not None else now
             return start + int(expires) - now
     expires = query.get("expires")  # S3 v2 query auth, GCS v2, CloudFront: epoch seconds
-    if expires is not None and expires.isdigit():
+    if expires is not None and expires.isascii() and expires.isdigit():
         return int(expires) - now
     return float("inf")
 

@@ -144,7 +144,7 @@ def range_skip(
             raise Failure(changed(where, int(m.group(3)), size), retryable=False)
         return 0
     length = header("content-length")  # 200: the server ignored Range
-    if length is not None and length.isdigit() and int(length) != size:
+    if length is not None and length.isascii() and length.isdigit() and int(length) != size:
         raise Failure(changed(where, int(length), size), retryable=False)
     return start
 
@@ -475,6 +475,8 @@ class Transfer:
                 result, got, keep = await self._small_answer(
                     conn, status, headers, at, filled, where, start, end, size, into
                 )
+                # the server said it closes this connection (nginx after keepalive_requests)
+                keep = keep and "close" not in headers.get("connection", "").lower()
                 return result if result is _FALLBACK else (result, got)
             except (*_SOCKET_ERRORS, Answered) as exc:
                 raise self._socket_failure(where, exc) from exc
@@ -524,7 +526,11 @@ class Transfer:
         """(result, body bytes received, keep the connection)."""
         chunked = "transfer-encoding" in headers
         length_text = headers.get("content-length")
-        length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        length = (
+            int(length_text)
+            if length_text is not None and length_text.isascii() and length_text.isdigit()
+            else None
+        )
         if length_text is not None and length is None:
             raise Answered("bad Content-Length")
         if status in REDIRECTS:

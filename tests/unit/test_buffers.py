@@ -59,3 +59,54 @@ def test_write_all_spans_several_buffers(tmp_path: Path) -> None:
         assert os.pread(fd, len(data) + 1, 0) == data
     finally:
         os.close(fd)
+
+
+def test_reconfiguring_with_free_buffers_does_not_deadlock() -> None:
+    """Dropping free buffers runs their finalizers, which count under the ring's lock: they
+    must not run while `configure` or `trim` holds it."""
+    ring = BufferRing(4096, limit=4)
+    buf = ring.take(4096)
+    given = ring.give(buf, refs=1)
+    del buf
+    assert given
+    ring.configure(8192, 4)  # used to hang here
+    assert ring.alive == 0
+    buf = ring.take(8192)
+    given = ring.give(buf, refs=1)
+    del buf
+    assert given
+    ring.trim()
+    assert ring.alive == 0
+
+
+async def test_lease_waits_for_the_budget_then_overshoots_by_a_bounded_share() -> None:
+    """Within the budget a lease waits (back-pressure); a buffer given back ends the wait;
+    a lease stuck past OVER_BUDGET_AFTER may overshoot by OVERSHOOT of the budget only."""
+    import trio
+
+    from mlregfs import buffers
+
+    ring = BufferRing(4096, limit=4)
+    held = [await ring.lease(4096) for _ in range(4)]
+    assert ring.alive == 4
+
+    async def give_back_soon() -> None:
+        await trio.sleep(0.05)
+        assert ring.give(held.pop(), refs=1)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(give_back_soon)
+        with trio.fail_after(1):
+            held.append(await ring.lease(4096))  # waited for the one given back
+    assert ring.alive == 4 and ring.over_budget == 0 and ring.waits == 1
+
+    old = buffers.OVER_BUDGET_AFTER, buffers.STUCK_AFTER
+    buffers.OVER_BUDGET_AFTER, buffers.STUCK_AFTER = 0.05, 0.3
+    try:
+        held.append(await ring.lease(4096))  # one over (25 % of 4)
+        assert ring.alive == 5 and ring.over_budget == 1
+        start = trio.current_time()
+        held.append(await ring.lease(4096))  # the next waits until STUCK_AFTER
+        assert trio.current_time() - start >= 0.3 and ring.over_budget == 2
+    finally:
+        buffers.OVER_BUDGET_AFTER, buffers.STUCK_AFTER = old

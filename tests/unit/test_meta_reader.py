@@ -15,7 +15,13 @@ import trio.testing
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import DataCache, FairLimiter, FileSpec, ReadStream
-from mlregfs.errors import IntegrityError, NotFound, RegistryTimeout, RegistryUnavailable
+from mlregfs.errors import (
+    IntegrityError,
+    NotFound,
+    ProtocolError,
+    RegistryTimeout,
+    RegistryUnavailable,
+)
 
 
 async def test_single_flight_shares_one_fetch() -> None:
@@ -577,3 +583,52 @@ def _wrong_first_download(data: bytes, bs: int) -> Callable[[int, int], Awaitabl
         return bytes(out)
 
     return fetch
+
+
+async def test_a_stream_gives_up_on_a_registry_that_keeps_failing(tmp_path: Path) -> None:
+    """A file streamed whole whose blocks keep failing (404, file changed...) is not fetched
+    again and again while it stays open: the stream ends after a few failed blocks."""
+    bs = 1 << 16
+    calls = 0
+
+    async def fetch(start: int, end: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        raise ProtocolError("the file changed size")
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0)
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(FileSpec("gone", 40 * bs, None), fetch)
+        assert dc.stream(cf, "test")
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked()
+        assert not cf.streaming
+        assert calls <= 3 + dc.max_parallel  # a few blocks, not the file over and over
+        assert cf.refs == 1 and not cf.stream_running
+        dc.close(cf)
+
+
+async def test_closing_the_last_handle_stops_the_stream(tmp_path: Path) -> None:
+    """Prefetch stops at close: downloads in flight are cancelled, no more are started."""
+    bs = 1 << 16
+    data = os.urandom(40 * bs)
+    started: list[int] = []
+
+    async def fetch(start: int, end: int) -> bytes:
+        started.append(start)
+        await trio.sleep_forever()
+        raise AssertionError
+
+    dc = DataCache(BlockStore(tmp_path, 1 << 30), block_size=bs, readahead=0)
+    async with trio.open_nursery() as n:
+        dc.start(n)
+        cf = dc.open(FileSpec("closed", len(data), hashlib.sha256(data).hexdigest()), fetch)
+        assert dc.stream(cf, "test")
+        await trio.testing.wait_all_tasks_blocked()
+        assert started and cf.inflight
+        dc.close(cf)
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()
+        assert not cf.streaming and not cf.inflight
+    assert "closed" not in dc._files
