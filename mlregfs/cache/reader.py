@@ -1038,11 +1038,15 @@ class DataCache:
         key, bs = cf.spec.key, self.block_size
         while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
             start = cf.hashed_upto
-            want = [
-                i
-                for i in range(start, min(cf.nblocks, start + HASH_BATCH))
-                if i == start or not self._at_hand(cf, i)
-            ][: self._limiter.per_file]
+            span = range(start, min(cf.nblocks, start + HASH_BATCH))
+            flights = [cf.inflight[i] for i in span if i in cf.inflight]
+            if flights:  # a stream or a reader is fetching them: never download a block twice
+                for flight in flights:
+                    await flight.done.wait()
+                await self._hash_forward(cf)
+                continue
+            want = [i for i in span if i == start or not self._at_hand(cf, i)]
+            want = want[: self._limiter.per_file]
             got: dict[int, Block] = {}
             errors: list[Exception] = []
 
