@@ -17,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import blob, clean_env, file_sha, sha
+from safetensors import safe_open
+from safetensors.numpy import load, save
 
 from mlregfs.server.testing import ServerProcess
 
@@ -49,9 +52,18 @@ def loading(server: ServerProcess) -> Loading:
         "notes.txt": blob(502, SIZE),
         **{f"model-{i:05d}-of-00004.safetensors": blob(510 + i, SHARD) for i in range(1, 5)},
     }
+    files["real.safetensors"] = _real_safetensors()
     for name, data in files.items():
         st.add_file(project, vid, name, data)
     return Loading(f"{server.url}/{project}", token, files)
+
+
+def _real_safetensors() -> bytes:
+    """A checkpoint written by the safetensors library itself: 24 tensors, ~19 MiB."""
+    rng = np.random.default_rng(36)
+    tensors = {f"layer.{i}.weight": rng.standard_normal((256, 1024), np.float32) for i in range(19)}
+    tensors.update({f"layer.{i}.bias": rng.standard_normal(1024, np.float32) for i in range(5)})
+    return save(tensors)
 
 
 @pytest.fixture
@@ -81,6 +93,13 @@ def cache_stats(mnt: Path) -> dict[str, int]:
     return status(mnt)["cache"]  # type: ignore[return-value]
 
 
+def reset(server: ServerProcess) -> None:
+    """Zero the server's counters once it is quiet (answers to the mounts of an earlier test,
+    cut at their unmount, may still be going out)."""
+    served_until_still(server)
+    server.reset_stats()
+
+
 def served_until_still(server: ServerProcess, timeout: float = 30) -> int:
     """Bytes the server has sent, once it has stopped sending (background streams done)."""
     last, since = -1, time.monotonic()
@@ -105,17 +124,17 @@ def test_36_a_weights_file_is_fetched_whole_when_opened(
     stream stops when the file's last handle closes."""
     mnt = mount()
     data = loading.files["model.safetensors"]
-    server.reset_stats()
+    reset(server)
     with open(mnt / VERSION / "model.safetensors", "rb") as f:
         assert f.read(8) == data[:8]  # a loader reads the header first...
         assert served_until_still(server) >= SIZE  # ...and the whole file is on its way
-        server.reset_stats()
+        reset(server)
         assert hashlib.sha256(f.read()).hexdigest() == sha(data[8:])
     assert server.stats()["bytes_served"] == 0  # every block came from the prefetch
     assert cache_stats(mnt)["streams"] >= 1
 
     # not a weights file: lazy
-    server.reset_stats()
+    reset(server)
     with open(mnt / VERSION / "notes.txt", "rb") as f:
         f.seek(10 * MiB)
         assert f.read(4096) == loading.files["notes.txt"][10 * MiB : 10 * MiB + 4096]
@@ -123,22 +142,43 @@ def test_36_a_weights_file_is_fetched_whole_when_opened(
 
     # prefetch=off: a weights file is lazy too; prefetch=all: any file is streamed
     off = mount("prefetch=off")
-    server.reset_stats()
+    reset(server)
     with open(off / VERSION / "model.safetensors", "rb") as f:
         assert f.read(8) == data[:8]
         assert served_until_still(server) <= LAZY
     every = mount("prefetch=all")
-    server.reset_stats()
+    reset(server)
     with open(every / VERSION / "notes.txt", "rb") as f:
         assert f.read(8) == loading.files["notes.txt"][:8]
         assert served_until_still(server) >= SIZE
 
     # a file the disk cache cannot hold is not prefetched (it would evict itself)
     small = mount("cache_size=8M")
-    server.reset_stats()
+    reset(server)
     with open(small / VERSION / "model.safetensors", "rb") as f:
         assert f.read(8) == data[:8]
         assert served_until_still(server) <= LAZY
+
+
+def test_36_safetensors_loads_a_prefetched_checkpoint_once(
+    mount: Callable[..., Path], loading: Loading, server: ServerProcess
+) -> None:
+    """Prefetch on open, with the real loader: `safe_open` of a checkpoint on a fresh mount,
+    tensors read in random order, gets every tensor right, and the file crosses the network
+    once (the prefetch, not the loader's scattered reads, fetched it)."""
+    mnt = mount()
+    want = load(loading.files["real.safetensors"])
+    reset(server)
+    with safe_open(str(mnt / VERSION / "real.safetensors"), framework="np") as f:
+        names = sorted(f.keys())
+        assert names == sorted(want)
+        random.Random(36).shuffle(names)
+        for name in names:
+            assert np.array_equal(f.get_tensor(name), want[name]), name
+    size = len(loading.files["real.safetensors"])
+    time.sleep(2.5)  # the status file is rewritten every 2 s
+    downloaded = status(mnt)["registry"]["bytes_downloaded"]  # type: ignore[index]
+    assert size <= downloaded <= size + MiB, downloaded
 
 
 def test_37_out_of_order_readers_get_the_file_streamed(
@@ -152,7 +192,7 @@ def test_37_out_of_order_readers_get_the_file_streamed(
     mnt = mount("prefetch=off")
     data = loading.files["notes.txt"]
     path = mnt / VERSION / "notes.txt"
-    server.reset_stats()
+    reset(server)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         pages = list(range(0, SIZE, 4096))
         random.Random(37).shuffle(pages)
@@ -166,7 +206,7 @@ def test_37_out_of_order_readers_get_the_file_streamed(
 
     # a reader from the start: streamed, and the check needs no disk read-back
     mnt2 = mount("prefetch=off")
-    server.reset_stats()
+    reset(server)
     assert file_sha(mnt2 / VERSION / "notes.txt") == sha(data)
     assert served_until_still(server) <= SIZE + MiB
     stats = cache_stats(mnt2)
@@ -216,7 +256,7 @@ def test_39_shards_opened_together_load_in_parallel(
     hash stream per file, within the memory budget; each is checked against its sha256."""
     mnt = mount("memory_limit=16M")
     shards = [n for n in sorted(loading.files) if "-of-" in n]
-    server.reset_stats()
+    reset(server)
     files = [open(mnt / VERSION / n, "rb") for n in shards]
     try:
         served_until_still(server)
