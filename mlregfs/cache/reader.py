@@ -564,10 +564,7 @@ class DataCache:
         if self._window_too_late(cf, idx):
             return None
         if len(parts) < len(kept):
-            async with self._limiter.slot(key):
-                data = await cf.fetch(w0, w1)
-            if len(data) != w1 - w0:
-                raise ProtocolError(f"expected {w1 - w0} bytes of {key}, got {len(data)}")
+            data = await self._download(cf, w0, w1)
             self.stats.small_reads += 1
             self.stats.fetched_bytes += len(data)
             # one window: keep the fetched buffer itself (no copy)
@@ -789,24 +786,7 @@ class DataCache:
         try:
             start = idx * self.block_size
             end = min(start + self.block_size, spec.size)
-            if cf.fetch_into:
-                async with self._limiter.slot(spec.key):  # then the buffer: at most one per slot
-                    buf = await self._lease(cf, idx)
-                    view = memoryview(buf)
-                    got = await cf.fetch(start, end, into=view)
-                if len(got) != end - start:
-                    raise ProtocolError(
-                        f"expected {end - start} bytes of {spec.key}, got {len(got)}"
-                    )
-                if got is not view:  # a fetcher that ignored `into`: never serve stale bytes
-                    view[:] = got
-                del got, view  # views into `buf`: the buffer must be recyclable
-                data: Block = buf
-            else:
-                async with self._limiter.slot(spec.key):
-                    data = await cf.fetch(start, end)
-            if len(data) != end - start:
-                raise ProtocolError(f"expected {end - start} bytes of {spec.key}, got {len(data)}")
+            data = await self._download(cf, start, end, block=idx)
             self.stats.fetched_blocks += 1
             self.stats.fetched_bytes += len(data)
             if cf.digests is not None:
@@ -866,6 +846,29 @@ class DataCache:
         was evicted while being stored or hashed) and no one else holds it, reuse it."""
         if self._mem.get((cf.spec.key, idx)) is not data and idx not in cf.unhashed:
             POOL.give(data, refs=2)  # this frame's `data` and the caller's
+
+    async def _download(
+        self, cf: CachedFile, start: int, end: int, *, block: int | None = None
+    ) -> Block:
+        """Bytes [start, end) of `cf` in one fetch under the fair limiter, exactly that many.
+        Block `block` lands in a buffer leased from the ring inside the fetch slot (at most
+        one buffer per slot)."""
+        key = cf.spec.key
+        async with self._limiter.slot(key):
+            if block is None or not cf.fetch_into:
+                data: Block = await cf.fetch(start, end)
+                n = len(data)
+            else:
+                data = await self._lease(cf, block)
+                view = memoryview(data)
+                got = await cf.fetch(start, end, into=view)
+                n = len(got)
+                if got is not view and n == len(view):  # it ignored `into`: no stale bytes
+                    view[:] = got
+                del got, view  # views into the buffer: it must stay recyclable
+        if n != end - start:
+            raise ProtocolError(f"expected {end - start} bytes of {key}, got {n}")
+        return data
 
     async def _lease(self, cf: CachedFile, idx: int) -> mmap.mmap | bytearray:
         """A buffer for block `idx`, within the memory budget (waits while it is spent)."""
@@ -1035,7 +1038,7 @@ class DataCache:
     async def _fill(self, cf: CachedFile) -> None:
         """Fetch the blocks the running hash is missing, up to the limiter's per-file share
         in parallel, and hash them in order."""
-        key, bs = cf.spec.key, self.block_size
+        bs = self.block_size
         while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
             start = cf.hashed_upto
             span = range(start, min(cf.nblocks, start + HASH_BATCH))
@@ -1055,22 +1058,7 @@ class DataCache:
             ) -> None:
                 lo, hi = i * bs, min((i + 1) * bs, cf.spec.size)
                 try:
-                    block: Block
-                    if cf.fetch_into:
-                        async with self._limiter.slot(key):
-                            block = await self._lease(cf, i)
-                            view = memoryview(block)
-                            answer = await cf.fetch(lo, hi, into=view)
-                            n = len(answer)
-                            if answer is not view and n == len(view):
-                                view[:] = answer
-                            del answer, view
-                    else:
-                        async with self._limiter.slot(key):
-                            block = await cf.fetch(lo, hi)
-                        n = len(block)
-                    if n != hi - lo:
-                        raise ProtocolError(f"expected {hi - lo} bytes of {key}, got {n}")
+                    block = await self._download(cf, lo, hi, block=i)
                 except Exception as e:
                     errors.append(e)
                     nursery.cancel_scope.cancel()
