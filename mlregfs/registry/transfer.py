@@ -651,6 +651,18 @@ class Transfer:
             extra["Proxy-Authorization"] = route.proxy_auth
         return conn, extra, reused
 
+    def _abort(
+        self, conn: http.client.HTTPConnection | None, where: str, exc: BaseException
+    ) -> BaseException:
+        """After any failure of a blocking exchange: close its connection (a half-read answer
+        must not be the start of the next one, issue 9.7); the error to raise, a socket or
+        http.client error mapped by `socket_failure`."""
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, (OSError, http.client.HTTPException)):  # TimeoutError is an OSError
+            return self._socket_failure(where, exc)
+        return exc
+
     def _blocking_get(
         self,
         ticket: _Ticket,
@@ -681,18 +693,11 @@ class Transfer:
                 conn.request("GET", target, headers={**headers, **extra})
                 resp = conn.getresponse()
             result = self._range_answer(ticket, conn, resp, where, start, end, size, into)
-        except Failure:
-            if conn is not None:
-                conn.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
-            if conn is not None:
-                conn.close()
-            raise self._socket_failure(where, exc) from exc
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
+        except BaseException as exc:
+            failure = self._abort(conn, where, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         if ticket.abandoned:
             conn.close()  # its socket may have been shut down under us
         return result
@@ -794,14 +799,11 @@ class Transfer:
                 )
             resp = conn.getresponse()
             body = resp.read(REDIRECT_BODY)
-        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
-            if conn is not None:
-                conn.close()
-            raise self._socket_failure(where, exc) from exc
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
+        except BaseException as exc:
+            failure = self._abort(conn, where, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         if ticket.abandoned or not resp.isclosed() or not 200 <= resp.status < 300:
             conn.close()
         return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
