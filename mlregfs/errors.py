@@ -18,7 +18,9 @@
     ├── InvalidPath               EINVAL  / ENAMETOOLONG via subclass
     └── (fs semantics)            NotADirectory ENOTDIR, IsADirectory EISDIR,
                                   ReadOnly EROFS, NotPermitted EPERM, NotEmpty ENOTEMPTY,
-                                  Busy EBUSY, Exists EEXIST
+                                  Busy EBUSY, Exists EEXIST, Denied EACCES (the mount
+                                  refuses what the role cannot finish, e.g. a rename),
+                                  Unsupported EINVAL (a flag the mount does not implement)
 
 Messages never contain tokens: the HTTP layer builds them from method, path and status only.
 """
@@ -152,6 +154,14 @@ class Busy(MlregfsError):
 
 class Exists(MlregfsError):
     errno = _errno.EEXIST
+
+
+class Denied(MlregfsError):
+    errno = _errno.EACCES
+
+
+class Unsupported(MlregfsError):
+    errno = _errno.EINVAL
 
 
 def to_errno(exc: BaseException) -> int:

@@ -84,6 +84,11 @@ class Registry(Protocol):
         """Delete one package file (one copy of a name)."""
         ...
 
+    async def may_delete_files(self) -> bool:
+        """Does our role let us delete package files (Maintainer or above)? Asked before an
+        operation that must not be left half done (a rename: copy, then delete)."""
+        ...
+
     async def create_model(self, name: str) -> Model:
         """Create a model; Conflict if it exists."""
         ...

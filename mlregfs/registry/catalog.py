@@ -322,6 +322,9 @@ class CatalogRegistry:
     async def delete_file(self, file: RemoteFile) -> None:
         await self.inner.delete_file(file)
 
+    async def may_delete_files(self) -> bool:
+        return await self.inner.may_delete_files()
+
     async def create_model(self, name: str) -> Model:
         return await self.inner.create_model(name)
 

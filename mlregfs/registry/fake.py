@@ -31,6 +31,7 @@ class InMemoryRegistry:
         self._files: dict[tuple[str, ...], dict[str, tuple[RemoteFile, bytes]]] = {}
         self._next_id = 1000
         self.corrupt: set[str] = set()  # paths whose served bytes differ from their sha256
+        self.fail_next: dict[str, Exception] = {}
         self.role = 40  # access level of our token: 30 developer uploads, 40 maintainer deletes
 
     def _id(self) -> int:
@@ -39,6 +40,9 @@ class InMemoryRegistry:
 
     def _check(self, kind: str) -> None:
         self.stats.count(kind)
+        failure = self.fail_next.pop(kind, None)  # one scripted failure of this kind
+        if failure is not None:
+            raise failure
         if self.down:
             raise RegistryUnavailable("connection refused (simulated)")
 
@@ -158,6 +162,9 @@ class InMemoryRegistry:
                 elif file.file_id in f.older_ids:
                     older = tuple(i for i in f.older_ids if i != file.file_id)
                     files[p] = (replace(f, older_ids=older), files[p][1])
+
+    async def may_delete_files(self) -> bool:
+        return self.role >= 40
 
     async def create_model(self, name: str) -> Model:
         self._check("create_model")

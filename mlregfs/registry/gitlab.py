@@ -130,6 +130,9 @@ class _Package:
     created_at: float
 
 
+MAINTAINER_LEVEL = 40  # GitLab's Gitlab::Access::MAINTAINER
+
+
 class GitLabRegistry:
     """`Registry` implementation over GitLab's REST, packages and MLflow-compatible APIs."""
 
@@ -785,6 +788,25 @@ class GitLabRegistry:
         await self.project()
         url = self._project_url(f"packages/{file.package_id}/package_files/{file.file_id}")
         await self._json("delete_file", "DELETE", url)
+
+    async def may_delete_files(self) -> bool:
+        """Maintainer or above, from the project's `permissions` (GET /projects/:id): the
+        higher of the project and the group access level. Unknown (a job token may not read
+        the project; an admin has neither) counts as no."""
+        await self.project()
+        url = f"{self._api_base}/projects/{self._ref}"
+        data, resp = await self._json("project", "GET", url, passthrough=frozenset({401, 403, 404}))
+        if resp.status_code != 200 or not isinstance(data, dict):
+            return False
+        perms = data.get("permissions")
+        levels = [0]
+        if isinstance(perms, dict):
+            for kind in ("project_access", "group_access"):
+                access = perms.get(kind)
+                level = access.get("access_level") if isinstance(access, dict) else None
+                if isinstance(level, int) and not isinstance(level, bool):
+                    levels.append(level)
+        return max(levels) >= MAINTAINER_LEVEL
 
     async def create_model(self, name: str) -> Model:
         """MLflow registered-models/create."""
