@@ -65,6 +65,7 @@ class Config:
     gid: int | None = None
     umask: int = 0o022
     drain_timeout: float = 300.0  # how long unmount waits for uploads in flight
+    temp_files: str = "hold"  # "hold": temporary names upload once renamed; "upload": at close
     allow_other: bool = False
     debug: bool = False
     foreground: bool = False
@@ -100,6 +101,7 @@ _VALUE_OPTIONS = {
     "metrics": ("metrics", Path),
     "metrics_mode": ("metrics_mode", _octal),
     "drain_timeout": ("drain_timeout", parse_duration),
+    "temp_files": ("temp_files", str),
     "uid": ("uid", int),
     "gid": ("gid", int),
     "umask": ("umask", _octal),
@@ -231,6 +233,8 @@ def from_options(
         raise ConfigError("readahead must be between 0 and 64 blocks")
     if cfg.memory_limit < 4 * cfg.block_size:
         raise ConfigError("memory_limit must hold at least 4 blocks")
+    if cfg.temp_files not in ("hold", "upload"):
+        raise ConfigError("temp_files must be 'hold' or 'upload'")
     if cfg.prefetch not in PREFETCH_POLICIES:
         raise ConfigError(f"prefetch must be one of: {', '.join(PREFETCH_POLICIES)}")
     return cfg

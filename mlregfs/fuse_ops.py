@@ -183,7 +183,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        opened = await self.fs.open(inode, flags)
+        opened = await self.fs.open(inode, flags, ctx.pid)
         return pyfuse3.FileInfo(
             fh=opened.fh, keep_cache=opened.keep_cache, direct_io=opened.direct_io
         )
@@ -201,7 +201,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        opened, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags)
+        opened, attr = await self.fs.create(parent_inode, os.fsdecode(name), flags, ctx.pid)
         info = pyfuse3.FileInfo(fh=opened.fh, keep_cache=False, direct_io=opened.direct_io)
         self.fs.remember(attr.ino)
         return info, self._entry(attr)
@@ -245,8 +245,22 @@ class Operations(pyfuse3.Operations):
         await self.fs.unlink(parent_inode, os.fsdecode(name))
 
     @_guard
-    async def rename(self, *args: Any) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)  # GitLab has no rename; see README Semantics
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await self.fs.rename(
+            parent_inode_old,
+            os.fsdecode(name_old),
+            parent_inode_new,
+            os.fsdecode(name_new),
+            flags,
+        )
 
     @_guard
     async def link(self, *args: Any) -> pyfuse3.EntryAttributes:

@@ -24,6 +24,7 @@ from mlregfs.cache.reader import DataCache
 from mlregfs.config import Config
 from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
 from mlregfs.fs.core import Filesystem, Timeouts
+from mlregfs.fs.holders import Holders
 from mlregfs.fuse_ops import Operations
 from mlregfs.localstate import private_dir
 from mlregfs.registry.catalog import CatalogRegistry
@@ -262,6 +263,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         source_id=public_source(cfg.source),
         timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
         spool=spool,
+        hold_temp=cfg.temp_files == "hold",
+        holders=Holders(str(cfg.mountpoint.absolute())),
     )
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     started = time.time()
@@ -334,6 +337,15 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        held = fs.release_held()
+        if held:
+            log.warning(
+                "%d file(s) with a temporary name were never renamed and are not uploaded (%s);"
+                " they are kept for 'mlregfs recover --cache-dir %s'",
+                len(held),
+                ", ".join(held[:5]),
+                cfg.cache_dir,
+            )
         ops.close_session()  # no page invalidation may run into a closed session
         # unmounting an already unmounted session (fusermount3 -u) is harmless
         pyfuse3.close(unmount=True)

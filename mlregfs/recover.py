@@ -39,6 +39,11 @@ def _describe(e: JournalEntry, spool: Spool) -> str:
     state = _LABEL[e.state]
     if e.state is S.READY and e.sha256 is None:
         state = "not uploaded (closed; its sha256 is computed by retry)"
+    if e.held and e.state is not S.UPLOADED:
+        state = (
+            "held: a temporary name, never renamed; not uploaded (discard it, or name its id"
+            " to retry to upload it under this name)"
+        )
     if e.state is not S.UPLOADED and not data.exists():
         state = f"LOST (its data file is missing; was {e.state.value})"
     lines = [
@@ -235,7 +240,16 @@ def main(argv: list[str], make_registry: RegistryFactory | None = None) -> int:
             f"{e.id}: {e.target} was never closed by its writer; not uploaded (discard it)",
             file=sys.stderr,
         )
-    todo = [e for e in chosen if e.state is not S.WRITING]
+    # a temporary name never renamed (rsync's, safetensors'): junk in the registry unless
+    # someone says otherwise by naming its id
+    temporary = [e for e in chosen if e.held and e.state is not S.UPLOADED and e.id not in ids]
+    for e in temporary:
+        print(
+            f"{e.id}: {e.target} has a temporary name and was never renamed; not uploaded"
+            " (discard it, or name its id to upload it anyway)",
+            file=sys.stderr,
+        )
+    todo = [e for e in chosen if e.state is not S.WRITING and e not in temporary]
     if make_registry is None and any(e.state is not S.UPLOADED for e in todo):
         try:
             token, kind = resolve_token(args.token_file, dict(os.environ))
@@ -244,4 +258,4 @@ def main(argv: list[str], make_registry: RegistryFactory | None = None) -> int:
             return 2
         make_registry = _gitlab(token, kind)
     code = trio.run(_retry, todo, spool, make_registry or _gitlab(None, "personal"), args.force)
-    return 1 if code or incomplete or chosen_orphans else 0
+    return 1 if code or incomplete or temporary or chosen_orphans else 0

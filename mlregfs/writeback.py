@@ -7,7 +7,8 @@ file, fsync, rename) at the state changes a crash must see. The lifecycle is `Up
 `mlregfs recover` alike (an illegal change is a bug and raises `IllegalTransition`):
 
     WRITING ──close/fsync──> READY ──PUT sent──> UPLOADING ──201──> UPLOADED ──> (removed)
-       ^                       │                     │  │
+       ^                       │ │                   │  │              ^
+       │                       │ └──── unchanged: the registry serves these bytes already
        │                       └──────> FAILED <─────┘  └── daemon gone: interrupted, ambiguous
        └── written again after an fsync (UPLOADED, FAILED, READY; UPLOADING once its PUT
            has ended without an answer)
@@ -16,6 +17,10 @@ An entry belongs to the daemon that made it while that process runs (pid and its
 in the journal); the daemon gives up an entry it keeps (pid 0) when the file's last handle is
 closed. Only then, or once its daemon is gone, may `mlregfs recover` touch it. Saves are
 serialized where the entry changes and numbered: an older one never lands over a newer one.
+
+A file with a temporary name (rsync's, safetensors', `sed -i`'s) is `held`: closed (READY) but
+uploaded only once it is renamed; an entry still held when its daemon went is never uploaded
+by `recover retry` unless its id is named.
 
 An entry found by a later process (its daemon is gone) means: WRITING - never closed (discard
 only); READY or FAILED - not stored (READY without a sha256: closed by its writer but not
@@ -69,7 +74,8 @@ class UploadState(enum.StrEnum):
 S = UploadState
 TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
     S.WRITING: frozenset({S.READY}),
-    S.READY: frozenset({S.UPLOADING, S.FAILED, S.WRITING}),
+    # UPLOADED: the registry already serves these bytes under this name (nothing is sent)
+    S.READY: frozenset({S.UPLOADING, S.FAILED, S.WRITING, S.UPLOADED}),
     # READY: `recover` found no copy of an interrupted PUT in the registry
     # WRITING: written again after a PUT whose outcome is unknown (timed out; the daemon asks
     # the registry before it sends those bytes again). Never while a PUT is in flight: the
@@ -115,6 +121,7 @@ class JournalEntry:
     pid_start: int | None = field(default_factory=lambda: proc_start(os.getpid()))
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    held: bool = False  # a temporary name: uploaded only once renamed (README Semantics 41)
 
     @property
     def target(self) -> str:
@@ -159,6 +166,7 @@ class JournalEntry:
             and raw["pid"] >= 0
             and (raw.get("pid_start") is None or _is_int(raw["pid_start"]))
             and all(isinstance(raw.get(k), int | float) for k in ("created", "updated"))
+            and isinstance(raw.get("held", False), bool)
         )
         if not ok:
             raise GarbledEntry("missing or invalid fields")

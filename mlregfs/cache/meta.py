@@ -38,6 +38,8 @@ class MetadataCache:
         self._maxsize = maxsize
         self._last: dict[Hashable, Any] = {}  # last good value per key, for outages
         self._inflight: dict[Hashable, _Flight] = {}
+        self._fetched: dict[Hashable, float] = {}  # when each key's value was fetched
+        self._rechecked: dict[Hashable, float] = {}  # when a missed lookup last refetched it
         self.hits = 0
         self.misses = 0
         self.stale_answers = 0
@@ -56,6 +58,21 @@ class MetadataCache:
         """Record a value learnt elsewhere (e.g. a model found inside a full listing)."""
         self._bucket(ttl)[key] = value
         self._last[key] = value
+        self._fetched[key] = self._clock()
+
+    def recheck(self, key: Hashable, min_age: float) -> bool:
+        """A lookup did not find a name in `key`'s value: if that value is older than
+        `min_age`, and `key` was not rechecked within `min_age`, forget its freshness so the
+        next `get` fetches it again. True if so. Listings keep their TTLs otherwise."""
+        now = self._clock()
+        fetched = self._fetched.get(key)
+        if fetched is None or now - fetched < min_age:
+            return False
+        if now - self._rechecked.get(key, float("-inf")) < min_age:
+            return False
+        self._rechecked[key] = now
+        self.invalidate(key)
+        return True
 
     def invalidate(self, key: Hashable | None = None) -> None:
         """Forget freshness of one key (or all); last known values stay for outages."""
@@ -97,6 +114,7 @@ class MetadataCache:
             else:
                 bucket[key] = val
                 self._last[key] = val
+                self._fetched[key] = self._clock()
                 self._down_until = float("-inf")
             flight.value = val
             return val

@@ -29,6 +29,7 @@ from mlregfs.cache.reader import CachedFile, DataCache, FileSpec, ReadStream
 from mlregfs.errors import (
     AuthError,
     Busy,
+    Denied,
     Exists,
     InvalidPath,
     IsADirectory,
@@ -39,7 +40,10 @@ from mlregfs.errors import (
     NotFound,
     NotPermitted,
     ReadOnly,
+    Unsupported,
 )
+from mlregfs.fs.holders import Holders
+from mlregfs.fs.tempnames import is_temp, temp_tool
 from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.registry import validate
@@ -50,6 +54,9 @@ from mlregfs.writeback import Spool, SpoolFile, UploadInterrupted, UploadState
 log = logging.getLogger("mlregfs.fs")
 
 ROOT_INO = 1
+RECHECK_AFTER = 2.0  # a listing older than this is fetched again when a lookup misses in it
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2 flags
+_COPY_STEP = 1 << 20  # in-place edits copy the current bytes into the spool in these steps
 
 
 class Kind(enum.Enum):
@@ -153,6 +160,15 @@ class WriteHandle:
     putting: bool = False  # a PUT is in flight: a write or truncate now is EBUSY
     active: int = 0  # unqueued writes running in worker threads
     quiet: trio.Event = field(default_factory=trio.Event)  # set when `active` drops to 0
+    # sha256 of the bytes the registry serves under this name (None: nothing, or unknown):
+    # an upload of the same bytes is skipped (README Semantics 44)
+    served: str | None = None
+    pid: int = 0  # the process that opened it for writing (0: unknown): see `_last_close`
+    ino: int = 0  # the kernel's inode number of the file, for the same
+    wrote: bool = False  # written or truncated since it was opened or last uploaded
+    writers: int = 0  # open write handles; 0 once closed (held, or being released)
+    held: bool = False  # closed with a temporary name: uploaded when renamed (Semantics 41)
+    discarded: bool = False  # removed while open: nothing is uploaded, the spool goes at release
 
 
 @dataclass(frozen=True)
@@ -209,8 +225,12 @@ class Filesystem:
         timeouts: Timeouts | None = None,
         meta: MetadataCache | None = None,
         spool: Spool | None = None,
+        hold_temp: bool = True,
+        holders: Holders | None = None,
     ) -> None:
         self.registry = registry
+        self.hold_temp = hold_temp  # temporary names are held at close (README Semantics 41)
+        self.holders = holders  # who still holds a file open (None: no /proc to ask)
         self.spool = spool  # None: a read-only mount
         self.data = data
         self.source_id = source_id  # distinguishes cache keys of files without sha256
@@ -237,7 +257,7 @@ class Filesystem:
         self._upload_scopes: set[trio.CancelScope] = set()  # PUTs in flight, for shutdown
         self._closing = False  # drain_timeout passed: no upload starts any more
         self._nursery: trio.Nursery | None = None
-        self.upload_stats = {"uploaded": 0, "failed": 0, "bytes": 0}
+        self.upload_stats = {"uploaded": 0, "failed": 0, "bytes": 0, "unchanged": 0}
 
     # -- inodes -------------------------------------------------------------------------
     def ino(self, node: Node) -> int:
@@ -460,9 +480,24 @@ class Filesystem:
         if name == "..":
             return await self.attr_of(parent_node(parent))
         child = (await self.children(parent)).get(name)
+        if child is None and self._recheck(parent):
+            # published elsewhere since the listing was fetched (README Semantics 46)
+            child = (await self.children(parent)).get(name)
         if child is None:
             raise NotFound(f"{name!r} not found")
         return await self.attr_of(child)
+
+    def _recheck(self, parent: Node) -> bool:
+        """A lookup in `parent` missed: let its listing be fetched again if it is older than
+        RECHECK_AFTER (rate-limited per listing). True if it will be."""
+        k = parent.kind
+        if k in (Kind.MODELS, Kind.MODEL_DIR):
+            return self.meta.recheck("models", RECHECK_AFTER)
+        if k is Kind.CANDIDATES:
+            return self.meta.recheck("candidates", RECHECK_AFTER)
+        if k in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
+            return self.meta.recheck(("files", parent.owner), RECHECK_AFTER)
+        return False
 
     async def getattr(self, ino: int) -> Attr:
         return await self.attr_of(self.node(ino))
@@ -478,12 +513,13 @@ class Filesystem:
             for name, a in attrs
         ]
 
-    async def open(self, ino: int, flags: int) -> Opened:
+    async def open(self, ino: int, flags: int, pid: int = 0) -> Opened:
+        """`pid`: the opening process (0: unknown), for `_last_close`."""
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory("open of a directory for reading data")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
-            return await self._open_for_write(node, flags)
+            return await self._open_for_write(node, flags, pid, ino)
         w = self._writing.get((node.owner, node.path))
         if w is not None:  # reading a file that is still being written: its spool
             fh = next(self._next_fh)
@@ -491,6 +527,13 @@ class Filesystem:
             self._keep_pages(ino, None)  # pages of the spool: the next open drops them
             return Opened(fh, keep_cache=False)
         f = await self._remote_file(node)
+        cached = await self._open_cached(node, f)
+        fh = next(self._next_fh)
+        self._handles[fh] = FileHandle(node, f, cached)
+        return Opened(fh, keep_cache=f.sha256 is not None and self._keep_pages(ino, cached))
+
+    async def _open_cached(self, node: Node, f: RemoteFile) -> CachedFile:
+        """`f` (a file of `node`'s owner) opened through the verified block cache."""
         owner = await self.owner(node.owner)
         spec = FileSpec(self.cache_key(f), f.size, f.sha256.lower() if f.sha256 else None)
         registry = self.registry
@@ -498,10 +541,7 @@ class Filesystem:
         async def fetch(start: int, end: int, into: memoryview | None = None) -> Buffer:
             return await registry.read_range(owner, f, start, end, into=into)
 
-        cached = self.data.open(spec, fetch, into=True, name=f.path)
-        fh = next(self._next_fh)
-        self._handles[fh] = FileHandle(node, f, cached)
-        return Opened(fh, keep_cache=f.sha256 is not None and self._keep_pages(ino, cached))
+        return self.data.open(spec, fetch, into=True, name=f.path)
 
     def _keep_pages(self, ino: int, cached: CachedFile | None) -> bool:
         """May the kernel keep `ino`'s cached pages at this open through `cached` (None: not
@@ -548,9 +588,20 @@ class Filesystem:
         if isinstance(h, FileHandle):
             self.data.close(h.cached)
             return
+        if h.discarded:  # removed while open: nothing is uploaded
+            h.writers -= 1
+            if h.writers <= 0:
+                await self._drop_spool(h)
+            return
         key = (h.node.owner, h.node.path)
         if self._writing.get(key) is not h:
             return  # a reader of a file being written
+        h.writers -= 1
+        if h.writers > 0:
+            return
+        if self._held_name(h.node.path) and h.spool_error is None:
+            await self._hold(h)
+            return
         kept = False
         try:
             await self._drain(h)
@@ -574,7 +625,10 @@ class Filesystem:
                     h.spool_error,
                 )
                 h.spool.spool.remove(h.spool.entry)
-            elif h.spool.entry.state is UploadState.UPLOADED:
+            elif h.spool.entry.state is UploadState.UPLOADED or (
+                not h.spool.dirty and h.error is None
+            ):
+                # uploaded, or an in-place open that changed nothing: the registry has it
                 h.spool.spool.remove(h.spool.entry)
             else:
                 kept = True
@@ -601,7 +655,13 @@ class Filesystem:
             raise ReadOnly("this mount is read-only")
         return self.spool
 
-    async def _new_writer(self, node: Node, replaces: tuple[RemoteFile, ...]) -> Opened:
+    def _held_name(self, path: str) -> bool:
+        """Is a file at `path` held at close instead of uploaded (a temporary name)?"""
+        return self.hold_temp and is_temp(path)
+
+    async def _new_writer(
+        self, node: Node, replaces: tuple[RemoteFile, ...], pid: int = 0, ino: int = 0
+    ) -> tuple[Opened, WriteHandle]:
         spool = self._writable()
         key = (node.owner, node.path)
         if key in self._writing:
@@ -612,27 +672,76 @@ class Filesystem:
         await self.registry.authorize_upload(owner, node.path)
         sf = await trio.to_thread.run_sync(spool.new, self.source_id, node.owner, node.path)
         h = WriteHandle(node, sf, replaces)
+        h.served = _sha(replaces[0]) if replaces else None
+        h.pid, h.ino, h.writers = self._process(pid), ino, 1
         if self._nursery is not None:
             h.writer = SpoolWriter(sf, self._nursery)
         self._writing[key] = h
         fh = next(self._next_fh)
         self._handles[fh] = h
+        return Opened(fh, keep_cache=False, direct_io=True), h
+
+    def _process(self, pid: int) -> int:
+        """The opener's process for `_last_close` (0: unknown)."""
+        if pid <= 0 or self.holders is None:
+            return 0
+        return self.holders.process(pid)
+
+    async def _open_for_write(self, node: Node, flags: int, pid: int, ino: int) -> Opened:
+        self._writable()
+        w = self._writing.get((node.owner, node.path))
+        if w is not None:
+            if w.writers or w.discarded:
+                raise Busy(f"{node.path!r} is already being written through this mount")
+            return await self._reopen(w, flags, pid, ino)
+        f = await self._remote_file(node)
+        opened, h = await self._new_writer(node, (f,), pid, ino)
+        if not flags & os.O_TRUNC:  # an in-place edit or an append (README Semantics 43)
+            try:
+                await self._copy_in(h, node, f)
+            except BaseException:
+                self._handles.pop(opened.fh, None)
+                del self._writing[(node.owner, node.path)]
+                with trio.CancelScope(shield=True):
+                    await self._drop_spool(h)
+                raise
+        return opened
+
+    async def _reopen(self, w: WriteHandle, flags: int, pid: int, ino: int) -> Opened:
+        """Open for writing a file that is closed but not uploaded (held): same spool."""
+        w.writers += 1
+        w.held = w.spool.entry.held = False
+        w.pid, w.ino, w.wrote = self._process(pid), ino or w.ino, False
+        fh = next(self._next_fh)
+        self._handles[fh] = w
+        if flags & os.O_TRUNC:
+            await self._drain(w)
+            await self._before_change(w)
+            w.spool.truncate(0)
+            w.wrote = True
         return Opened(fh, keep_cache=False, direct_io=True)
 
-    async def _open_for_write(self, node: Node, flags: int) -> Opened:
-        self._writable()
-        if flags & os.O_APPEND:
-            raise NotPermitted("append is not supported: registry files are immutable")
-        if not flags & os.O_TRUNC:
-            raise NotPermitted(
-                "in-place modification is not supported: open with O_TRUNC to replace the file"
-            )
-        if (node.owner, node.path) in self._writing:
-            raise Busy(f"{node.path!r} is already being written through this mount")
-        f = await self._remote_file(node)
-        return await self._new_writer(node, (f,))
+    async def _copy_in(self, h: WriteHandle, node: Node, f: RemoteFile) -> None:
+        """Copy `f`'s bytes (a file of `node`'s owner) into `h`'s spool through the verified
+        cache: a read of the whole file, so a mismatch with its sha256 fails with EIO."""
+        cached = await self._open_cached(node, f)
+        stream = ReadStream()
+        try:
+            off = 0
+            while off < f.size:
+                chunk = await self.data.read(cached, off, min(_COPY_STEP, f.size - off), stream)
+                if not len(chunk):
+                    raise E.ProtocolError(f"{f.path}: ends at {off} of {f.size} bytes")
+                data = bytes(chunk)
+                await trio.to_thread.run_sync(h.spool.write, off, data)
+                off += len(data)
+        finally:
+            self.data.close(cached)
+        h.spool.dirty, h.wrote = False, False
 
-    async def create(self, parent_ino: int, name: str, flags: int) -> tuple[Opened, Attr]:
+    async def create(
+        self, parent_ino: int, name: str, flags: int, pid: int = 0
+    ) -> tuple[Opened, Attr]:
         """O_CREAT of a new file inside a version or candidate directory."""
         self._writable()
         parent = self.node(parent_ino)
@@ -644,18 +753,21 @@ class Filesystem:
         if name in await self.children(parent):
             if flags & os.O_EXCL:
                 raise Exists(f"{path!r} exists")
-            return await self._open_for_write(node, flags | os.O_TRUNC), await self.attr_of(node)
-        opened = await self._new_writer(node, ())
-        return opened, await self.attr_of(node)
+            opened = await self._open_for_write(node, flags | os.O_TRUNC, pid, self.ino(node))
+            return opened, await self.attr_of(node)
+        opened, h = await self._new_writer(node, (), pid)
+        attr = await self.attr_of(node)
+        h.ino = attr.ino
+        return opened, attr
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handles.get(fh)
-        if (
-            not isinstance(h, WriteHandle)
-            or self._writing.get((h.node.owner, h.node.path)) is not h
+        if not isinstance(h, WriteHandle) or not (
+            h.discarded or self._writing.get((h.node.owner, h.node.path)) is h
         ):
             raise NotPermitted("handle not open for writing")
         await self._before_change(h)
+        h.wrote = True
         try:
             if h.writer is not None:  # queued: disk write and hash overlap the next request
                 # a wait for queue space may end after a close took the sha256: checked again
@@ -698,19 +810,102 @@ class Filesystem:
             h.spool_error = e
             raise
 
-    async def flush(self, fh: int) -> None:
-        """close(2): upload if anything changed since the last upload; report its failure."""
+    def _writer(self, fh: int) -> WriteHandle | None:
+        """The file `fh` writes (not a reader's handle, not one removed while open)."""
         h = self._handles.get(fh)
         if isinstance(h, WriteHandle) and self._writing.get((h.node.owner, h.node.path)) is h:
-            await self._drain(h)
-            if h.spool_error is not None:  # never upload a file some bytes of which are missing
-                raise h.spool_error
-            if h.spool.dirty:
-                await self._upload(h)
-            elif h.error is not None:
-                raise h.error
+            return h
+        return None
 
-    fsync = flush
+    async def flush(self, fh: int) -> None:
+        """close(2) of a descriptor: upload if this close ends the writing (`_last_close`) and
+        anything changed since the last upload; report its failure (README Semantics 42)."""
+        h = self._writer(fh)
+        if h is None:
+            return
+        await self._drain(h)
+        if h.spool_error is not None:  # never upload a file some bytes of which are missing
+            raise h.spool_error
+        if not h.spool.dirty:
+            if h.error is not None:
+                raise h.error
+            return
+        if self._held_name(h.node.path):
+            return  # uploaded when it is renamed (Semantics 41)
+        if await self._last_close(h):
+            await self._upload(h)
+
+    async def fsync(self, fh: int) -> None:
+        """fsync(2): upload now; a file with a temporary name is only synced to the spool."""
+        h = self._writer(fh)
+        if h is None:
+            return
+        await self._drain(h)
+        if h.spool_error is not None:
+            raise h.spool_error
+        if self._held_name(h.node.path):
+            await trio.to_thread.run_sync(os.fsync, h.spool.fd)
+        elif h.spool.dirty:
+            await self._upload(h)
+        elif h.error is not None:
+            raise h.error
+
+    async def _last_close(self, h: WriteHandle) -> bool:
+        """Does the close being flushed end the writing of `h`? FUSE flushes at every close of
+        every descriptor, duplicates and children's copies included: it does if neither the
+        process that opened the file nor its children still hold it. When that cannot be
+        known, if bytes were written since the open or the last upload (a shell's `> f` and
+        `dd of=` close a duplicate before writing)."""
+        if self.holders is not None and h.pid > 0 and h.ino > 0:
+            held = await trio.to_thread.run_sync(self.holders.still_open, h.pid, h.ino)
+            if held is not None:
+                return not held
+        return h.wrote
+
+    async def _hold(self, h: WriteHandle) -> None:
+        """Last close of a file with a temporary name: keep it, hashed and journaled READY
+        (held), until it is renamed (uploaded then) or removed (Semantics 41)."""
+        h.held = True
+        entry = h.spool.entry
+        try:
+            await self._drain(h)
+            size, digest, _ = await self._finish(h)
+            entry.size, entry.sha256, entry.held = size, digest, True
+            if entry.state is not UploadState.READY:
+                await self._journal(h, UploadState.READY)
+            else:
+                await self._journal(h)
+        except (MlregfsError, OSError) as e:
+            log.warning("holding %s: %s", entry.target, e)
+        log.info(
+            "holding %s: a temporary name (%s); it is uploaded when renamed",
+            entry.target,
+            temp_tool(h.node.path.rpartition("/")[2]),
+        )
+
+    async def _drop_spool(self, h: WriteHandle) -> None:
+        """Forget a file nobody writes any more whose bytes are not to be uploaded."""
+        with contextlib.suppress(MlregfsError, OSError):
+            await self._settle(h)
+        h.spool.close()
+        await trio.to_thread.run_sync(self._writable().remove, h.spool.entry)
+
+    def release_held(self) -> list[str]:
+        """At unmount: give up the held files (left in the spool for `mlregfs recover`, which
+        does not upload them unless asked). Their targets, for the log."""
+        out = []
+        for h in list(self._writing.values()):
+            if not h.held or self.spool is None:
+                continue
+            entry = h.spool.entry
+            entry.pid, entry.pid_start = 0, None
+            try:
+                self.spool.save(entry)
+            except OSError as e:
+                log.warning("cannot release %s for 'mlregfs recover': %s", entry.id, e)
+            h.spool.close()
+            out.append(entry.target)
+        return out
 
     async def truncate(self, ino: int, size: int) -> None:
         node = self.node(ino)
@@ -720,10 +915,12 @@ class Filesystem:
         await self._drain(w)
         await self._before_change(w)
         w.spool.truncate(size)
+        w.wrote = True
 
     async def _drain(self, h: WriteHandle) -> None:
         """Wait for the queued writes of the file `h` writes or reads; raise their failure."""
-        w = self._writing.get((h.node.owner, h.node.path))
+        # the writer's own queue even once it is no longer named (removed while open)
+        w = h if h.writer is not None else self._writing.get((h.node.owner, h.node.path))
         if w is not None and w.spool is h.spool and w.writer is not None:
             try:
                 await w.writer.drain()
@@ -798,12 +995,19 @@ class Filesystem:
         self._uploading += 1
         self._idle = trio.Event() if self._uploading == 1 else self._idle
         started = time.monotonic()
+        unchanged = False
         try:
             try:
                 size, digest, gen = await self._finish(h)
                 entry.size, entry.sha256, entry.error = size, digest, None
-                await self._journal(h, UploadState.READY)
-                if h.unsure == digest and await self._stored(h, digest):
+                ready = entry.state is UploadState.READY  # held: closed and hashed already
+                await self._journal(h, None if ready else UploadState.READY)
+                if digest == h.served and h.unsure is None:
+                    # the registry serves these very bytes under this name (Semantics 44)
+                    unchanged = True
+                    if entry.state is not UploadState.READY:  # written while we journaled
+                        raise Busy(f"{h.node.path!r} was written again while being closed")
+                elif h.unsure == digest and await self._stored(h, digest):
                     # the PUT whose answer we missed was stored: not sent again
                     log.info("%s: the earlier upload was stored after all", entry.target)
                     h.unsure = None  # newer bytes are sent, and replace it (drop_older)
@@ -825,8 +1029,12 @@ class Filesystem:
                 if h.error is e:
                     raise
                 raise h.error from e
+            if unchanged:
+                await self._unchanged(h, gen)
+                return
             drop = h.drop_older or bool(h.replaces)
             h.error, h.unsure, h.drop_older = None, None, True
+            h.served, h.wrote = digest, False
             h.uploads += 1
             self.upload_stats["uploaded"] += 1
             self.upload_stats["bytes"] += size
@@ -853,6 +1061,22 @@ class Filesystem:
             self._uploading -= 1
             if self._uploading == 0:
                 self._idle.set()
+
+    async def _unchanged(self, h: WriteHandle, gen: int) -> None:
+        """READY -> UPLOADED with nothing sent: the registry already serves these bytes."""
+        entry = h.spool.entry
+        h.error, h.wrote = None, False
+        self.upload_stats["unchanged"] += 1
+        entry.move(UploadState.UPLOADED)
+        if h.spool.gen == gen:
+            h.spool.dirty = False
+        else:
+            entry.move(UploadState.WRITING)
+        try:
+            await self._journal(h)
+        except OSError as e:
+            log.warning("cannot journal %s: %s", entry.target, e)
+        log.info("%s unchanged (sha256 %s): nothing uploaded", entry.target, entry.sha256)
 
     def _upload_failed(self, h: WriteHandle, e: Exception) -> None:
         """Record a failed upload: the error the caller sees (with an errno), the state."""
@@ -1077,11 +1301,199 @@ class Filesystem:
             raise NotFound(f"{name!r} not found")
         if child.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
-        if (child.owner, child.path) in self._writing:
-            raise Busy(f"{name!r} is still being written")
-        f = await self._remote_file(child)
+        key = (child.owner, child.path)
+        w = self._writing.get(key)
+        if w is not None:
+            # not uploaded yet (open or held): its bytes are dropped, nothing is uploaded
+            if w.putting or w.upload_lock.locked():
+                raise Busy(f"{name!r} is being uploaded")
+            del self._writing[key]
+            w.discarded = True
+            if w.writers <= 0:
+                await self._drop_spool(w)
+            log.info("%s removed before its upload: not uploaded", w.spool.entry.target)
+            if not w.replaces and not w.uploads:
+                return  # nothing of it is in the registry
+        f = await self._remote_or_none(child)
+        if f is not None:
+            await self._delete_copies(f)
+        self.meta.invalidate(("files", child.owner))
+
+    async def _remote_or_none(self, node: Node) -> RemoteFile | None:
+        try:
+            return await self._remote_file(node)
+        except NotFound:
+            return None
+
+    async def _delete_copies(self, f: RemoteFile) -> None:
+        """Delete every copy of `f`'s name (the newest and the older duplicates)."""
         for fid in (f.file_id, *f.older_ids):
             await self.registry.delete_file(
                 RemoteFile(f.path, f.size, f.sha256, f.created_at, fid, f.package_id)
             )
-        self.meta.invalidate(("files", child.owner))
+
+    # -- rename -------------------------------------------------------------------------
+    async def rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int = 0
+    ) -> None:
+        """Rename a file inside and between versions and candidates (README Semantics 40, 45):
+        a file not uploaded yet takes its upload to the new name; an uploaded one is copied
+        and deleted (Maintainer). A rename to a name that is not temporary commits: it
+        returns once the registry answered."""
+        self._writable()
+        if flags & RENAME_EXCHANGE:
+            raise Unsupported("RENAME_EXCHANGE is not supported: GitLab has no rename")
+        sp, dp = self.node(old_parent), self.node(new_parent)
+        if not sp.is_dir or not dp.is_dir:
+            raise NotADirectory("rename between non-directories")
+        src = (await self.children(sp)).get(old_name)
+        if src is None:
+            raise NotFound(f"{old_name!r} not found")
+        if src.is_dir:
+            raise NotPermitted("directories cannot be renamed: GitLab has no directories")
+        if dp.kind not in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
+            raise NotPermitted("files can only be inside a version or candidate directory")
+        check_file_name(new_name)
+        dst = Node(Kind.FILE, owner=dp.owner, path=f"{dp.path}/{new_name}" if dp.path else new_name)
+        if dst == src:
+            return
+        existing = (await self.children(dp)).get(new_name)
+        if existing is not None:
+            if existing.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if flags & RENAME_NOREPLACE:
+                raise Exists(f"{new_name!r} exists")
+        w_dst = self._writing.get((dst.owner, dst.path))
+        if w_dst is not None and (w_dst.writers or w_dst.putting or w_dst.upload_lock.locked()):
+            raise Busy(f"{new_name!r} is being written through this mount")
+        dst_remote = await self._remote_or_none(dst)
+        w = self._writing.get((src.owner, src.path))
+        src_remote = None
+        if w is None or w.replaces or w.uploads:
+            # its bytes are (also) in the registry under the old name: GitLab has no rename,
+            # so the old copies must be deleted after the new one is stored. Refused up front
+            # when the role cannot delete, rather than leaving the file under both names.
+            src_remote = await self._remote_or_none(src)
+            if src_remote is not None and not await self.registry.may_delete_files():
+                raise Denied(
+                    f"renaming {src.path!r}: GitLab cannot rename a file, and deleting the old"
+                    " name's copies needs the Maintainer role"
+                )
+        if w is not None:
+            await self._rename_pending(w, dst, dst_remote, w_dst, src_remote)
+        elif src_remote is not None:
+            await self._rename_uploaded(src, src_remote, dst, dst_remote, w_dst)
+        else:
+            raise NotFound(f"{old_name!r} no longer exists")
+        self.meta.invalidate(("files", src.owner))
+        self.meta.invalidate(("files", dst.owner))
+
+    async def _rename_pending(
+        self,
+        w: WriteHandle,
+        dst: Node,
+        dst_remote: RemoteFile | None,
+        w_dst: WriteHandle | None,
+        src_remote: RemoteFile | None,
+    ) -> None:
+        """Rename a file whose bytes are in the spool (open, or closed and held)."""
+        src = w.node
+        commit = src_remote is not None or not self._held_name(dst.path)
+        if dst.owner != src.owner:
+            await self.registry.authorize_upload(await self.owner(dst.owner), dst.path)
+        before = (w.replaces, w.served, w.spool.dirty)
+        self._retarget(w, dst)
+        w.replaces = (dst_remote,) if dst_remote is not None else ()
+        w.served = _sha(dst_remote)
+        try:
+            await self._journal(w)  # a crash from here on uploads to the new name
+            if commit:
+                await self._drain(w)
+                if w.spool_error is not None:
+                    raise w.spool_error
+                if src_remote is not None:
+                    w.spool.dirty = True  # stored under the old name only: store it anew
+                if w.spool.dirty:
+                    await self._upload(w)
+        except BaseException:
+            self._retarget(w, src)
+            w.replaces, w.served = before[0], before[1]
+            w.spool.dirty = w.spool.dirty or before[2]
+            with contextlib.suppress(OSError), trio.CancelScope(shield=True):
+                await self._journal(w)
+            raise
+        # the rename takes effect
+        if w_dst is not None and w_dst is not w:
+            del self._writing[(dst.owner, dst.path)]
+            w_dst.discarded = True
+            await self._drop_spool(w_dst)
+        del self._writing[(src.owner, src.path)]
+        self._writing[(dst.owner, dst.path)] = w
+        self._move_inode(src, dst)
+        for h in self._handles.values():  # readers of the spool follow it
+            if isinstance(h, WriteHandle) and h.spool is w.spool:
+                h.node = dst
+        if w.writers <= 0:
+            if not w.spool.dirty and w.spool.entry.state is UploadState.UPLOADED:
+                del self._writing[(dst.owner, dst.path)]  # stored: done
+                await self._drop_spool(w)
+            elif self._held_name(dst.path):
+                w.held = w.spool.entry.held = True
+                with contextlib.suppress(OSError):
+                    await self._journal(w)
+        if src_remote is not None:
+            await self._delete_copies(src_remote)
+
+    def _retarget(self, w: WriteHandle, node: Node) -> None:
+        """Point `w` and its journal entry at `node` (the namespace is changed separately)."""
+        w.node = node
+        w.spool.entry.owner, w.spool.entry.path = list(node.owner), node.path
+        w.spool.entry.held = False
+
+    async def _rename_uploaded(
+        self,
+        src: Node,
+        f: RemoteFile,
+        dst: Node,
+        dst_remote: RemoteFile | None,
+        w_dst: WriteHandle | None,
+    ) -> None:
+        """Copy an uploaded file's verified bytes to the new name, then delete the old name's
+        copies (the caller checked the role)."""
+        same = _sha(f) is not None and _sha(f) == _sha(dst_remote)
+        if not same:
+            spool = self._writable()
+            owner = await self.owner(dst.owner)
+            await self.registry.authorize_upload(owner, dst.path)
+            sf = await trio.to_thread.run_sync(spool.new, self.source_id, dst.owner, dst.path)
+            h = WriteHandle(dst, sf, (dst_remote,) if dst_remote is not None else ())
+            h.served = _sha(dst_remote)
+            try:
+                await self._copy_in(h, src, f)
+                h.spool.dirty = True
+                await self._upload(h)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._drop_spool(h)  # stored, or the original is still there
+        if w_dst is not None:
+            del self._writing[(dst.owner, dst.path)]
+            w_dst.discarded = True
+            await self._drop_spool(w_dst)
+        self._move_inode(src, dst)
+        await self._delete_copies(f)
+
+    def _move_inode(self, src: Node, dst: Node) -> None:
+        """The kernel keeps the renamed file's inode: its number now names `dst`."""
+        ino = self._ino_of.pop(src, None)
+        if ino is None:
+            return
+        self._ino_of[dst] = ino
+        self._node_of[ino] = dst
+        self._page_source.pop(ino, None)
+
+
+def _sha(f: RemoteFile | None) -> str | None:
+    """`f`'s sha256 when it is a valid one (lower case), else None."""
+    if f is None or not f.sha256 or not _IS_SHA256(f.sha256):
+        return None
+    return f.sha256.lower()

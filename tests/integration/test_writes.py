@@ -221,8 +221,9 @@ def test_mkdir_models_versions_and_rmdir(ww: WWorld, tmp_path: Path) -> None:
 
 
 def test_overwrite_semantics(ww: WWorld, tmp_path: Path) -> None:
-    """Semantics 21 and 22. O_TRUNC uploads a new copy; a Maintainer's overwrite deletes the
-    older copies, a Developer's keeps them (logged). In-place writes, append and rename: EPERM."""
+    """Semantics 21, 22 and 45. O_TRUNC uploads a new copy; a Maintainer's overwrite deletes
+    the older copies, a Developer's keeps them (logged). link, symlink and renaming a directory
+    are EPERM; a Developer cannot rename an uploaded file (EACCES)."""
     dev = mount(ww, tmp_path, "developer")
     try:
         p = dev.path / "models/m/1.0.0/over.txt"
@@ -232,12 +233,18 @@ def test_overwrite_semantics(ww: WWorld, tmp_path: Path) -> None:
         assert rows_named(ww, "1.0.0", "over.txt") == 2
         assert "kept older copies" in dev.stderr()
         with pytest.raises(PermissionError) as ei:
-            open(p, "r+b")  # in-place modification
+            os.rename(p, p.with_name("renamed.txt"))  # copy + delete needs the Maintainer role
+        assert ei.value.errno == errno.EACCES
+        assert p.read_bytes() == b"two, longer" and not p.with_name("renamed.txt").exists()
+        for op in (os.link, os.symlink):
+            with pytest.raises(PermissionError) as ei:
+                op(p, p.with_name("linked.txt"))
+            assert ei.value.errno == errno.EPERM
+        (dev.path / "models/m/1.0.0/d").mkdir()
+        (dev.path / "models/m/1.0.0/d/f.txt").write_bytes(b"f")
+        with pytest.raises(PermissionError) as ei:
+            os.rename(dev.path / "models/m/1.0.0/d", dev.path / "models/m/1.0.0/e")
         assert ei.value.errno == errno.EPERM
-        with pytest.raises(PermissionError):
-            open(p, "ab")  # append
-        with pytest.raises(PermissionError):
-            os.rename(p, p.with_name("renamed.txt"))
     finally:
         dev.stop()
     mnt = mount(ww, tmp_path, "maintainer")

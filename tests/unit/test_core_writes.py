@@ -126,12 +126,98 @@ async def test_overwrite_replaces_and_deletes_old_copy(
     assert await read_all(fs, "models/llama/1.0.0/config.json") == b"new!"
 
 
-async def test_in_place_modification_refused(fs: Filesystem) -> None:
-    ino = await walk(fs, "models/llama/1.0.0/config.json")
-    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND):
-        with pytest.raises(NotPermitted) as ei:
-            await fs.open(ino, flags)
-        assert to_errno(ei.value) == errno.EPERM
+async def uploads(reg: InMemoryRegistry) -> int:
+    return reg.stats.by_kind.get("upload", 0)
+
+
+async def test_in_place_edit_and_append_copy_then_upload_only_changes(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """Semantics 43 and 44: without O_TRUNC the current bytes are copied into the spool; a
+    close uploads only what changed."""
+    path = "models/llama/1.0.0/config.json"
+    ino = await walk(fs, path)
+    opened = await fs.open(ino, os.O_RDWR)  # opened and closed without a write: nothing
+    assert await fs.read(opened.fh, 0, 10) == b"old"
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert await uploads(reg) == 0
+    opened = await fs.open(ino, os.O_WRONLY)  # an edit at an offset
+    await fs.write(opened.fh, 1, b"L")
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert await read_all(fs, path) == b"oLd" and await uploads(reg) == 1
+    opened = await fs.open(ino, os.O_WRONLY | os.O_APPEND)  # the kernel sends the offset
+    await fs.write(opened.fh, 3, b"+more")
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert await read_all(fs, path) == b"oLd+more" and await uploads(reg) == 2
+    opened = await fs.open(ino, os.O_WRONLY | os.O_TRUNC)  # the same bytes again: no copy
+    await fs.write(opened.fh, 0, b"oLd+more")
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert await uploads(reg) == 2 and fs.upload_stats["unchanged"] == 1
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_temp_name_held_until_renamed(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    """Semantics 40 and 41: a temporary name is not uploaded at close; renaming it uploads
+    it under the new name; removing a held file uploads nothing."""
+    v = await walk(fs, "models/llama/1.0.0")
+    await write_file(fs, "models/llama/1.0.0/.w.bin.Ab12Cd", b"weights")
+    assert await uploads(reg) == 0
+    assert ".w.bin.Ab12Cd" in await names(fs, "models/llama/1.0.0")
+    assert await read_all(fs, "models/llama/1.0.0/.w.bin.Ab12Cd") == b"weights"
+    await fs.rename(v, ".w.bin.Ab12Cd", v, "w.bin")
+    assert await uploads(reg) == 1
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "w.bin"]
+    remote = {f.path for f in await reg.list_files((await reg.list_models())[0].versions[0])}
+    assert remote == {"config.json", "w.bin"}
+    await write_file(fs, "models/llama/1.0.0/tmpab_cd123.json", b"junk")
+    await fs.unlink(v, "tmpab_cd123.json")
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "w.bin"]
+    assert await uploads(reg) == 1
+    assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_rename_while_open_commits_and_reports(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    """Semantics 40: safetensors renames its temp file while it is still open: the rename
+    uploads and its failure is the rename's; the close then has nothing left to upload."""
+    v = await walk(fs, "models/llama/1.0.0")
+    opened, _ = await fs.create(v, ".tmpQzNd3L", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    await fs.write(opened.fh, 0, b"tensors")
+    reg.fail_next["upload"] = Forbidden("403 Forbidden")
+    with pytest.raises(Forbidden):
+        await fs.rename(v, ".tmpQzNd3L", v, "model.safetensors")
+    assert ".tmpQzNd3L" in await names(fs, "models/llama/1.0.0")  # kept its old name
+    await fs.rename(v, ".tmpQzNd3L", v, "model.safetensors")
+    await fs.flush(opened.fh)
+    await fs.release(opened.fh)
+    assert await uploads(reg) == 2  # the refused one and the stored one; none at close
+    files = await reg.list_files((await reg.list_models())[0].versions[0])
+    assert [(f.path, f.older_ids) for f in files] == [
+        ("config.json", ()),
+        ("model.safetensors", ()),
+    ]
+    assert await read_all(fs, "models/llama/1.0.0/model.safetensors") == b"tensors"
+    assert await names(fs, "models/llama/1.0.0") == ["config.json", "model.safetensors"]
+
+
+async def test_rename_uploaded_file_needs_maintainer(fs: Filesystem, reg: InMemoryRegistry) -> None:
+    """Semantics 45: a Maintainer's rename copies and deletes; others get EACCES."""
+    v = await walk(fs, "models/llama/1.0.0")
+    reg.role = 30
+    with pytest.raises(MlregfsError) as ei:
+        await fs.rename(v, "config.json", v, "cfg.json")
+    assert to_errno(ei.value) == errno.EACCES
+    assert await names(fs, "models/llama/1.0.0") == ["config.json"]
+    reg.role = 40
+    await fs.rename(v, "config.json", v, "cfg.json")
+    assert await names(fs, "models/llama/1.0.0") == ["cfg.json"]
+    assert await read_all(fs, "models/llama/1.0.0/cfg.json") == b"old"
+    with pytest.raises(MlregfsError) as ei:
+        await fs.rename(v, "cfg.json", v, "x.json", 2)  # RENAME_EXCHANGE
+    assert to_errno(ei.value) == errno.EINVAL
 
 
 async def test_mkdir_model_version_and_rmdir(fs: Filesystem, reg: InMemoryRegistry) -> None:
@@ -627,6 +713,7 @@ async def test_a_queued_write_woken_after_close_hashed_is_ebusy_never_in_the_put
             h = fs._handles[fh]
             assert isinstance(h, WriteHandle) and h.writer is not None
             h.writer._limit = 4
+            h.wrote = True  # as after earlier writes: this close ends the writing (no /proc)
 
             async def close(fh: int = fh) -> None:
                 await fs.flush(fh)
