@@ -95,6 +95,7 @@ METRICS = {
     "registry.offline_answers": ("counter", "Listings answered from the catalog"),
     "uploads.uploaded": ("counter", "Files uploaded"),
     "uploads.failed": ("counter", "Uploads that failed"),
+    "uploads.unchanged": ("counter", "Closes and renames whose bytes the registry already had"),
     "uploads.in_flight": ("gauge", "Uploads running now"),
     "uploads.recovery_items": ("gauge", "Spooled files kept for mlregfs recover"),
 }
@@ -154,7 +155,8 @@ def render(s: dict[str, Any]) -> str:
         f"  registry    {r['requests']} requests, {_human(r['bytes_downloaded'])} fetched, "
         f"{_human(r['bytes_uploaded'])} uploaded, {r['retries']} retries, {r['errors']} errors"
         + (f", {r['offline_answers']} answered offline" if r["offline_answers"] else ""),
-        f"  uploads     {u['uploaded']} done, {u['failed']} failed, {u['in_flight']} in flight, "
+        f"  uploads     {u['uploaded']} done, {u.get('unchanged', 0)} unchanged (not sent), "
+        f"{u['failed']} failed, {u['in_flight']} in flight, "
         f"{u['recovery_items']} kept for 'mlregfs recover'",
     ]
     if s.get("fuse_failures"):
