@@ -632,3 +632,30 @@ async def test_closing_the_last_handle_stops_the_stream(tmp_path: Path) -> None:
             await trio.testing.wait_all_tasks_blocked()
         assert not cf.streaming and not cf.inflight
     assert "closed" not in dc._files
+
+
+async def test_a_missed_lookup_refetches_an_older_listing_at_most_every_min_age() -> None:
+    """Semantics 46: a lookup that misses makes a listing older than 2 s be fetched again,
+    rate-limited; the TTL stays for everything else."""
+    now = [0.0]
+    mc = MetadataCache(clock=lambda: now[0])
+    calls = 0
+
+    async def fetch() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    assert await mc.get("files", fetch, 300) == 1
+    now[0] = 1.0
+    assert not mc.recheck("files", 2.0)  # fetched 1 s ago: fresh enough
+    now[0] = 2.5
+    assert mc.recheck("files", 2.0)
+    assert await mc.get("files", fetch, 300) == 2
+    now[0] = 5.0
+    assert mc.recheck("files", 2.0)
+    assert await mc.get("files", fetch, 300) == 3
+    now[0] = 6.0
+    assert not mc.recheck("files", 2.0)  # rechecked 1 s ago
+    assert await mc.get("files", fetch, 300) == 3  # the TTL still holds
+    assert not mc.recheck("never fetched", 2.0)

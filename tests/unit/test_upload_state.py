@@ -326,3 +326,23 @@ def test_a_closed_but_unhashed_entry_is_hashed_and_uploaded(tmp_path: Path) -> N
     assert f[1] == data
     assert _retry(tmp_path, reg, "a" * 32) == 1  # shorter than journaled: not uploaded
     assert reg.stats.by_kind["upload"] == 1
+
+
+def test_a_held_temporary_file_is_not_uploaded_unless_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Semantics 41: a temporary name never renamed stays out of the registry: `retry` leaves
+    it (exit 1: something is left for a human) unless its id is named."""
+    spool = Spool(tmp_path / "spool")
+    data = b"half a checkpoint"
+    _journal(spool, "c" * 32, data, state="ready", path=".tmpVhKZax", held=True)
+    reg = InMemoryRegistry()
+    reg.add_version("llama", "1.0.0")
+    assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    assert "held: a temporary name" in capsys.readouterr().out
+    assert _retry(tmp_path, reg) == 1
+    assert "temporary name" in capsys.readouterr().err
+    assert reg.stats.by_kind.get("upload", 0) == 0
+    assert _retry(tmp_path, reg, "c" * 32) == 0  # named: uploaded as asked
+    assert reg._files[("v", "llama", "1.0.0")][".tmpVhKZax"][1] == data
+    assert list(spool.root.iterdir()) == []
