@@ -66,8 +66,8 @@ class MetadataCache:
         next `get` fetches it again. True if so. Listings keep their TTLs otherwise."""
         now = self._clock()
         fetched = self._fetched.get(key)
-        if fetched is None or now - fetched < min_age:
-            return False
+        if fetched is None or now - fetched < min_age or now < self._down_until:
+            return False  # fresh enough, or the registry was just unreachable (no waits)
         if now - self._rechecked.get(key, float("-inf")) < min_age:
             return False
         self._rechecked[key] = now

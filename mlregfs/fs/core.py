@@ -1401,12 +1401,16 @@ class Filesystem:
         commit = src_remote is not None or not self._held_name(dst.path)
         if dst.owner != src.owner:
             await self.registry.authorize_upload(await self.owner(dst.owner), dst.path)
-        before = (w.replaces, w.served, w.spool.dirty)
+        entry = w.spool.entry
+        before = (w.replaces, w.served, w.spool.dirty, entry.held)
         self._retarget(w, dst)
         w.replaces = (dst_remote,) if dst_remote is not None else ()
         w.served = _sha(dst_remote)
+        # journaled with its new name: a crash from here on leaves it for `recover` to upload
+        # there (a committing rename was asked for), or held if the new name is temporary too
+        entry.held = w.held and not commit
         try:
-            await self._journal(w)  # a crash from here on uploads to the new name
+            await self._journal(w)
             if commit:
                 await self._drain(w)
                 if w.spool_error is not None:
@@ -1419,6 +1423,7 @@ class Filesystem:
             self._retarget(w, src)
             w.replaces, w.served = before[0], before[1]
             w.spool.dirty = w.spool.dirty or before[2]
+            entry.held = before[3]
             with contextlib.suppress(OSError), trio.CancelScope(shield=True):
                 await self._journal(w)
             raise
@@ -1437,8 +1442,8 @@ class Filesystem:
             if not w.spool.dirty and w.spool.entry.state is UploadState.UPLOADED:
                 del self._writing[(dst.owner, dst.path)]  # stored: done
                 await self._drop_spool(w)
-            elif self._held_name(dst.path):
-                w.held = w.spool.entry.held = True
+            else:  # closed, not uploaded: held under its new (temporary) name
+                w.held = entry.held = True
                 with contextlib.suppress(OSError):
                     await self._journal(w)
         if src_remote is not None:
@@ -1448,7 +1453,6 @@ class Filesystem:
         """Point `w` and its journal entry at `node` (the namespace is changed separately)."""
         w.node = node
         w.spool.entry.owner, w.spool.entry.path = list(node.owner), node.path
-        w.spool.entry.held = False
 
     async def _rename_uploaded(
         self,
