@@ -88,6 +88,9 @@ class CachedFile:
     refs: int = 0
     verified: bool = False
     poisoned: bool = False  # a sha256 check failed: every read fails until all handles close
+    # the prefetch policy wants it streamed whole: started by the first read, so an open that
+    # reads nothing (rsync's basis file, tools that only look) fetches nothing
+    prefetch: bool = False
     inflight: dict[int, BlockFetch] = field(default_factory=dict)
     # sha256 computed while blocks arrive in order, so a sequential read needs no re-read
     hasher: Any = field(default_factory=hashlib.sha256)
@@ -393,10 +396,10 @@ class DataCache:
     ) -> CachedFile:
         """The shared state of `spec`, one more handle on it. `into`: `fetch` takes an
         `into=` buffer. `name`: the file's name, for the prefetch policy (a weights file is
-        streamed whole at once)."""
+        streamed whole from its first read on)."""
         cf = self._open(spec, fetch, into)
         if name and wants_prefetch(self.prefetch, name):
-            self.stream(cf, "prefetch")
+            cf.prefetch = True
         return cf
 
     def _open(self, spec: FileSpec, fetch: Fetcher, into: bool) -> CachedFile:
@@ -469,6 +472,9 @@ class DataCache:
             # sticky while the file stays open: the kernel retries a failed read page by page,
             # and no retry may succeed with bytes from the mismatching download
             raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
+        if cf.prefetch:
+            cf.prefetch = False
+            self.stream(cf, "prefetch")
         end = min(off + size, cf.spec.size)
         if off >= end:
             return b""

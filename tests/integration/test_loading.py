@@ -119,12 +119,18 @@ def test_36_a_weights_file_is_fetched_whole_when_opened(
 ) -> None:
     """Prefetch on open. With `prefetch=weights` (the default), opening a weights file
     (`.safetensors`, `.gguf`, `.bin`, `.pt`, `.pth`, `.onnx`, `.ckpt`, `.h5`, ...) streams it
-    whole into the cache in the background, if the disk cache can hold it; other files are
-    fetched as they are read. `prefetch=all` streams every file, `prefetch=off` none. The
-    stream stops when the file's last handle closes."""
+    whole into the cache in the background from its first read on (a loader reads the header
+    first, an `mmap` faults a page in), if the disk cache can hold it; an open that reads
+    nothing (rsync's look at the file it replaces) fetches nothing. Other files are fetched
+    as they are read. `prefetch=all` streams every file, `prefetch=off` none. The stream
+    stops when the file's last handle closes."""
     mnt = mount()
     data = loading.files["model.safetensors"]
+    (mnt / VERSION / "model.safetensors").stat()  # the listings, fetched before counting
     reset(server)
+    with open(mnt / VERSION / "model.safetensors", "rb"):
+        time.sleep(0.5)  # opened, never read: nothing is fetched
+        assert served_until_still(server) == 0
     with open(mnt / VERSION / "model.safetensors", "rb") as f:
         assert f.read(8) == data[:8]  # a loader reads the header first...
         assert served_until_still(server) >= SIZE  # ...and the whole file is on its way
