@@ -857,7 +857,8 @@ class Filesystem:
         known, if bytes were written since the open or the last upload (a shell's `> f` and
         `dd of=` close a duplicate before writing)."""
         if self.holders is not None and h.pid > 0 and h.ino > 0:
-            held = await trio.to_thread.run_sync(self.holders.still_open, h.pid, h.ino)
+            name = h.node.path.rpartition("/")[2]
+            held = await trio.to_thread.run_sync(self.holders.still_open, h.pid, h.ino, name)
             if held is not None:
                 return not held
         return h.wrote

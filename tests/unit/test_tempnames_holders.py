@@ -73,6 +73,8 @@ def test_still_open_sees_the_process_and_its_children(tmp_path: Path) -> None:
     with open(p, "rb"):
         assert still_open(me, ino, dev) is True
         assert still_open(me, ino, "0:0") is False  # another filesystem's inode number
+        assert still_open(me, ino, dev, "f") is True  # its name: the cheap filter lets it by
+        assert still_open(me, ino, dev, "other") is False
     # a child holding it (inherited, as `subprocess` with stdout=f does) counts
     with open(p, "ab") as f:
         child = subprocess.Popen(
