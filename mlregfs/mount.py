@@ -257,6 +257,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 ", ".join(e.target for e in leftovers[:5]),
                 cfg.cache_dir,
             )
+    # mountinfo names the mount point with its symlinks resolved
+    mountpoint = await trio.to_thread.run_sync(os.path.realpath, cfg.mountpoint)
     fs = Filesystem(
         registry,
         data,
@@ -264,7 +266,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
         spool=spool,
         hold_temp=cfg.temp_files == "hold",
-        holders=Holders(str(cfg.mountpoint.absolute())),
+        holders=Holders(mountpoint),
     )
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     started = time.time()

@@ -206,7 +206,7 @@ def main(argv: list[str], make_registry: RegistryFactory | None = None) -> int:
         for e in entries:
             print(_describe(e, spool))
         for e in held:
-            print(f"{e.id}  held by running mount pid {e.pid}  {e.target}")
+            print(f"{e.id}  in use by the running mount pid {e.pid}  {e.target}")
         for o in orphans:
             print(_describe_orphan(o, spool))
         return 0

@@ -168,6 +168,10 @@ class WriteHandle:
     wrote: bool = False  # written or truncated since it was opened or last uploaded
     writers: int = 0  # open write handles; 0 once closed (held, or being released)
     held: bool = False  # closed with a temporary name: uploaded when renamed (Semantics 41)
+    # created with O_EXCL, as every temporary-file maker does (mkstemp, Rust's tempfile):
+    # `cp` or `open("w")` of a file that only looks temporary is not held
+    excl: bool = False
+    copying: bool = False  # its current bytes are being copied in: readers use the registry
     discarded: bool = False  # removed while open: nothing is uploaded, the spool goes at release
 
 
@@ -442,7 +446,7 @@ class Filesystem:
         k = node.kind
         if k is Kind.FILE:
             w = self._writing.get((node.owner, node.path))
-            if w is not None:  # being written: its spooled size, never cached by the kernel
+            if w is not None and not w.copying:  # being written: its spooled size, uncached
                 return Attr(ino, False, w.spool.size, w.spool.entry.updated, 0.0)
             f = await self._remote_file(node)
             ttl = self.t.files if node.owner[0] == "v" else self.t.listing
@@ -521,7 +525,7 @@ class Filesystem:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
             return await self._open_for_write(node, flags, pid, ino)
         w = self._writing.get((node.owner, node.path))
-        if w is not None:  # reading a file that is still being written: its spool
+        if w is not None and not w.copying:  # a file still being written: read its spool
             fh = next(self._next_fh)
             self._handles[fh] = WriteHandle(node, w.spool)
             self._keep_pages(ino, None)  # pages of the spool: the next open drops them
@@ -593,13 +597,12 @@ class Filesystem:
             if h.writers <= 0:
                 await self._drop_spool(h)
             return
-        key = (h.node.owner, h.node.path)
-        if self._writing.get(key) is not h:
+        if self._writing.get((h.node.owner, h.node.path)) is not h:
             return  # a reader of a file being written
         h.writers -= 1
         if h.writers > 0:
             return
-        if self._held_name(h.node.path) and h.spool_error is None:
+        if self._is_held(h) and h.spool_error is None:
             await self._hold(h)
             return
         kept = False
@@ -610,44 +613,57 @@ class Filesystem:
         except (MlregfsError, OSError):
             pass  # logged where it happened; a spool write failure is in h.spool_error
         finally:
-            try:
-                size = os.fstat(h.spool.fd).st_size
-            except OSError:
-                size = h.spool.size
-            h.spool.close()
-            del self._writing[key]
-            if h.spool_error is not None:
-                # the writer was told (write or close failed): its partial bytes help nobody,
-                # and kept they would fill the spool's disk for every later upload
-                log.error(
-                    "not uploading %s: writing its spool failed: %s; its bytes are deleted",
-                    h.spool.entry.target,
-                    h.spool_error,
-                )
-                h.spool.spool.remove(h.spool.entry)
-            elif h.spool.entry.state is UploadState.UPLOADED or (
-                not h.spool.dirty and h.error is None
-            ):
-                # uploaded, or an in-place open that changed nothing: the registry has it
-                h.spool.spool.remove(h.spool.entry)
-            else:
-                kept = True
+            # not if it was opened again (or removed) meanwhile: that handle finishes it
+            if h.writers <= 0 and not h.discarded:
+                kept = self._close_spool(h)
         if kept:
+            # its writer closed it: kept, as journaled, and released (pid 0), so `mlregfs
+            # recover` may take it now (it never touches an entry a running daemon holds)
             entry = h.spool.entry
-            if entry.state is UploadState.WRITING:
-                # this is its last close: its writer closed it, but its sha256 was not taken
-                # (hashing cut off at unmount, Busy, READY not saved). READY with no sha256
-                # says "closed, not hashed": `recover retry` hashes and uploads it. WRITING
-                # stays for files never closed (the daemon killed while they were open).
-                entry.move(UploadState.READY)
-                entry.sha256, entry.size = None, size
-            # kept, as journaled: released (pid 0), so `mlregfs recover` may take it now; it
-            # never touches an entry a running daemon holds
             entry.pid, entry.pid_start = 0, None
             try:
                 await self._journal(h)
             except OSError as e:
                 log.warning("cannot release %s for 'mlregfs recover': %s", h.spool.entry.id, e)
+
+    def _close_spool(self, h: WriteHandle) -> bool:
+        """After the last close: close `h`'s spool and forget it; drop its bytes unless they
+        are still to be uploaded. True if its entry is kept for `mlregfs recover`."""
+        try:
+            size = os.fstat(h.spool.fd).st_size
+        except OSError:
+            size = h.spool.size
+        h.spool.close()
+        self._forget_writer(h)
+        entry = h.spool.entry
+        if h.spool_error is not None:
+            # the writer was told (write or close failed): its partial bytes help nobody,
+            # and kept they would fill the spool's disk for every later upload
+            log.error(
+                "not uploading %s: writing its spool failed: %s; its bytes are deleted",
+                entry.target,
+                h.spool_error,
+            )
+            h.spool.spool.remove(entry)
+            return False
+        if entry.state is UploadState.UPLOADED or (not h.spool.dirty and h.error is None):
+            # uploaded, or an in-place open that changed nothing: the registry has it
+            h.spool.spool.remove(entry)
+            return False
+        if entry.state is UploadState.WRITING:
+            # its writer closed it, but its sha256 was not taken (hashing cut off at unmount,
+            # Busy, READY not saved). READY with no sha256 says "closed, not hashed": `recover
+            # retry` hashes and uploads it. WRITING stays for files never closed (the daemon
+            # killed while they were open).
+            entry.move(UploadState.READY)
+            entry.sha256, entry.size = None, size
+        return True
+
+    def _forget_writer(self, h: WriteHandle) -> None:
+        """Drop `h` from the files being written, under its name now (a rename moves it)."""
+        key = (h.node.owner, h.node.path)
+        if self._writing.get(key) is h:
+            del self._writing[key]
 
     # -- writes -------------------------------------------------------------------------
     def _writable(self) -> Spool:
@@ -655,9 +671,10 @@ class Filesystem:
             raise ReadOnly("this mount is read-only")
         return self.spool
 
-    def _held_name(self, path: str) -> bool:
-        """Is a file at `path` held at close instead of uploaded (a temporary name)?"""
-        return self.hold_temp and is_temp(path)
+    def _is_held(self, h: WriteHandle, path: str | None = None) -> bool:
+        """Is `h` (named `path`, default its name) held at close instead of uploaded: a
+        temporary name, created exclusively (Semantics 41)?"""
+        return self.hold_temp and h.excl and is_temp(h.node.path if path is None else path)
 
     async def _new_writer(
         self, node: Node, replaces: tuple[RemoteFile, ...], pid: int = 0, ino: int = 0
@@ -697,8 +714,10 @@ class Filesystem:
         f = await self._remote_file(node)
         opened, h = await self._new_writer(node, (f,), pid, ino)
         if not flags & os.O_TRUNC:  # an in-place edit or an append (README Semantics 43)
+            h.copying = True
             try:
                 await self._copy_in(h, node, f)
+                h.copying = False
             except BaseException:
                 self._handles.pop(opened.fh, None)
                 del self._writing[(node.owner, node.path)]
@@ -709,16 +728,22 @@ class Filesystem:
 
     async def _reopen(self, w: WriteHandle, flags: int, pid: int, ino: int) -> Opened:
         """Open for writing a file that is closed but not uploaded (held): same spool."""
-        w.writers += 1
-        w.held = w.spool.entry.held = False
-        w.pid, w.ino, w.wrote = self._process(pid), ino or w.ino, False
+        if w.putting or w.upload_lock.locked():
+            raise Busy(f"{w.node.path!r} is being uploaded")
+        w.writers += 1  # counted at once: a release still finishing sees it and leaves it
         fh = next(self._next_fh)
         self._handles[fh] = w
-        if flags & os.O_TRUNC:
-            await self._drain(w)
-            await self._before_change(w)
-            w.spool.truncate(0)
-            w.wrote = True
+        try:
+            if flags & os.O_TRUNC:
+                await self._drain(w)
+                await self._before_change(w)
+                w.spool.truncate(0)
+        except BaseException:
+            self._handles.pop(fh, None)
+            w.writers -= 1
+            raise
+        w.held = w.spool.entry.held = False
+        w.pid, w.ino, w.wrote = self._process(pid), ino or w.ino, bool(flags & os.O_TRUNC)
         return Opened(fh, keep_cache=False, direct_io=True)
 
     async def _copy_in(self, h: WriteHandle, node: Node, f: RemoteFile) -> None:
@@ -756,6 +781,7 @@ class Filesystem:
             opened = await self._open_for_write(node, flags | os.O_TRUNC, pid, self.ino(node))
             return opened, await self.attr_of(node)
         opened, h = await self._new_writer(node, (), pid)
+        h.excl = bool(flags & os.O_EXCL)
         attr = await self.attr_of(node)
         h.ino = attr.ino
         return opened, attr
@@ -830,7 +856,7 @@ class Filesystem:
             if h.error is not None:
                 raise h.error
             return
-        if self._held_name(h.node.path):
+        if self._is_held(h):
             return  # uploaded when it is renamed (Semantics 41)
         if await self._last_close(h):
             await self._upload(h)
@@ -843,7 +869,7 @@ class Filesystem:
         await self._drain(h)
         if h.spool_error is not None:
             raise h.spool_error
-        if self._held_name(h.node.path):
+        if self._is_held(h):
             await trio.to_thread.run_sync(os.fsync, h.spool.fd)
         elif h.spool.dirty:
             await self._upload(h)
@@ -866,17 +892,20 @@ class Filesystem:
     async def _hold(self, h: WriteHandle) -> None:
         """Last close of a file with a temporary name: keep it, hashed and journaled READY
         (held), until it is renamed (uploaded then) or removed (Semantics 41)."""
-        h.held = True
         entry = h.spool.entry
         try:
             await self._drain(h)
             size, digest, _ = await self._finish(h)
+            if h.writers > 0 or h.discarded:
+                return  # opened again or removed meanwhile
             entry.size, entry.sha256, entry.held = size, digest, True
+            h.held = True
             if entry.state is not UploadState.READY:
                 await self._journal(h, UploadState.READY)
             else:
                 await self._journal(h)
         except (MlregfsError, OSError) as e:
+            h.held = h.writers <= 0 and not h.discarded
             log.warning("holding %s: %s", entry.target, e)
         log.info(
             "holding %s: a temporary name (%s); it is uploaded when renamed",
@@ -932,18 +961,22 @@ class Filesystem:
     async def _upload(self, h: WriteHandle) -> None:
         """Upload the spooled file once: a second flush meanwhile waits for this one."""
         async with h.upload_lock:
-            if not h.spool.dirty:  # uploaded by a concurrent flush/fsync meanwhile
-                if h.error is not None:
-                    raise h.error
-                return
-            if self._closing and h.spool.entry.state is not UploadState.WRITING:
-                # its journal already says what happened (UPLOADING stays ambiguous)
-                h.error = UploadInterrupted(
-                    f"{h.spool.entry.target}: the mount is shutting down; the bytes are kept"
-                    " for 'mlregfs recover'"
-                )
+            await self._upload_now(h)
+
+    async def _upload_now(self, h: WriteHandle) -> None:
+        """`_upload` for a caller that holds `h.upload_lock` (a rename)."""
+        if not h.spool.dirty:  # uploaded by a concurrent flush/fsync meanwhile
+            if h.error is not None:
                 raise h.error
-            await self._upload_locked(h)
+            return
+        if self._closing and h.spool.entry.state is not UploadState.WRITING:
+            # its journal already says what happened (UPLOADING stays ambiguous)
+            h.error = UploadInterrupted(
+                f"{h.spool.entry.target}: the mount is shutting down; the bytes are kept"
+                " for 'mlregfs recover'"
+            )
+            raise h.error
+        await self._upload_locked(h)
 
     async def _journal(self, h: WriteHandle, to: UploadState | None = None) -> None:
         """Move the entry to `to` (if given) and journal it. The snapshot is taken here, on
@@ -1308,6 +1341,12 @@ class Filesystem:
             # not uploaded yet (open or held): its bytes are dropped, nothing is uploaded
             if w.putting or w.upload_lock.locked():
                 raise Busy(f"{name!r} is being uploaded")
+            if (w.replaces or w.uploads) and await self._remote_or_none(child) is not None:
+                # the registry's copies go too: refused before anything is dropped
+                if not await self.registry.may_delete_files():
+                    raise Denied(f"removing {name!r}: deleting package files needs Maintainer")
+                if self._writing.get(key) is not w or w.upload_lock.locked():
+                    raise Busy(f"{name!r} changed while it was removed")
             del self._writing[key]
             w.discarded = True
             if w.writers <= 0:
@@ -1341,6 +1380,16 @@ class Filesystem:
         a file not uploaded yet takes its upload to the new name; an uploaded one is copied
         and deleted (Maintainer). A rename to a name that is not temporary commits: it
         returns once the registry answered."""
+        for _ in range(3):
+            try:
+                return await self._rename(old_parent, old_name, new_parent, new_name, flags)
+            except _Changed:
+                continue  # an upload, close or rename of the file ended while we waited
+        raise Busy(f"{old_name!r} kept changing while it was renamed")
+
+    async def _rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
+    ) -> None:
         self._writable()
         if flags & RENAME_EXCHANGE:
             raise Unsupported("RENAME_EXCHANGE is not supported: GitLab has no rename")
@@ -1369,6 +1418,28 @@ class Filesystem:
             raise Busy(f"{new_name!r} is being written through this mount")
         dst_remote = await self._remote_or_none(dst)
         w = self._writing.get((src.owner, src.path))
+        if w is not None:
+            # one upload at a time per file: a close's upload finishes first, and none starts
+            # while the file changes its name
+            async with w.upload_lock:
+                if (
+                    self._writing.get((src.owner, src.path)) is not w
+                    or self._writing.get((dst.owner, dst.path)) is not w_dst
+                    or (w_dst is not None and (w_dst.writers or w_dst.upload_lock.locked()))
+                ):
+                    raise _Changed
+                src_remote = await self._uploaded_source(src, w)
+                await self._rename_pending(w, dst, dst_remote, w_dst, src_remote)
+        else:
+            src_remote = await self._uploaded_source(src, None)
+            if src_remote is None:
+                raise NotFound(f"{old_name!r} no longer exists")
+            await self._rename_uploaded(src, src_remote, dst, dst_remote, w_dst)
+        self.meta.invalidate(("files", src.owner))
+        self.meta.invalidate(("files", dst.owner))
+
+    async def _uploaded_source(self, src: Node, w: WriteHandle | None) -> RemoteFile | None:
+        """The registry's copy of `src` that a rename must delete, if any (permission checked)."""
         src_remote = None
         if w is None or w.replaces or w.uploads:
             # its bytes are (also) in the registry under the old name: GitLab has no rename,
@@ -1380,14 +1451,7 @@ class Filesystem:
                     f"renaming {src.path!r}: GitLab cannot rename a file, and deleting the old"
                     " name's copies needs the Maintainer role"
                 )
-        if w is not None:
-            await self._rename_pending(w, dst, dst_remote, w_dst, src_remote)
-        elif src_remote is not None:
-            await self._rename_uploaded(src, src_remote, dst, dst_remote, w_dst)
-        else:
-            raise NotFound(f"{old_name!r} no longer exists")
-        self.meta.invalidate(("files", src.owner))
-        self.meta.invalidate(("files", dst.owner))
+        return src_remote
 
     async def _rename_pending(
         self,
@@ -1399,7 +1463,7 @@ class Filesystem:
     ) -> None:
         """Rename a file whose bytes are in the spool (open, or closed and held)."""
         src = w.node
-        commit = src_remote is not None or not self._held_name(dst.path)
+        commit = src_remote is not None or not self._is_held(w, dst.path)
         if dst.owner != src.owner:
             await self.registry.authorize_upload(await self.owner(dst.owner), dst.path)
         entry = w.spool.entry
@@ -1418,8 +1482,10 @@ class Filesystem:
                     raise w.spool_error
                 if src_remote is not None:
                     w.spool.dirty = True  # stored under the old name only: store it anew
+                    if entry.state is UploadState.UPLOADED:
+                        entry.move(UploadState.WRITING)  # journaled by the upload
                 if w.spool.dirty:
-                    await self._upload(w)
+                    await self._upload_now(w)  # the caller holds the upload lock
         except BaseException:
             self._retarget(w, src)
             w.replaces, w.served = before[0], before[1]
@@ -1495,6 +1561,10 @@ class Filesystem:
         self._ino_of[dst] = ino
         self._node_of[ino] = dst
         self._page_source.pop(ino, None)
+
+
+class _Changed(Exception):
+    """The file changed while a rename waited for it: the rename starts over."""
 
 
 def _sha(f: RemoteFile | None) -> str | None:

@@ -11,14 +11,18 @@ mount namespace), and the writer's children (inherited descriptors) are in
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+
+log = logging.getLogger("mlregfs.fs")
 
 _MAX_PROCS = 256  # a writer with more descendants than this is not searched further
 
 
 def _fdinfo(pid: int, fd: str) -> tuple[int, int] | None:
-    """(mnt_id, ino) of one descriptor, or None if it is gone."""
+    """(mnt_id, ino) of one descriptor open for writing, or None if it is gone or read-only
+    (a writer that also reads the file back must still get its upload's error at close)."""
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
             text = f.read(4096)
@@ -26,6 +30,8 @@ def _fdinfo(pid: int, fd: str) -> tuple[int, int] | None:
         return None
     mnt = ino = -1
     for line in text.splitlines():
+        if line.startswith(b"flags:") and int(line.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY:
+            return None
         if line.startswith(b"mnt_id:"):
             mnt = int(line.split()[1])
         elif line.startswith(b"ino:"):
@@ -140,8 +146,9 @@ class Holders:
     mount exists)."""
 
     def __init__(self, mountpoint: str) -> None:
-        self.mountpoint = mountpoint
+        self.mountpoint = mountpoint  # as /proc/self/mountinfo shows it: symlinks resolved
         self._dev: str | None = None
+        self._warned = False
 
     def process(self, pid: int) -> int:
         """The process (thread group) of thread `pid`: the opener's thread may end before the
@@ -159,5 +166,12 @@ class Holders:
         if self._dev is None:
             self._dev = mount_dev(self.mountpoint)
             if self._dev is None:
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "%s is not in /proc/self/mountinfo: a close uploads when bytes were"
+                        " written since the last upload (README Semantics 42)",
+                        self.mountpoint,
+                    )
                 return None
         return still_open(pid, ino, self._dev, name)

@@ -33,6 +33,12 @@ def temp_tool(name: str) -> str | None:
     return None
 
 
+# rsync --delay-updates (and --partial-dir's default) keeps finished files here until the end
+TEMP_DIRS = frozenset({".~tmp~"})
+
+
 def is_temp(path: str) -> bool:
-    """Is the last segment of `path` a temporary-file name?"""
-    return temp_tool(path.rpartition("/")[2]) is not None
+    """Is `path` temporary: its last segment a temporary-file name, or inside a directory
+    where a tool stages files before renaming them into place?"""
+    *dirs, name = path.split("/")
+    return temp_tool(name) is not None or any(d in TEMP_DIRS for d in dirs)

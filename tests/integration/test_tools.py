@@ -234,10 +234,12 @@ def test_rsync_runs_reruns_edits_and_remounts(tw: TWorld, tmp_path: Path) -> Non
         before = row_counts(tw, "3.0.0")
         _rsync(src, v)  # unchanged: every file looks changed to rsync (no stored mtimes)
         assert row_counts(tw, "3.0.0") == before
-        (src / "config.json").write_bytes(b'{"hidden": 64}\n')
+        # another size: rsync's quick check compares size and mtime, and the mount's mtime is
+        # the upload time, which an edit in the same second could equal
+        (src / "config.json").write_bytes(b'{"hidden": 640}\n')
         _rsync(src, v)  # one file edited: only it gets a new copy; a developer keeps the old
         assert_registry(tw, "3.0.0", tree(src), {"config.json": 2})
-        assert (v / "config.json").read_bytes() == b'{"hidden": 64}\n'
+        assert (v / "config.json").read_bytes() == b'{"hidden": 640}\n'
         assert listed(v) == set(tree(src))
     finally:
         m.stop()
@@ -399,11 +401,18 @@ def renameat2(old: Path, new: Path, flags: int) -> int:
     return 0 if r == 0 else ctypes.get_errno()
 
 
+def xwrite(path: Path, data: bytes) -> None:
+    """Create `path` exclusively (O_EXCL), as mkstemp and every temporary-file maker does."""
+    with open(path, "xb") as f:
+        f.write(data)
+
+
 def test_renames(tw: TWorld, tmp_path: Path) -> None:
     """Semantics 40, 41 and 45. A file that is not uploaded yet can be renamed inside and
     between version directories and its upload goes to the new name; a temporary name
-    (`tmpXXXXXXXX`, `.<name>.XXXXXX`) is held, listed and never uploaded; removing it uploads
-    nothing. Renaming onto an existing file replaces it as an overwrite does.
+    (`tmpXXXXXXXX`, `.<name>.XXXXXX`), created exclusively, is held, listed and never
+    uploaded; removing it uploads nothing; a name that only looks temporary is uploaded.
+    Renaming onto an existing file replaces it as an overwrite does.
     `rename(RENAME_NOREPLACE)` onto an existing name fails with `EEXIST`, `RENAME_EXCHANGE`
     with `EINVAL`. A rename that commits fails with the upload's errno (the file keeps its
     old name). With the Maintainer role renaming an uploaded file uploads a copy under the new
@@ -425,28 +434,33 @@ def test_renames(tw: TWorld, tmp_path: Path) -> None:
         assert_registry(tw, "7.0.0", want)
 
         held = v / ".x.abc123"
-        held.write_bytes(b"held bytes")
+        with open(held, "xb") as f:  # created exclusively, as mkstemp does
+            f.write(b"held bytes")
         assert ".x.abc123" in os.listdir(v) and held.read_bytes() == b"held bytes"
         assert_registry(tw, "7.0.0", want)
         os.unlink(held)
         assert ".x.abc123" not in os.listdir(v)
         assert_registry(tw, "7.0.0", want)
+        (v / "tmp_results.json").write_bytes(b"{}")  # only looks temporary: written as cp does
+        want["tmp_results.json"] = b"{}"
+        assert_registry(tw, "7.0.0", want)
 
         # onto an existing uploaded file with other bytes: a new copy (a developer keeps the old)
         (v / "target.txt").write_bytes(b"old")
-        (v / ".target.txt.Ab12Cd").write_bytes(b"new bytes")
+        with open(v / ".target.txt.Ab12Cd", "xb") as f:
+            f.write(b"new bytes")
         os.rename(v / ".target.txt.Ab12Cd", v / "target.txt")
         want["target.txt"] = b"new bytes"
         assert_registry(tw, "7.0.0", want, {"target.txt": 2})
         assert (v / "target.txt").read_bytes() == b"new bytes"
 
         # between versions
-        (v / ".moved.bin.Qw12Er").write_bytes(b"moved")
+        xwrite(v / ".moved.bin.Qw12Er", b"moved")
         os.rename(v / ".moved.bin.Qw12Er", dev.path / "models/m/7.1.0/moved.bin")
         assert_registry(tw, "7.1.0", {"moved.bin": b"moved"})
         assert_registry(tw, "7.0.0", want, {"target.txt": 2})
 
-        (v / ".nr.txt.Zx98Cv").write_bytes(b"not replacing")
+        xwrite(v / ".nr.txt.Zx98Cv", b"not replacing")
         assert renameat2(v / ".nr.txt.Zx98Cv", v / "final.bin", 1) == errno.EEXIST
         assert renameat2(v / ".nr.txt.Zx98Cv", v / "final.bin", 2) == errno.EINVAL
         os.unlink(v / ".nr.txt.Zx98Cv")
@@ -468,7 +482,7 @@ def test_renames(tw: TWorld, tmp_path: Path) -> None:
 
         # the upload a rename commits fails: the caller gets its errno, the name stays
         g = dev.path / "models/m/7.2.0"
-        (g / ".late.bin.Mn34Bv").write_bytes(b"too late")
+        xwrite(g / ".late.bin.Mn34Bv", b"too late")
         st = tw.server.store
         st.delete_version(st.project(PROJECT)["id"], gone_id)  # type: ignore[index]
         with pytest.raises(OSError) as ei:
@@ -517,7 +531,8 @@ def test_crash_with_held_and_open_files_then_recover(tw: TWorld, tmp_path: Path)
     token = tw.tokens["developer"]
     m = mount(tw, tmp_path, "developer")
     v = m.path / "models/m/8.0.0"
-    (v / ".held.bin.Xy12Ab").write_bytes(b"held at the crash")
+    with open(v / ".held.bin.Xy12Ab", "xb") as f:  # created exclusively, as mkstemp does
+        f.write(b"held at the crash")
     shell = subprocess.Popen(
         ["bash", "-c", "exec 3>open.txt; echo x >&3; echo ready; read line"],
         cwd=v,

@@ -351,7 +351,7 @@ def test_recover_leaves_a_file_the_mount_still_holds_alone(ww: WWorld, tmp_path:
         finally:
             ww.server.restart()
         r = _recover(m.cache_dir, ww.tokens["developer"], "list")
-        assert "held by running mount" in r.stdout, r
+        assert "in use by the running mount" in r.stdout, r
         r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
         assert r.returncode == 0 and "uploaded" not in r.stdout, r
         assert "held.bin" not in files_of(ww, "1.0.0")

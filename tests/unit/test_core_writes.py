@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from mlregfs.cache.blocks import BlockStore
@@ -49,9 +50,9 @@ def fs(reg: InMemoryRegistry, tmp_path: Path) -> Filesystem:
     return Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
 
 
-async def write_file(fs: Filesystem, path: str, data: bytes) -> None:
+async def write_file(fs: Filesystem, path: str, data: bytes, flags: int = 0) -> None:
     parent, _, name = path.rpartition("/")
-    opened, _ = await fs.create(await walk(fs, parent), name, os.O_WRONLY | os.O_CREAT)
+    opened, _ = await fs.create(await walk(fs, parent), name, os.O_WRONLY | os.O_CREAT | flags)
     for off in range(0, len(data), 4096):
         await fs.write(opened.fh, off, data[off : off + 4096])
     try:
@@ -161,10 +162,11 @@ async def test_in_place_edit_and_append_copy_then_upload_only_changes(
 
 
 async def test_temp_name_held_until_renamed(fs: Filesystem, reg: InMemoryRegistry) -> None:
-    """Semantics 40 and 41: a temporary name is not uploaded at close; renaming it uploads
-    it under the new name; removing a held file uploads nothing."""
+    """Semantics 40 and 41: a temporary name (created with O_EXCL, as mkstemp does) is not
+    uploaded at close; renaming it uploads it under the new name; removing a held file
+    uploads nothing; a name that only looks temporary, written as `cp` does, uploads."""
     v = await walk(fs, "models/llama/1.0.0")
-    await write_file(fs, "models/llama/1.0.0/.w.bin.Ab12Cd", b"weights")
+    await write_file(fs, "models/llama/1.0.0/.w.bin.Ab12Cd", b"weights", os.O_EXCL)
     assert await uploads(reg) == 0
     assert ".w.bin.Ab12Cd" in await names(fs, "models/llama/1.0.0")
     assert await read_all(fs, "models/llama/1.0.0/.w.bin.Ab12Cd") == b"weights"
@@ -173,11 +175,13 @@ async def test_temp_name_held_until_renamed(fs: Filesystem, reg: InMemoryRegistr
     assert await names(fs, "models/llama/1.0.0") == ["config.json", "w.bin"]
     remote = {f.path for f in await reg.list_files((await reg.list_models())[0].versions[0])}
     assert remote == {"config.json", "w.bin"}
-    await write_file(fs, "models/llama/1.0.0/tmpab_cd123.json", b"junk")
+    await write_file(fs, "models/llama/1.0.0/tmpab_cd123.json", b"junk", os.O_EXCL)
     await fs.unlink(v, "tmpab_cd123.json")
     assert await names(fs, "models/llama/1.0.0") == ["config.json", "w.bin"]
     assert await uploads(reg) == 1
     assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+    await write_file(fs, "models/llama/1.0.0/tmp_results.json", b"{}")  # cp, open("w")
+    assert await uploads(reg) == 2
 
 
 async def test_rename_while_open_commits_and_reports(fs: Filesystem, reg: InMemoryRegistry) -> None:
@@ -834,3 +838,155 @@ async def _open_written(fs: Filesystem, name: str, data: bytes) -> int:
     fh = await _open_new(fs, name)
     await fs.write(fh, 0, data)
     return fh
+
+
+class _GatedUploads(InMemoryRegistry):
+    """Uploads wait for `gate` (when set): a close's upload is in flight for as long as a
+    test needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+        self.entered = trio.Event()
+        self.paths: list[str] = []
+
+    async def upload(self, owner, path, source, size):  # type: ignore[no-untyped-def]
+        self.paths.append(path)
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        await super().upload(owner, path, source, size)
+
+
+@pytest.fixture
+def greg() -> _GatedUploads:
+    r = _GatedUploads()
+    v = r.add_version("llama", "1.0.0")
+    r.add_file(v, "config.json", b"old")
+    r.add_file(v, "b.bin", b"B-previous")
+    return r
+
+
+@pytest.fixture
+def gfs(greg: _GatedUploads, tmp_path: Path) -> Filesystem:
+    data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
+    return Filesystem(greg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+
+
+async def _registry(reg: InMemoryRegistry) -> dict[str, bytes]:
+    v = (await reg.list_models())[0].versions[0]
+    return {f.path: bytes(await reg.read_range(v, f, 0, f.size)) for f in await reg.list_files(v)}
+
+
+@pytest.mark.parametrize("closer", ["flush", "release"])
+async def test_a_rename_during_an_upload_waits_for_it(
+    gfs: Filesystem, greg: _GatedUploads, closer: str
+) -> None:
+    """Semantics 40: `mv a.bin b.bin` while a close (flush, or the release after a close that
+    did not upload) is uploading a.bin: the upload ends first, then the rename moves the
+    uploaded file (copy and delete); nothing is lost and nothing deleted by mistake."""
+    v = await walk(gfs, "models/llama/1.0.0")
+    opened, _ = await gfs.create(v, "a.bin", os.O_WRONLY | os.O_CREAT)
+    await gfs.write(opened.fh, 0, b"A-new")
+    greg.gate = trio.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(gfs.flush if closer == "flush" else gfs.release, opened.fh)
+        await greg.entered.wait()
+        n.start_soon(gfs.rename, v, "a.bin", v, "b.bin")
+        await trio.sleep(0.05)
+        greg.gate.set()
+    if closer == "flush":
+        await gfs.release(opened.fh)
+    assert await _registry(greg) == {"config.json": b"old", "b.bin": b"A-new"}
+    assert await names(gfs, "models/llama/1.0.0") == ["b.bin", "config.json"]
+
+
+async def test_a_reopen_refused_during_an_upload_leaves_no_handle(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """A `> f` that arrives while the release of f is uploading gets EBUSY and leaves
+    nothing behind (no handle the kernel never got)."""
+    v = await walk(gfs, "models/llama/1.0.0")
+    opened, _ = await gfs.create(v, "r.bin", os.O_WRONLY | os.O_CREAT)
+    await gfs.write(opened.fh, 0, b"first")
+    greg.gate = trio.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(gfs.release, opened.fh)
+        await greg.entered.wait()
+        ino = await walk(gfs, "models/llama/1.0.0/r.bin")
+        with pytest.raises(Busy):
+            await gfs.open(ino, os.O_WRONLY | os.O_TRUNC)
+        greg.gate.set()
+    assert not gfs._handles
+    assert (await _registry(greg))["r.bin"] == b"first"
+
+
+async def test_a_developer_cannot_remove_a_file_being_overwritten(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """`rm` of a file whose new copy is being written, by a role that cannot delete the
+    registry's copies: EACCES, and the writer's bytes are still uploaded at close."""
+    greg.role = 30
+    v = await walk(gfs, "models/llama/1.0.0")
+    ino = await walk(gfs, "models/llama/1.0.0/config.json")
+    opened = await gfs.open(ino, os.O_WRONLY | os.O_TRUNC)
+    await gfs.write(opened.fh, 0, b"new bytes")
+    with pytest.raises(MlregfsError) as ei:
+        await gfs.unlink(v, "config.json")
+    assert to_errno(ei.value) == errno.EACCES
+    await gfs.flush(opened.fh)
+    await gfs.release(opened.fh)
+    assert (await _registry(greg))["config.json"] == b"new bytes"
+
+
+async def test_readers_see_the_registry_while_an_edit_copies_it_in(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """Semantics 43: while an in-place open copies the current bytes into the spool, a
+    reader gets the whole file (from the registry), never the partial copy."""
+    big = os.urandom(4 << 20)
+    greg.add_file((await greg.list_models())[0].versions[0], "big.bin", big)
+    ino = await walk(gfs, "models/llama/1.0.0/big.bin")
+    seen: dict[str, object] = {}
+    async with trio.open_nursery() as n:
+
+        async def editor() -> None:
+            seen["w"] = await gfs.open(ino, os.O_RDWR)
+
+        n.start_soon(editor)
+        for _ in range(500):
+            await trio.sleep(0.001)
+            if gfs._writing:
+                assert (await gfs.getattr(ino)).size == len(big)
+                r = await gfs.open(ino, os.O_RDONLY)
+                seen["read"] = await gfs.read(r.fh, 0, len(big))
+                await gfs.release(r.fh)
+                break
+    assert seen.get("read") == big
+    w = seen["w"]
+    assert hasattr(w, "fh")
+    await gfs.release(w.fh)
+
+
+@pytest.mark.parametrize("then", ["unlink", "rename"])
+async def test_a_temporary_file_removed_or_renamed_while_its_release_hashes_it(
+    gfs: Filesystem, greg: _GatedUploads, then: str
+) -> None:
+    """Semantics 40 and 41: the close of rsync's temporary file returns after FLUSH while
+    RELEASE still hashes it; an unlink then uploads nothing, a rename uploads it once."""
+    v = await walk(gfs, "models/llama/1.0.0")
+    opened, _ = await gfs.create(v, ".c.bin.Ab12Cd", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    await gfs.write(opened.fh, 4096, b"y" * 4096)  # out of order: hashed again at close
+    await gfs.write(opened.fh, 0, b"x" * 4096)
+    await gfs.flush(opened.fh)
+    async with trio.open_nursery() as n:
+        n.start_soon(gfs.release, opened.fh)
+        await trio.lowlevel.checkpoint()
+        if then == "unlink":
+            await gfs.unlink(v, ".c.bin.Ab12Cd")
+        else:
+            await gfs.rename(v, ".c.bin.Ab12Cd", v, "c.bin")
+    reg = await _registry(greg)
+    assert reg.get("c.bin") == (None if then == "unlink" else b"x" * 4096 + b"y" * 4096)
+    assert greg.paths == ([] if then == "unlink" else ["c.bin"])
+    assert list(gfs.spool.root.iterdir()) == []  # type: ignore[union-attr]

@@ -52,6 +52,11 @@ def test_ordinary_names_are_not_held(name: str) -> None:
     assert temp_tool(name) is None
 
 
+def test_rsync_staging_directory_is_temporary() -> None:
+    assert is_temp(".~tmp~/config.json") and is_temp("sub/.~tmp~/w.bin")
+    assert not is_temp("sub/config.json")
+
+
 def test_python_tempfile_names_match(tmp_path: Path) -> None:
     for _ in range(50):
         fd, path = tempfile.mkstemp(dir=tmp_path)
@@ -70,7 +75,9 @@ def test_still_open_sees_the_process_and_its_children(tmp_path: Path) -> None:
     ino, dev = os.stat(p).st_ino, _dev(p)
     me = os.getpid()
     assert still_open(me, ino, dev) is False
-    with open(p, "rb"):
+    with open(p, "rb"):  # read-only: not a writer's descriptor
+        assert still_open(me, ino, dev) is False
+    with open(p, "r+b"):
         assert still_open(me, ino, dev) is True
         assert still_open(me, ino, "0:0") is False  # another filesystem's inode number
         assert still_open(me, ino, dev, "f") is True  # its name: the cheap filter lets it by

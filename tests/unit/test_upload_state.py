@@ -246,7 +246,7 @@ def test_recover_never_touches_an_entry_a_running_daemon_holds(
     reg = InMemoryRegistry()
     reg.add_version("llama", "1.0.0")
     assert recover.main(["--cache-dir", str(tmp_path), "list"]) == 0
-    assert f"held by running mount pid {os.getpid()}" in capsys.readouterr().out
+    assert f"in use by the running mount pid {os.getpid()}" in capsys.readouterr().out
     assert _retry(tmp_path, reg) == 0
     assert _retry(tmp_path, reg, "4" * 32) == 2  # still active
     assert reg.stats.by_kind.get("upload", 0) == 0
