@@ -116,3 +116,14 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mlregfs recover --cache-dir CACHE ARGS...` with `token` as GITLAB_TOKEN."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlregfs", "recover", "--cache-dir", str(cache), *args],
+        env=clean_env(GITLAB_TOKEN=token),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

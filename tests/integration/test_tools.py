@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from mlregfs.server.testing import ServerProcess
-from tests.integration.helpers import Mount, blob, clean_env, sha, unmount
+from tests.integration.helpers import Mount, blob, clean_env, recover, sha, unmount
 
 PROJECT = "team/tools"
 
@@ -506,23 +506,13 @@ def test_renames(tw: TWorld, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- crash, then recover
 
 
-def _recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlregfs", "recover", "--cache-dir", str(cache), *args],
-        env=clean_env(GITLAB_TOKEN=token),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def _line(listing: str, target: str) -> str:
     lines = [ln for ln in listing.splitlines() if ln.rstrip().endswith(target)]
     assert len(lines) == 1, listing
     return lines[0]
 
 
-def test_crash_with_held_and_open_files_then_recover(tw: TWorld, tmp_path: Path) -> None:
+def test_crash_with_held_and_open_files_thenrecover(tw: TWorld, tmp_path: Path) -> None:
     """Semantics 41 and 20. A held file is never uploaded under its temporary name: when the
     daemon dies it stays in the spool as `held`, `mlregfs recover list` shows it, `retry`
     leaves it alone unless its id is named, `discard` removes it. A file whose writer still
@@ -559,17 +549,17 @@ def test_crash_with_held_and_open_files_then_recover(tw: TWorld, tmp_path: Path)
     m2 = mount(tw, tmp_path, "developer", cache=m.cache_dir)
     m2.stop()
     assert copies(tw, "8.0.0") == {}  # nothing uploaded by the remount either
-    listing = _recover(m.cache_dir, token, "list").stdout
+    listing = recover(m.cache_dir, token, "list").stdout
     held = _line(listing, "models/m/8.0.0/.held.bin.Xy12Ab")
     assert "held" in held and "running mount" not in held, listing
     incomplete = _line(listing, "models/m/8.0.0/open.txt")
     assert "incomplete" in incomplete, listing
-    r = _recover(m.cache_dir, token, "retry")
+    r = recover(m.cache_dir, token, "retry")
     assert "uploaded" not in r.stdout, r
     assert copies(tw, "8.0.0") == {}
-    r = _recover(m.cache_dir, token, "discard", held.split()[0])
+    r = recover(m.cache_dir, token, "discard", held.split()[0])
     assert r.returncode == 0, r.stderr
-    listing = _recover(m.cache_dir, token, "list").stdout
+    listing = recover(m.cache_dir, token, "list").stdout
     assert ".held.bin.Xy12Ab" not in listing and "open.txt" in listing
     assert copies(tw, "8.0.0") == {}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlregfs.server.testing import ServerProcess
-from tests.integration.helpers import Mount, clean_env, file_sha, unmount
+from tests.integration.helpers import Mount, file_sha, recover, unmount
 
 
 @dataclass
@@ -270,16 +270,6 @@ def test_candidate_upload_with_job_token(ww: WWorld, tmp_path: Path) -> None:
         m.stop()
 
 
-def _recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlregfs", "recover", "--cache-dir", str(cache), *args],
-        env=clean_env(GITLAB_TOKEN=token),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_path: Path) -> None:
     """Semantics 19 and 20. close() reports a failed upload (EIO); the bytes are kept and
     `mlregfs recover retry` uploads them once the registry is back."""
@@ -302,12 +292,12 @@ def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_pa
     finally:
         ww.server.restart()
         m.stop()
-    listing = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    listing = recover(m.cache_dir, ww.tokens["developer"], "list")
     assert "models/m/1.0.0/payload.bin" in listing.stdout and "failed" in listing.stdout
-    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
+    r = recover(m.cache_dir, ww.tokens["developer"], "retry")
     assert r.returncode == 0, r.stderr
     assert files_of(ww, "1.0.0")["payload.bin"][0] == len(data)
-    assert "nothing to recover" in _recover(m.cache_dir, ww.tokens["developer"], "list").stdout
+    assert "nothing to recover" in recover(m.cache_dir, ww.tokens["developer"], "list").stdout
 
 
 _HOLDER = """
@@ -350,9 +340,9 @@ def test_recover_leaves_a_file_the_mount_still_holds_alone(ww: WWorld, tmp_path:
             assert holder.stdout.readline().startswith("fsync failed")
         finally:
             ww.server.restart()
-        r = _recover(m.cache_dir, ww.tokens["developer"], "list")
+        r = recover(m.cache_dir, ww.tokens["developer"], "list")
         assert "in use by the running mount" in r.stdout, r
-        r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
+        r = recover(m.cache_dir, ww.tokens["developer"], "retry")
         assert r.returncode == 0 and "uploaded" not in r.stdout, r
         assert "held.bin" not in files_of(ww, "1.0.0")
         holder.stdin.write("close\n")  # the mount uploads it now
@@ -365,7 +355,7 @@ def test_recover_leaves_a_file_the_mount_still_holds_alone(ww: WWorld, tmp_path:
         m.stop()
     assert files_of(ww, "1.0.0")["held.bin"][0] == 1 << 20
     assert rows_named(ww, "1.0.0", "held.bin") == 1
-    assert "nothing to recover" in _recover(m.cache_dir, ww.tokens["developer"], "list").stdout
+    assert "nothing to recover" in recover(m.cache_dir, ww.tokens["developer"], "list").stdout
 
 
 def _start_upload(m: Mount, tmp: Path, name: str, mib: int) -> subprocess.Popen[bytes]:
@@ -398,7 +388,7 @@ def test_kill_during_upload_leaves_journal(ww: WWorld, tmp_path: Path) -> None:
         assert "were not uploaded" in m2.stderr()
     finally:
         m2.stop()
-    r = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    r = recover(m.cache_dir, ww.tokens["developer"], "list")
     assert "models/m/1.0.0/k.bin" in r.stdout
 
 
@@ -435,7 +425,7 @@ def test_too_large_is_efbig_at_close(tmp_path: Path) -> None:
             assert r.returncode == 0  # small files still go through
         finally:
             m.stop()
-        listing = _recover(m.cache_dir, token, "list")
+        listing = recover(m.cache_dir, token, "list")
         assert "models/m/1.0.0/big.bin" in listing.stdout and "too large" in listing.stdout
 
 
@@ -573,11 +563,11 @@ def test_sigterm_drain_timeout_is_a_bound_and_recover_uploads_exactly_once(
         proxy.rate = None
     assert _spool_states(m.cache_dir) == ["uploading"]
     assert "stalled.bin" not in files_of(ww, "1.0.0")
-    listing = _recover(m.cache_dir, ww.tokens["developer"], "list")
+    listing = recover(m.cache_dir, ww.tokens["developer"], "list")
     assert "interrupted" in listing.stdout and "models/m/1.0.0/stalled.bin" in listing.stdout
-    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")
+    r = recover(m.cache_dir, ww.tokens["developer"], "retry")
     assert r.returncode == 0, r.stderr
-    r = _recover(m.cache_dir, ww.tokens["developer"], "retry")  # nothing left to send twice
+    r = recover(m.cache_dir, ww.tokens["developer"], "retry")  # nothing left to send twice
     assert r.returncode == 0 and "uploaded" not in r.stdout, r
     proxy.close()
     assert files_of(ww, "1.0.0")["stalled.bin"] == (8 << 20, file_sha(src))
@@ -619,7 +609,7 @@ def test_recover_asks_the_registry_before_uploading_an_interrupted_entry(
         m.stop()
     cache = tmp_path / "cache-recover"
     _fake_interrupted(cache, "stored.bin", b"stored before the kill", ww.source, time.time())
-    r = _recover(cache, ww.tokens["developer"], "retry")
+    r = recover(cache, ww.tokens["developer"], "retry")
     assert r.returncode == 0 and "already in the registry" in r.stdout, r
     assert rows_named(ww, "1.0.0", "stored.bin") == 1
     old = _fake_interrupted(cache, "newer.bin", b"old bytes", ww.source, time.time() - 3600)
@@ -628,10 +618,10 @@ def test_recover_asks_the_registry_before_uploading_an_interrupted_entry(
         (m.path / "models/m/1.0.0/newer.bin").write_bytes(b"newer bytes, written since")
     finally:
         m.stop()
-    r = _recover(cache, ww.tokens["developer"], "retry")
+    r = recover(cache, ww.tokens["developer"], "retry")
     assert r.returncode == 1 and "newer" in r.stderr, r
     assert files_of(ww, "1.0.0")["newer.bin"][0] == len(b"newer bytes, written since")
-    r = _recover(cache, ww.tokens["developer"], "retry", "--force", old)
+    r = recover(cache, ww.tokens["developer"], "retry", "--force", old)
     assert r.returncode == 0, r.stderr
     assert files_of(ww, "1.0.0")["newer.bin"][0] == len(b"old bytes")
-    assert "nothing to recover" in _recover(cache, ww.tokens["developer"], "list").stdout
+    assert "nothing to recover" in recover(cache, ww.tokens["developer"], "list").stdout
