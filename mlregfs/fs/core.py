@@ -602,12 +602,14 @@ class Filesystem:
         h.writers -= 1
         if h.writers > 0:
             return
-        if self._is_held(h) and h.spool_error is None:
+        if self._is_held(h) and h.spool_error is None and h.spool.dirty:
             await self._hold(h)
             return
         kept = False
         try:
             await self._drain(h)
+            if h.writers > 0 or h.discarded:
+                return  # opened again or removed meanwhile: that decides (the finally skips)
             if h.spool.dirty and h.error is None and h.spool_error is None:
                 await self._upload(h)  # errors here reach no caller: logged, spool kept
         except (MlregfsError, OSError):
@@ -720,7 +722,7 @@ class Filesystem:
                 h.copying = False
             except BaseException:
                 self._handles.pop(opened.fh, None)
-                del self._writing[(node.owner, node.path)]
+                self._forget_writer(h)
                 with trio.CancelScope(shield=True):
                     await self._drop_spool(h)
                 raise
@@ -896,8 +898,13 @@ class Filesystem:
         try:
             await self._drain(h)
             size, digest, _ = await self._finish(h)
-            if h.writers > 0 or h.discarded:
-                return  # opened again or removed meanwhile
+            if (
+                h.writers > 0
+                or h.discarded
+                or h.upload_lock.locked()  # a rename is committing it
+                or self._writing.get((h.node.owner, h.node.path)) is not h
+            ):
+                return  # opened again, removed or renamed meanwhile
             entry.size, entry.sha256, entry.held = size, digest, True
             h.held = True
             if entry.state is not UploadState.READY:
@@ -1339,7 +1346,7 @@ class Filesystem:
         w = self._writing.get(key)
         if w is not None:
             # not uploaded yet (open or held): its bytes are dropped, nothing is uploaded
-            if w.putting or w.upload_lock.locked():
+            if w.putting or w.upload_lock.locked() or w.copying:
                 raise Busy(f"{name!r} is being uploaded")
             if (w.replaces or w.uploads) and await self._remote_or_none(child) is not None:
                 # the registry's copies go too: refused before anything is dropped
@@ -1418,12 +1425,15 @@ class Filesystem:
             raise Busy(f"{new_name!r} is being written through this mount")
         dst_remote = await self._remote_or_none(dst)
         w = self._writing.get((src.owner, src.path))
+        if w is not None and w.copying:
+            raise Busy(f"{old_name!r} is being opened for an in-place edit")
         if w is not None:
             # one upload at a time per file: a close's upload finishes first, and none starts
             # while the file changes its name
             async with w.upload_lock:
                 if (
                     self._writing.get((src.owner, src.path)) is not w
+                    or w.copying
                     or self._writing.get((dst.owner, dst.path)) is not w_dst
                     or (w_dst is not None and (w_dst.writers or w_dst.upload_lock.locked()))
                 ):
@@ -1461,14 +1471,21 @@ class Filesystem:
         w_dst: WriteHandle | None,
         src_remote: RemoteFile | None,
     ) -> None:
-        """Rename a file whose bytes are in the spool (open, or closed and held)."""
+        """Rename a file whose bytes are in the spool (open, or closed and held). The caller
+        holds its upload lock. The new name is taken at once (a create, open or removal of
+        it meanwhile is EBUSY: the file is being uploaded) and given back if the upload fails."""
         src = w.node
         commit = src_remote is not None or not self._is_held(w, dst.path)
         if dst.owner != src.owner:
             await self.registry.authorize_upload(await self.owner(dst.owner), dst.path)
+        if (
+            self._writing.get((src.owner, src.path)) is not w
+            or self._writing.get((dst.owner, dst.path)) is not w_dst
+        ):
+            raise _Changed  # during the preflight
         entry = w.spool.entry
-        before = (w.replaces, w.served, w.spool.dirty, entry.held)
-        self._retarget(w, dst)
+        before = (w.replaces, w.served, w.spool.dirty)
+        moved = self._move(w, src, dst)
         w.replaces = (dst_remote,) if dst_remote is not None else ()
         w.served = _sha(dst_remote)
         # journaled with its new name: a crash from here on leaves it for `recover` to upload
@@ -1485,29 +1502,23 @@ class Filesystem:
                     if entry.state is UploadState.UPLOADED:
                         entry.move(UploadState.WRITING)  # journaled by the upload
                 if w.spool.dirty:
-                    await self._upload_now(w)  # the caller holds the upload lock
+                    await self._upload_now(w)
         except BaseException:
-            self._retarget(w, src)
+            self._unmove(w, src, dst, moved, w_dst)
             w.replaces, w.served = before[0], before[1]
             w.spool.dirty = w.spool.dirty or before[2]
-            entry.held = before[3]
+            # closed under a temporary name again: held (recover must not upload that name)
+            w.held = entry.held = w.writers <= 0 and not w.discarded and self._is_held(w)
             with contextlib.suppress(OSError), trio.CancelScope(shield=True):
                 await self._journal(w)
             raise
         # the rename takes effect
         if w_dst is not None and w_dst is not w:
-            del self._writing[(dst.owner, dst.path)]
             w_dst.discarded = True
             await self._drop_spool(w_dst)
-        del self._writing[(src.owner, src.path)]
-        self._writing[(dst.owner, dst.path)] = w
-        self._move_inode(src, dst)
-        for h in self._handles.values():  # readers of the spool follow it
-            if isinstance(h, WriteHandle) and h.spool is w.spool:
-                h.node = dst
-        if w.writers <= 0:
+        if w.writers <= 0 and not w.discarded:
             if not w.spool.dirty and w.spool.entry.state is UploadState.UPLOADED:
-                del self._writing[(dst.owner, dst.path)]  # stored: done
+                self._forget_writer(w)  # stored: done
                 await self._drop_spool(w)
             else:  # closed, not uploaded: held under its new (temporary) name
                 w.held = entry.held = True
@@ -1515,6 +1526,47 @@ class Filesystem:
                     await self._journal(w)
         if src_remote is not None:
             await self._delete_copies(src_remote)
+
+    def _move(self, w: WriteHandle, src: Node, dst: Node) -> tuple[int | None, int | None]:
+        """Give `w` (named `src`) the name `dst`: its entry, its handles, the files being
+        written, its inode. Returns the inodes `src` and `dst` had (for `_unmove`)."""
+        self._retarget(w, dst)
+        for h in self._handles.values():  # readers of the spool follow it
+            if isinstance(h, WriteHandle) and h.spool is w.spool:
+                h.node = dst
+        if self._writing.get((src.owner, src.path)) is w:
+            del self._writing[(src.owner, src.path)]
+        self._writing[(dst.owner, dst.path)] = w
+        inos = self._ino_of.get(src), self._ino_of.get(dst)
+        self._move_inode(src, dst)
+        return inos
+
+    def _unmove(
+        self,
+        w: WriteHandle,
+        src: Node,
+        dst: Node,
+        inos: tuple[int | None, int | None],
+        w_dst: WriteHandle | None,
+    ) -> None:
+        """Undo `_move` after a failed rename."""
+        self._retarget(w, src)
+        for h in self._handles.values():
+            if isinstance(h, WriteHandle) and h.spool is w.spool:
+                h.node = src
+        if self._writing.get((dst.owner, dst.path)) is w:
+            del self._writing[(dst.owner, dst.path)]
+            if w_dst is not None:
+                self._writing[(dst.owner, dst.path)] = w_dst
+        if not w.discarded:
+            self._writing[(src.owner, src.path)] = w
+        src_ino, dst_ino = inos
+        if src_ino is not None and self._ino_of.get(dst) == src_ino:
+            self._ino_of[src] = src_ino
+            self._node_of[src_ino] = src
+            del self._ino_of[dst]
+        if dst_ino is not None:
+            self._ino_of[dst] = dst_ino
 
     def _retarget(self, w: WriteHandle, node: Node) -> None:
         """Point `w` and its journal entry at `node` (the namespace is changed separately)."""

@@ -990,3 +990,78 @@ async def test_a_temporary_file_removed_or_renamed_while_its_release_hashes_it(
     assert reg.get("c.bin") == (None if then == "unlink" else b"x" * 4096 + b"y" * 4096)
     assert greg.paths == ([] if then == "unlink" else ["c.bin"])
     assert list(gfs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_a_close_during_a_committing_rename_finishes_the_file(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """Semantics 40: the writer's close arrives while its rename uploads: the close is
+    counted (nothing stays "being written"), and the file can be written again later."""
+    v = await walk(gfs, "models/llama/1.0.0")
+    opened, _ = await gfs.create(v, "a.bin", os.O_WRONLY | os.O_CREAT)
+    await gfs.write(opened.fh, 0, b"A")
+    greg.gate = trio.Event()
+    async def close() -> None:
+        await gfs.flush(opened.fh)  # waits for the rename's upload, then has nothing to do
+        await gfs.release(opened.fh)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(gfs.rename, v, "a.bin", v, "b.bin")
+        await greg.entered.wait()
+        n.start_soon(close)
+        await trio.sleep(0.05)
+        greg.gate.set()
+    assert not gfs._writing and greg.paths == ["b.bin"]
+    assert (await _registry(greg))["b.bin"] == b"A"
+    again = await gfs.open(await walk(gfs, "models/llama/1.0.0/b.bin"), os.O_WRONLY | os.O_TRUNC)
+    await gfs.release(again.fh)
+
+
+async def test_the_new_name_is_taken_while_a_rename_uploads(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """Semantics 40: while a held file's rename uploads under `c.bin`, creating `c.bin` is
+    EBUSY (it is being uploaded), so no other writer's bytes are silently dropped."""
+    v = await walk(gfs, "models/llama/1.0.0")
+    opened, _ = await gfs.create(v, ".a.bin.Ab12Cd", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    await gfs.write(opened.fh, 0, b"A")
+    await gfs.flush(opened.fh)
+    await gfs.release(opened.fh)
+    greg.gate = trio.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(gfs.rename, v, ".a.bin.Ab12Cd", v, "c.bin")
+        await greg.entered.wait()
+        with pytest.raises(Busy):
+            await gfs.create(v, "c.bin", os.O_WRONLY | os.O_CREAT)
+        greg.gate.set()
+    assert (await _registry(greg))["c.bin"] == b"A"
+    assert list(gfs.spool.root.iterdir()) == []  # type: ignore[union-attr]
+
+
+async def test_a_rename_waits_for_an_in_place_open_to_copy_in(
+    gfs: Filesystem, greg: _GatedUploads
+) -> None:
+    """Semantics 43: a rename of a file whose in-place open is still copying its bytes in is
+    EBUSY; nothing half-copied is uploaded and the open completes."""
+    big = os.urandom(4 << 20)
+    greg.add_file((await greg.list_models())[0].versions[0], "big.bin", big)
+    v = await walk(gfs, "models/llama/1.0.0")
+    ino = await walk(gfs, "models/llama/1.0.0/big.bin")
+    seen: dict[str, object] = {}
+    async with trio.open_nursery() as n:
+
+        async def editor() -> None:
+            seen["w"] = await gfs.open(ino, os.O_RDWR)
+
+        n.start_soon(editor)
+        for _ in range(500):
+            await trio.sleep(0.001)
+            if any(w.copying for w in gfs._writing.values()):
+                with pytest.raises(Busy):
+                    await gfs.rename(v, "big.bin", v, "moved.bin")
+                seen["refused"] = True
+                break
+    w = seen["w"]
+    assert hasattr(w, "fh")
+    await gfs.release(w.fh)
+    assert seen.get("refused") and (await _registry(greg))["big.bin"] == big
