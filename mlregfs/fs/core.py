@@ -567,8 +567,9 @@ class Filesystem:
 
     def cache_key(self, f: RemoteFile) -> str:
         """Content address when the sha256 is known, else the registry's file identity."""
-        if f.sha256 and _IS_SHA256(f.sha256):
-            return f.sha256.lower()
+        digest = _sha(f)
+        if digest is not None:
+            return digest
         ident = f"{self.source_id}|{f.package_id}|{f.file_id}|{f.size}"
         return "f" + hashlib.blake2b(ident.encode(), digest_size=20).hexdigest()
 
@@ -1531,9 +1532,6 @@ class Filesystem:
         """Give `w` (named `src`) the name `dst`: its entry, its handles, the files being
         written, its inode. Returns the inodes `src` and `dst` had (for `_unmove`)."""
         self._retarget(w, dst)
-        for h in self._handles.values():  # readers of the spool follow it
-            if isinstance(h, WriteHandle) and h.spool is w.spool:
-                h.node = dst
         if self._writing.get((src.owner, src.path)) is w:
             del self._writing[(src.owner, src.path)]
         self._writing[(dst.owner, dst.path)] = w
@@ -1551,9 +1549,6 @@ class Filesystem:
     ) -> None:
         """Undo `_move` after a failed rename."""
         self._retarget(w, src)
-        for h in self._handles.values():
-            if isinstance(h, WriteHandle) and h.spool is w.spool:
-                h.node = src
         if self._writing.get((dst.owner, dst.path)) is w:
             del self._writing[(dst.owner, dst.path)]
             if w_dst is not None:
@@ -1569,8 +1564,12 @@ class Filesystem:
             self._ino_of[dst] = dst_ino
 
     def _retarget(self, w: WriteHandle, node: Node) -> None:
-        """Point `w` and its journal entry at `node` (the namespace is changed separately)."""
+        """Point `w`, the readers of its spool and its journal entry at `node` (the
+        namespace is changed separately)."""
         w.node = node
+        for h in self._handles.values():
+            if isinstance(h, WriteHandle) and h.spool is w.spool:
+                h.node = node
         w.spool.entry.owner, w.spool.entry.path = list(node.owner), node.path
 
     async def _rename_uploaded(
