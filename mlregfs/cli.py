@@ -1,4 +1,4 @@
-"""Command line: `mlregfs mount|unmount|serve|admin|demo`."""
+"""Command line: `mlregfs mount|unmount|serve|admin|status|info|warm|recover|demo`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "recover": lambda a: _recover(a),
         "status": lambda a: _status(a),
         "warm": lambda a: _warm(a),
+        "info": lambda a: _info(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] == "--version":
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "  serve [--data DIR] [--init-demo]  run the embedded GitLab-compatible registry\n"
             "  admin ...                         create projects, tokens, models, versions\n"
             "  status MNT [--json]               counters of a running mount\n"
+            "  info PATH... [--json]             what GitLab holds for a mounted path\n"
             "  warm PATH... [--pin]              fetch files into the cache, verified\n"
             "  recover [list|retry|discard]      spooled uploads that did not complete\n"
             "  demo                              serve sample models, mount them, show them",
@@ -101,6 +103,12 @@ def _status(argv: list[str]) -> int:
     from mlregfs.status import main as status_main
 
     return status_main(argv)
+
+
+def _info(argv: list[str]) -> int:
+    from mlregfs.info import main as info_main
+
+    return info_main(argv)
 
 
 def _warm(argv: list[str]) -> int:

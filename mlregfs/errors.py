@@ -20,7 +20,8 @@
                                   ReadOnly EROFS, NotPermitted EPERM, NotEmpty ENOTEMPTY,
                                   Busy EBUSY, Exists EEXIST, Denied EACCES (the mount
                                   refuses what the role cannot finish, e.g. a rename),
-                                  Unsupported EINVAL (a flag the mount does not implement)
+                                  Unsupported EINVAL (a flag the mount does not implement),
+                                  NoAttribute ENODATA, AttributeTooLarge E2BIG (xattrs)
 
 Messages never contain tokens: the HTTP layer builds them from method, path and status only.
 """
@@ -162,6 +163,18 @@ class Denied(MlregfsError):
 
 class Unsupported(MlregfsError):
     errno = _errno.EINVAL
+
+
+class NoAttribute(MlregfsError):
+    """An extended attribute the mount does not serve for this entry."""
+
+    errno = _errno.ENODATA
+
+
+class AttributeTooLarge(MlregfsError):
+    """An extended attribute's value is over the kernel's 64 KiB limit."""
+
+    errno = _errno.E2BIG
 
 
 def to_errno(exc: BaseException) -> int:

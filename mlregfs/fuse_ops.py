@@ -123,7 +123,7 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = a.ttl
         e.attr_timeout = a.ttl
         e.st_mode = a.mode(self.fs.spool is not None, self._umask)
-        e.st_nlink = 2 if a.is_dir else 1
+        e.st_nlink = 2 if a.is_dir else 1  # links: 1
         e.st_uid = self._uid
         e.st_gid = self._gid
         e.st_size = a.size
@@ -295,17 +295,23 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        # ENOSYS once makes the kernel stop asking: otherwise every write(2) costs a
-        # GETXATTR(security.capability) round trip (fuse-ceiling.md §1.9)
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        # the kernel asks for security.capability before every write(2): answered here,
+        # with no await (fuse-ceiling.md §1.9)
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self.fs.getxattr(inode, os.fsdecode(name))
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        return [os.fsencode(n) for n in await self.fs.xattr_names(inode)]
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(await self.fs.readlink(inode))
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        # the control channel of `mlregfs warm --pin`: no registry data is stored in xattrs
+        # the control channel of `mlregfs warm --pin`: registry metadata is read-only
         if name == PIN_XATTR:
             await self.fs.pin(inode, value.strip() not in (b"", b"0"))
             return

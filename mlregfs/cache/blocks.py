@@ -224,6 +224,11 @@ class BlockStore:
         with self._lock:
             return len(self._by_key.get(key, ()))
 
+    def stored_bytes(self, key: str) -> int:
+        """Bytes of `key`'s blocks on disk (verified or not)."""
+        with self._lock:
+            return sum(self._lru.get((key, i), 0) for i in self._by_key.get(key, ()))
+
     def get(
         self,
         key: str,

@@ -16,7 +16,7 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 import semver
@@ -35,6 +35,7 @@ from mlregfs.errors import (
     IsADirectory,
     MlregfsError,
     NameTooLong,
+    NoAttribute,
     NotADirectory,
     NotEmpty,
     NotFound,
@@ -42,19 +43,23 @@ from mlregfs.errors import (
     ReadOnly,
     Unsupported,
 )
+from mlregfs.fs import xattrs
 from mlregfs.fs.holders import Holders
 from mlregfs.fs.tempnames import is_temp, temp_tool
 from mlregfs.fs.tree import NAME_MAX, FileDir, build_file_tree, model_dir_entries, usable_name
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.registry import validate
 from mlregfs.registry.base import Registry
-from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
+from mlregfs.registry.types import Candidate, FileOwner, Model, ModelVersion, RemoteFile, Run
 from mlregfs.writeback import Spool, SpoolFile, UploadInterrupted, UploadState
 
 log = logging.getLogger("mlregfs.fs")
 
 ROOT_INO = 1
 RECHECK_AFTER = 2.0  # a listing older than this is fetched again when a lookup misses in it
+# the kernel re-asks for an alias link this often, so a lookup sees a new release within
+# seconds (README Semantics 47); the link's target itself is never cached by the kernel
+ALIAS_TTL = 1.0
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2 flags
 _COPY_STEP = 1 << 20  # in-place edits copy the current bytes into the spool in these steps
 
@@ -68,6 +73,7 @@ class Kind(enum.Enum):
     CANDIDATE = "candidate"
     DIR = "dir"  # a directory inside a version or candidate
     FILE = "file"
+    ALIAS = "alias"  # a semver alias link in a model directory (`latest`, `1`, `1.2`)
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,13 @@ class Node:
     """Where an inode points. `owner` is ("v", model, version) or ("c", iid)."""
 
     kind: Kind
-    name: str = ""  # MODEL_DIR: the model-name prefix
+    name: str = ""  # MODEL_DIR, ALIAS: the model-name prefix
     owner: tuple[str, ...] = ()
-    path: str = ""  # DIR/FILE: path inside the owner
+    path: str = ""  # DIR/FILE: path inside the owner; ALIAS: the link's name
 
     @property
     def is_dir(self) -> bool:
-        return self.kind is not Kind.FILE
+        return self.kind not in (Kind.FILE, Kind.ALIAS)
 
 
 def parent_node(node: Node) -> Node:
@@ -89,6 +95,8 @@ def parent_node(node: Node) -> Node:
     k = node.kind
     if k in (Kind.ROOT, Kind.MODELS, Kind.CANDIDATES):
         return Node(Kind.ROOT)
+    if k is Kind.ALIAS:
+        return Node(Kind.MODEL_DIR, name=node.name) if node.name else Node(Kind.MODELS)
     if k is Kind.MODEL_DIR:
         up = node.name.rpartition("/")[0]
         return Node(Kind.MODEL_DIR, name=up) if up else Node(Kind.MODELS)
@@ -113,9 +121,12 @@ class Attr:
     size: int
     mtime: float
     ttl: float  # how long the kernel may keep this entry and these attributes
+    link: str | None = None  # a symbolic link's target
 
     def mode(self, writable: bool, umask: int = 0o022) -> int:
         """Permission bits: r-x/r-- on a read-only mount, rwx/rw- less `umask` otherwise."""
+        if self.link is not None:
+            return stat.S_IFLNK | 0o777  # as on every Linux filesystem: links have no modes
         if self.is_dir:
             return stat.S_IFDIR | ((0o777 & ~umask) if writable else 0o555)
         return stat.S_IFREG | ((0o666 & ~umask) if writable else 0o444)
@@ -383,6 +394,8 @@ class Filesystem:
             out = {v: Node(Kind.VERSION, owner=("v", prefix, v)) for v in entries.versions}
             for seg in entries.subdirs:
                 out[seg] = Node(Kind.MODEL_DIR, name=f"{prefix}/{seg}" if prefix else seg)
+            for alias in entries.aliases:
+                out[alias] = Node(Kind.ALIAS, name=prefix, path=alias)
             return out
         if k is Kind.CANDIDATES:
             return {
@@ -438,7 +451,7 @@ class Filesystem:
         the awaits cannot leave it holding a number the daemon has dropped, and a failure
         takes no number."""
         a = await self._attr(node)
-        return Attr(self.ino(node), a.is_dir, a.size, a.mtime, a.ttl)
+        return Attr(self.ino(node), a.is_dir, a.size, a.mtime, a.ttl, a.link)
 
     async def _attr(self, node: Node) -> Attr:
         """`node`'s attributes with inode number 0 (`attr_of` fills it in)."""
@@ -451,6 +464,12 @@ class Filesystem:
             f = await self._remote_file(node)
             ttl = self.t.files if node.owner[0] == "v" else self.t.listing
             return Attr(ino, False, f.size, f.created_at, ttl)
+        if k is Kind.ALIAS:
+            target = await self.readlink_node(node)
+            m = (await self.models()).get(node.name)
+            return Attr(
+                ino, False, len(target.encode()), m.created_at if m else 0.0, ALIAS_TTL, target
+            )
         mtime = self.mounted_at
         if k is Kind.MODEL_DIR:
             m = (await self.models()).get(node.name)
@@ -484,8 +503,9 @@ class Filesystem:
         if name == "..":
             return await self.attr_of(parent_node(parent))
         child = (await self.children(parent)).get(name)
-        if child is None and self._recheck(parent):
-            # published elsewhere since the listing was fetched (README Semantics 46)
+        if (child is None or child.kind is Kind.ALIAS) and self._recheck(parent):
+            # published elsewhere since the listing was fetched (README Semantics 46), or a
+            # release since that moves an alias link (Semantics 47)
             child = (await self.children(parent)).get(name)
         if child is None:
             raise NotFound(f"{name!r} not found")
@@ -513,15 +533,30 @@ class Filesystem:
         attrs = [(name, await self._attr(kids[name])) for name in sorted(kids)]
         # numbers after the last await, for the adapter's `hold` in the same step (attr_of)
         return [
-            (name, Attr(self.ino(kids[name]), a.is_dir, a.size, a.mtime, a.ttl))
+            (name, Attr(self.ino(kids[name]), a.is_dir, a.size, a.mtime, a.ttl, a.link))
             for name, a in attrs
         ]
+
+    async def readlink(self, ino: int) -> str:
+        return await self.readlink_node(self.node(ino))
+
+    async def readlink_node(self, node: Node) -> str:
+        """An alias link's target: the version's name, relative to the model directory."""
+        if node.kind is not Kind.ALIAS:
+            raise Unsupported("not a symbolic link")
+        entries = model_dir_entries(await self.models(), node.name)
+        target = entries.aliases.get(node.path) if entries else None
+        if target is None:
+            raise NotFound(f"alias {node.path!r} no longer resolves")
+        return target
 
     async def open(self, ino: int, flags: int, pid: int = 0) -> Opened:
         """`pid`: the opening process (0: unknown), for `_last_close`."""
         node = self.node(ino)
         if node.is_dir:
             raise IsADirectory("open of a directory for reading data")
+        if node.kind is Kind.ALIAS:
+            raise NotPermitted("an alias link is opened through its version")
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
             return await self._open_for_write(node, flags, pid, ino)
         w = self._writing.get((node.owner, node.path))
@@ -1278,6 +1313,65 @@ class Filesystem:
         f = await self._remote_file(node)
         await trio.to_thread.run_sync(self.data.store.pin, self.cache_key(f), on)
 
+    # -- registry metadata (extended attributes) ---------------------------------------
+    async def xattr_names(self, ino: int) -> list[str]:
+        """Names `getxattr` answers for `ino`; the run's are listed without fetching it."""
+        attrs, run_id = await self._xattrs(self.node(ino))
+        return sorted([*attrs, *(xattrs.RUN_NAMES if run_id else ())])
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        if not name.startswith(xattrs.PREFIX):
+            raise NoAttribute(name)  # security.capability on every write: no await, no I/O
+        attrs, run_id = await self._xattrs(self.node(ino))
+        if name in xattrs.RUN_NAMES and run_id:
+            try:
+                attrs = xattrs.run_attrs(await self.run(run_id))
+            except NotFound:  # the run was deleted: it has nothing to show
+                raise NoAttribute(f"run {run_id} not found") from None
+        return xattrs.value(attrs, name)
+
+    async def run(self, run_id: str) -> Run:
+        """What a run logged (cached like a listing)."""
+
+        async def fetch() -> Run:
+            return await self.registry.get_run(run_id)
+
+        return await self.meta.get(("run", run_id), fetch, self.t.listing)
+
+    async def _xattrs(self, node: Node) -> tuple[xattrs.Attrs, str | None]:
+        """The attributes of `node` known without fetching its run, and its run id."""
+        k = node.kind
+        if k is Kind.FILE:
+            w = self._writing.get((node.owner, node.path))
+            if w is not None and not w.copying:
+                return xattrs.pending_attrs("held" if w.held else "pending"), None
+            f = await self._remote_file(node)
+            cached = self.data.store.stored_bytes(self.cache_key(f))
+            return xattrs.file_attrs(f, cached), None
+        if k is Kind.VERSION:
+            v = await self.owner(node.owner)
+            assert isinstance(v, ModelVersion)
+            if v.package_id is None:  # MLflow's version entity has none; its files do
+                top = (await self.file_tree(node.owner)).get("")
+                some = next(iter(top.files.values()), None) if top else None
+                v = replace(v, package_id=some.package_id if some else None)
+            return xattrs.version_attrs(v), v.run_id
+        if k is Kind.CANDIDATE:
+            c = await self.owner(node.owner)
+            assert isinstance(c, Candidate)
+            return xattrs.candidate_attrs(c), c.eid
+        if k is Kind.MODEL_DIR:
+            models = await self.models()
+            entries = model_dir_entries(models, node.name)
+            if entries is None:
+                raise NotFound(f"model path {node.name!r} not found")
+            return xattrs.model_attrs(models.get(node.name), entries.aliases), None
+        if k is Kind.ALIAS:
+            return {}, None  # the kernel keeps user.* off links; nothing to say anyway
+        await self._attr(node)  # a directory inside a version must still exist
+        kind = {Kind.DIR: "directory", Kind.ROOT: "root"}.get(k, k.value)
+        return {"user.mlregfs.kind": kind}, None
+
     # -- namespace ----------------------------------------------------------------------
     async def mkdir(self, parent_ino: int, name: str) -> Attr:
         self._writable()
@@ -1343,6 +1437,8 @@ class Filesystem:
             raise NotFound(f"{name!r} not found")
         if child.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
+        if child.kind is Kind.ALIAS:
+            raise NotPermitted(f"{name!r} is a semver alias link: it follows the releases")
         key = (child.owner, child.path)
         w = self._writing.get(key)
         if w is not None:
@@ -1407,8 +1503,8 @@ class Filesystem:
         src = (await self.children(sp)).get(old_name)
         if src is None:
             raise NotFound(f"{old_name!r} not found")
-        if src.is_dir:
-            raise NotPermitted("directories cannot be renamed: GitLab has no directories")
+        if src.is_dir or src.kind is Kind.ALIAS:
+            raise NotPermitted("directories and links cannot be renamed: GitLab has no such thing")
         if dp.kind not in (Kind.VERSION, Kind.CANDIDATE, Kind.DIR):
             raise NotPermitted("files can only be inside a version or candidate directory")
         check_file_name(new_name)

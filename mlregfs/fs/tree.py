@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mlregfs.fs.aliases import semver_aliases
 from mlregfs.registry.types import Model, RemoteFile
 from mlregfs.registry.validate import NAME_MAX, has_control
 
@@ -34,6 +35,7 @@ class ModelDirEntries:
 
     versions: dict[str, object]  # semver -> ModelVersion
     subdirs: frozenset[str]  # next segments of longer model names
+    aliases: dict[str, str]  # semver alias link -> the version it points to
 
 
 def model_dir_entries(models: dict[str, Model], prefix: str) -> ModelDirEntries | None:
@@ -41,7 +43,8 @@ def model_dir_entries(models: dict[str, Model], prefix: str) -> ModelDirEntries 
 
     A model's versions and the next segment of longer names share one directory. When a
     version and a nested model segment have the same name (model `a` version `1.0.0` and model
-    `a/1.0.0`), the version wins and the nested model is hidden (logged).
+    `a/1.0.0`), the version wins and the nested model is hidden (logged). Semver alias links
+    (`latest`, `1`, `1.2`) fill the names neither takes.
     """
     versions: dict[str, object] = {}
     model = models.get(prefix) if prefix else None
@@ -63,7 +66,13 @@ def model_dir_entries(models: dict[str, Model], prefix: str) -> ModelDirEntries 
         subdirs.add(seg)
     if model is None and not subdirs and prefix:
         return None
-    return ModelDirEntries(versions, frozenset(subdirs))
+    # a real entry wins over a link of the same name (a nested model `resnet/latest`)
+    aliases = {
+        name: target
+        for name, target in semver_aliases(versions).items()
+        if name not in versions and name not in subdirs
+    }
+    return ModelDirEntries(versions, frozenset(subdirs), aliases)
 
 
 @dataclass

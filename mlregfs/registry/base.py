@@ -14,6 +14,7 @@ from mlregfs.registry.types import (
     ModelVersion,
     ProjectInfo,
     RemoteFile,
+    Run,
 )
 
 
@@ -56,6 +57,10 @@ class Registry(Protocol):
 
     async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
         """Files of a version or candidate, one entry per path (the newest copy)."""
+        ...
+
+    async def get_run(self, run_id: str) -> Run:
+        """What an MLflow run (candidate) logged: params, metrics, tags; NotFound if absent."""
         ...
 
     async def read_range(

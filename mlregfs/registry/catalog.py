@@ -32,6 +32,7 @@ from mlregfs.registry.types import (
     ModelVersion,
     ProjectInfo,
     RemoteFile,
+    Run,
 )
 
 log = logging.getLogger("mlregfs.catalog")
@@ -93,8 +94,15 @@ _VERSION = {
     "id": _opt(_int),
     "created_at": _num,
     "package_id": _opt(_int),
+    "description": _opt(_valid(validate.text)),
+    "run_id": _opt(_valid(validate.run_id)),
 }
-_MODEL = {"name": _valid(validate.model_name), "id": _opt(_int), "created_at": _num}
+_MODEL = {
+    "name": _valid(validate.model_name),
+    "id": _opt(_int),
+    "created_at": _num,
+    "description": _opt(_valid(validate.text)),
+}
 _CANDIDATE = {
     "iid": _int,
     "created_at": _num,
@@ -302,6 +310,10 @@ class CatalogRegistry:
         return files
 
     # -- pass-through -------------------------------------------------------------------
+    async def get_run(self, run_id: str) -> Run:
+        # not persisted: metadata shown on request, never needed to serve bytes offline
+        return await self.inner.get_run(run_id)
+
     async def read_range(
         self,
         owner: FileOwner,

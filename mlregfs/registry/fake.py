@@ -17,6 +17,7 @@ from mlregfs.registry.types import (
     ModelVersion,
     ProjectInfo,
     RemoteFile,
+    Run,
 )
 
 
@@ -29,6 +30,7 @@ class InMemoryRegistry:
         self._models: dict[str, Model] = {}
         self._candidates: dict[int, Candidate] = {}
         self._files: dict[tuple[str, ...], dict[str, tuple[RemoteFile, bytes]]] = {}
+        self.runs: dict[str, Run] = {}  # run id -> what `get_run` answers
         self._next_id = 1000
         self.corrupt: set[str] = set()  # paths whose served bytes differ from their sha256
         self.fail_next: dict[str, Exception] = {}
@@ -47,10 +49,12 @@ class InMemoryRegistry:
             raise RegistryUnavailable("connection refused (simulated)")
 
     # -- seeding ------------------------------------------------------------------------
-    def add_version(self, model: str, version: str) -> ModelVersion:
+    def add_version(
+        self, model: str, version: str, *, description: str | None = None, run_id: str | None = None
+    ) -> ModelVersion:
         m = self._models.get(model) or Model(model, self._id(), time.time())
-        v = ModelVersion(model, version, self._id(), time.time(), self._id())
-        self._models[model] = Model(m.name, m.id, m.created_at, (*m.versions, v))
+        v = ModelVersion(model, version, self._id(), time.time(), self._id(), description, run_id)
+        self._models[model] = replace(m, versions=(*m.versions, v))
         return v
 
     def add_candidate(self, iid: int) -> Candidate:
@@ -102,6 +106,13 @@ class InMemoryRegistry:
     async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
         self._check("list_files")
         return [f for f, _ in self._files.get(self._key(owner), {}).values()]
+
+    async def get_run(self, run_id: str) -> Run:
+        self._check("get_run")
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound("RESOURCE_DOES_NOT_EXIST")
+        return run
 
     async def read_range(
         self,

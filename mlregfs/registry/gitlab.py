@@ -58,6 +58,7 @@ from mlregfs.registry.retry import (
     parse_retry_after,
     retry_delay,
 )
+from mlregfs.registry.runs import run_from_mlflow
 from mlregfs.registry.source import SourceSplit, candidates
 from mlregfs.registry.transfer import (
     REDIRECTS,
@@ -76,6 +77,7 @@ from mlregfs.registry.types import (
     ModelVersion,
     ProjectInfo,
     RemoteFile,
+    Run,
     owner_route_id,
 )
 
@@ -394,6 +396,8 @@ class GitLabRegistry:
                     version=semver,
                     id=mv_id,
                     created_at=_timestamp(mv.get("creation_timestamp")),
+                    description=validate.optional(validate.text, mv.get("description")),
+                    run_id=validate.optional(validate.run_id, mv.get("run_id")),
                 )
             )
         return Model(
@@ -401,6 +405,7 @@ class GitLabRegistry:
             id=model_id,
             created_at=_timestamp(rm.get("creation_timestamp")),
             versions=tuple(versions),
+            description=validate.optional(validate.text, rm.get("description")),
         )
 
     def _models_from_packages(self, rows: list[dict[str, Any]]) -> list[Model]:
@@ -506,6 +511,21 @@ class GitLabRegistry:
             rows = data.get("experiments") if isinstance(data, dict) else None
             ids = [str(e["experiment_id"]) for e in _dicts(rows, "experiments") if _active(e)]
         return ids
+
+    async def get_run(self, run_id: str) -> Run:
+        """What the run logged (`runs/get`): params, metrics with their history, tags."""
+        await self.project()
+        data, _ = await self._json(
+            "get_run",
+            "GET",
+            self._mlflow_url("runs/get"),
+            route="mlflow",
+            params={"run_id": validate.run_id(run_id)},
+        )
+        try:
+            return run_from_mlflow(data)
+        except validate.Invalid as exc:
+            raise ProtocolError(f"registry answered an unusable run: {exc}") from None
 
     def _mlflow_off(self, what: Literal["models", "runs"], why: object) -> None:
         log.info("MLflow API unavailable for %s (%s); using the packages API", what, why)

@@ -23,6 +23,8 @@ class ModelVersion:
     id: int | None  # model-version DB id; None when only the packages API could be used
     created_at: float  # epoch seconds
     package_id: int | None = None
+    description: str | None = None
+    run_id: str | None = None  # the MLflow run (candidate eid) the version was made from
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Model:
     id: int | None
     created_at: float
     versions: tuple[ModelVersion, ...] = ()
+    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,40 @@ class Candidate:
 
 
 FileOwner = ModelVersion | Candidate
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One logged value of a run's metric."""
+
+    key: str
+    value: float
+    step: int
+    timestamp: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Run:
+    """An MLflow run (a GitLab candidate) as `runs/get` shows it: what it logged."""
+
+    run_id: str
+    status: str | None
+    experiment_id: str | None
+    name: str | None
+    start_time: float
+    end_time: float
+    params: tuple[tuple[str, str], ...] = ()
+    metrics: tuple[Metric, ...] = ()  # every logged value (GitLab sends the history)
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def latest_metrics(self) -> dict[str, float]:
+        """Each metric's value at its highest step (the newest among equal steps)."""
+        best: dict[str, Metric] = {}
+        for m in self.metrics:
+            seen = best.get(m.key)
+            if seen is None or (m.step, m.timestamp) >= (seen.step, seen.timestamp):
+                best[m.key] = m
+        return {k: best[k].value for k in sorted(best)}
 
 
 @dataclass(frozen=True)

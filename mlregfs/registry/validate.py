@@ -142,6 +142,51 @@ def optional_text(value: Any) -> str | None:
     return value
 
 
+_RUN_ID = re.compile(r"\A[0-9A-Za-z-]{1,64}\Z")
+_TEXT_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+TEXT_MAX = 65536
+
+
+def text(value: Any, what: str = "text", limit: int = TEXT_MAX) -> str:
+    """Free text we show (a description, a param value): tabs and newlines allowed, no other
+    control character (terminal escapes), at most `limit` bytes of UTF-8."""
+    if not isinstance(value, str):
+        raise Invalid(f"{what} {shown(value)} is not a string")
+    if _TEXT_CONTROL.search(value):
+        raise Invalid(f"{what} {shown(value)} contains a control character")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(f"{what} {shown(value)} is not valid UTF-8") from None
+    if len(encoded) > limit:
+        raise Invalid(f"{what} {shown(value)} is longer than {limit} bytes")
+    return value
+
+
+def optional(rule: Callable[[Any], Any], value: Any) -> Any:
+    """`rule(value)`, or None when the value is absent ("" or null) or fails the rule."""
+    if value is None or value == "":
+        return None
+    try:
+        return rule(value)
+    except Invalid:
+        return None
+
+
+def run_id(value: Any) -> str:
+    """An MLflow run id (GitLab's candidate eid, a UUID): letters, digits and dashes."""
+    if not isinstance(value, str) or _RUN_ID.match(value) is None:
+        raise Invalid(f"run id {shown(value)} is not a run id")
+    return value
+
+
+def number(value: Any) -> float:
+    """A finite metric value (JSON number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Invalid(f"value {shown(value)} is not a finite number")
+    return float(value)
+
+
 def url(value: str) -> str:
     """A URL the registry told us to fetch (a redirect): http(s) with a host, nothing odd."""
     try:

@@ -21,6 +21,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def entries(path: Path) -> list[str]:
+    """Sorted names in `path` that are not symbolic links (the semver alias links)."""
+    return sorted(n for n in os.listdir(path) if not (path / n).is_symlink())
+
+
 def file_sha(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlregfs.server.testing import ServerProcess, free_port
 from tests.integration.conftest import World
-from tests.integration.helpers import Mount, clean_env, file_sha, sha, unmount
+from tests.integration.helpers import Mount, clean_env, entries, file_sha, sha, unmount
 
 
 def run_mount(
@@ -168,13 +168,13 @@ def test_token_rotation_via_token_file(tmp_path: Path, mount_factory) -> None:  
         m = mount_factory(f"{srv.url}/x/y", options=[f"token_file={tok},listing_ttl=1"])
         assert "readable by others" in m.stderr()
         assert old not in m.stderr()
-        assert os.listdir(m.path / "models/m") == ["1.0.0"]
+        assert entries(m.path / "models/m") == ["1.0.0"]
         new = st.create_token("x/y", "reporter")
         tok.write_text(new + "\n")
         st.revoke_token(old)
         st.create_version("x/y", "m", "2.0.0")
         time.sleep(1.5)
-        assert sorted(os.listdir(m.path / "models/m")) == ["1.0.0", "2.0.0"]
+        assert entries(m.path / "models/m") == ["1.0.0", "2.0.0"]
         assert "token file" in m.stderr() and new not in m.stderr()
 
 

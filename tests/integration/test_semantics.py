@@ -16,7 +16,7 @@ import pytest
 
 from mlregfs.server.testing import ServerProcess
 from tests.integration.conftest import BIG, World
-from tests.integration.helpers import file_sha, sha
+from tests.integration.helpers import entries, file_sha, sha
 
 
 def test_1_layout(mnt: Path) -> None:
@@ -29,7 +29,7 @@ def test_2_nested_model_names(mnt: Path, world: World) -> None:
     directories under `models/`."""
     assert os.listdir(mnt / "models/team") == ["nlp"]
     assert os.listdir(mnt / "models/team/nlp") == ["bert"]
-    assert os.listdir(mnt / "models/team/nlp/bert") == ["0.1.0"]
+    assert entries(mnt / "models/team/nlp/bert") == ["0.1.0"]
     assert (mnt / "models/team/nlp/bert/0.1.0/README.md").read_bytes() == b"# bert\n"
     models = sorted(os.listdir(mnt / "models"))
     assert len([m for m in models if m.startswith("bulk-")]) == 120  # >100 models
@@ -39,8 +39,11 @@ def test_3_version_directories_and_collision(mnt: Path) -> None:
     """Version directories. A model's directory lists its versions by semver string, next to the
     first segment of longer model names. When a version and a nested model segment share a name
     (model `a` with version `1.0.0` and a model `a/1.0.0`), the version wins."""
-    assert sorted(os.listdir(mnt / "models/llama")) == ["1.0.0", "2.0.0"]
-    assert os.listdir(mnt / "models/clash") == ["1.0.0"]
+    assert entries(mnt / "models/llama") == ["1.0.0", "2.0.0"]
+    assert entries(mnt / "models/clash") == ["1.0.0"]
+    # and the semver alias links of bullet 47 beside them
+    assert sorted(os.listdir(mnt / "models/llama")) == ["1", "1.0", "1.0.0", "2", "2.0", "2.0.0",
+                                                        "latest"]  # fmt: skip
     assert os.listdir(mnt / "models/clash/1.0.0") == ["from-version.txt"]
 
 
@@ -265,10 +268,11 @@ def test_12_freshness_new_version_appears(tmp_path: Path, mount_factory) -> None
         srv.store.create_model("x/y", "m")
         srv.store.create_version("x/y", "m", "1.0.0")
         m = mount_factory(f"{srv.url}/x/y", options=["listing_ttl=1"])
-        assert os.listdir(m.path / "models/m") == ["1.0.0"]
+        assert entries(m.path / "models/m") == ["1.0.0"]
         srv.store.create_version("x/y", "m", "1.1.0")
         time.sleep(1.5)
-        assert sorted(os.listdir(m.path / "models/m")) == ["1.0.0", "1.1.0"]
+        assert entries(m.path / "models/m") == ["1.0.0", "1.1.0"]
+        assert os.readlink(m.path / "models/m/latest") == "1.1.0"
 
 
 def test_13_persistence_across_remount(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlregfs.server.testing import ServerProcess
-from tests.integration.helpers import Mount, file_sha, recover, unmount
+from tests.integration.helpers import Mount, entries, file_sha, recover, unmount
 
 
 @dataclass
@@ -195,7 +195,7 @@ def test_mkdir_models_versions_and_rmdir(ww: WWorld, tmp_path: Path) -> None:
         os.mkdir(models / "new-model")
         os.mkdir(models / "new-model" / "0.1.0")
         os.mkdir(models / "new-model" / "nested")  # a model named new-model/nested
-        assert sorted(os.listdir(models / "new-model")) == ["0.1.0", "nested"]
+        assert entries(models / "new-model") == ["0.1.0", "nested"]
         st = ww.server.store
         pid = st.project("team/writes")["id"]  # type: ignore[index]
         assert st.model(pid, "new-model/nested") is not None

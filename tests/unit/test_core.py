@@ -68,7 +68,8 @@ async def read_all(fs: Filesystem, path: str, chunk: int = 128 << 10) -> bytes:
 async def test_layout(fs: Filesystem) -> None:
     assert await names(fs, "") == ["candidates", "models"]
     assert await names(fs, "models") == ["llama", "team"]
-    assert await names(fs, "models/llama") == ["1.0.0", "2.0.0-rc.1"]
+    # semver alias links (README Semantics 47): no link for the prerelease-only major 2
+    assert await names(fs, "models/llama") == ["1", "1.0", "1.0.0", "2.0.0-rc.1", "latest"]
     assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
     assert await names(fs, "models/llama/1.0.0/weights") == ["model.bin"]
     assert await names(fs, "candidates") == ["7"]
@@ -77,7 +78,7 @@ async def test_layout(fs: Filesystem) -> None:
 
 async def test_nested_model_names_and_collision(fs: Filesystem) -> None:
     # model "team" has version 1.0.0 and model "team/bert" nests; "team/1.0.0" is hidden
-    assert await names(fs, "models/team") == ["1.0.0", "bert"]
+    assert await names(fs, "models/team") == ["1", "1.0", "1.0.0", "bert", "latest"]
     assert await names(fs, "models/team/bert/0.1.0") == ["README.md"]
     assert await names(fs, "models/team/1.0.0") == []
 

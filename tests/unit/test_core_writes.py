@@ -230,8 +230,8 @@ async def test_mkdir_model_version_and_rmdir(fs: Filesystem, reg: InMemoryRegist
     team = await walk(fs, "models/team")
     await fs.mkdir(team, "bert")  # nested model team/bert
     await fs.mkdir(await walk(fs, "models/team/bert"), "0.1.0")
-    assert await names(fs, "models/team/bert") == ["0.1.0"]
-    for bad in ("1.0", "v1.0.0", "01.0.0"):
+    assert await names(fs, "models/team/bert") == ["0", "0.1", "0.1.0", "latest"]
+    for bad in ("1.5", "v1.0.0", "01.0.0"):
         with pytest.raises(InvalidPath):
             await fs.mkdir(await walk(fs, "models/llama"), bad)
     with pytest.raises(NotPermitted):
@@ -1001,6 +1001,7 @@ async def test_a_close_during_a_committing_rename_finishes_the_file(
     opened, _ = await gfs.create(v, "a.bin", os.O_WRONLY | os.O_CREAT)
     await gfs.write(opened.fh, 0, b"A")
     greg.gate = trio.Event()
+
     async def close() -> None:
         await gfs.flush(opened.fh)  # waits for the rename's upload, then has nothing to do
         await gfs.release(opened.fh)
