@@ -74,6 +74,17 @@ class MetadataCache:
         self.invalidate(key)
         return True
 
+    def now(self) -> float:
+        return self._clock()
+
+    def fetched_at(self, key: Hashable) -> float:
+        """When `key`'s value was last fetched (or put); -inf if never."""
+        return self._fetched.get(key, float("-inf"))
+
+    def registry_down(self) -> bool:
+        """Did a fetch just find the registry unreachable (within `outage_grace`)?"""
+        return self._clock() < self._down_until
+
     def invalidate(self, key: Hashable | None = None) -> None:
         """Forget freshness of one key (or all); last known values stay for outages."""
         for b in self._fresh.values():

@@ -266,6 +266,10 @@ class Filesystem:
         self._writing: dict[tuple[tuple[str, ...], str], WriteHandle] = {}
         # directories made inside a version for this mount's lifetime (GitLab has none)
         self._local_dirs: set[tuple[tuple[str, ...], str]] = set()
+        # models fetched alone for an alias lookup, newer than the listing: name -> (model or
+        # None if gone, when); and when each was last fetched so (rate limit)
+        self._fresh_models: dict[str, tuple[Model | None, float]] = {}
+        self._model_checked: dict[str, float] = {}
         self._uploading = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -350,7 +354,44 @@ class Filesystem:
         async def fetch() -> dict[str, Model]:
             return {m.name: m for m in await self.registry.list_models()}
 
-        return await self.meta.get("models", fetch, self.t.listing)
+        listing = await self.meta.get("models", fetch, self.t.listing)
+        if not self._fresh_models:
+            return listing
+        # models fetched one by one (`_refresh_model`) since the listing: theirs is newer
+        listed_at = self.meta.fetched_at("models")
+        merged = dict(listing)
+        for name, (model, at) in list(self._fresh_models.items()):
+            if at <= listed_at:
+                del self._fresh_models[name]
+            elif model is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = model
+        return merged
+
+    async def _refresh_model(self, name: str) -> None:
+        """A lookup of an alias link of `name`: fetch that one model again (one request, not
+        the whole listing) if what we know of it is older than RECHECK_AFTER. Rate-limited per
+        model, skipped while the registry was just unreachable (README Semantics 47)."""
+        now = self.meta.now()
+        known = max(self.meta.fetched_at("models"), self._model_checked.get(name, float("-inf")))
+        if now - known < RECHECK_AFTER or self.meta.registry_down():
+            return
+        self._model_checked[name] = now
+        found: list[Model | None] = []  # stays empty without an answer
+        # bounded: a path walk through `latest` must not wait out the client's retries
+        # while GitLab is down; the link keeps its last known target meanwhile
+        with trio.move_on_after(RECHECK_AFTER):
+            try:
+                found.append(await self.registry.get_model(name))
+            except NotFound:
+                found.append(None)  # deleted: its links go
+            except (E.RegistryUnavailable, E.ServerError) as e:
+                log.info("refreshing model %r for its alias links: %s", name, e)
+        if not found:
+            self._model_checked[name] = now + self.meta.outage_grace  # back off
+            return
+        self._fresh_models[name] = (found[0], now)
 
     async def candidates(self) -> dict[int, Candidate]:
         async def fetch() -> dict[int, Candidate]:
@@ -503,9 +544,12 @@ class Filesystem:
         if name == "..":
             return await self.attr_of(parent_node(parent))
         child = (await self.children(parent)).get(name)
-        if (child is None or child.kind is Kind.ALIAS) and self._recheck(parent):
-            # published elsewhere since the listing was fetched (README Semantics 46), or a
-            # release since that moves an alias link (Semantics 47)
+        if child is not None and child.kind is Kind.ALIAS:
+            # a release since may have moved the link (README Semantics 47)
+            await self._refresh_model(parent.name)
+            child = (await self.children(parent)).get(name)
+        elif child is None and self._recheck(parent):
+            # published elsewhere since the listing was fetched (README Semantics 46)
             child = (await self.children(parent)).get(name)
         if child is None:
             raise NotFound(f"{name!r} not found")

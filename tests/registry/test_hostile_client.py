@@ -206,6 +206,53 @@ async def test_invalid_models_versions_and_candidates_are_dropped(
     assert [(v.version, v.id) for v in models["ok"].versions] == [("1.0.0", 1)]
 
 
+async def test_version_metadata_and_runs_are_checked(
+    gitlab: FakeGitLab, make_registry: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Descriptions and run ids shown in xattrs are untrusted: escapes and odd ids are dropped;
+    a runs/get answer keeps only the entries that can be shown."""
+    run = "0f3c9a8e-6f1d-4a43-9b7e-2d5c8f1e0a11"
+
+    def search(request: httpx.Request) -> httpx.Response:
+        versions = [
+            {"version": "1", "aliases": ["1.0.0"], "description": "ok\nline", "run_id": run},
+            {
+                "version": "2",
+                "aliases": ["2.0.0"],
+                "description": "\x1b]0;pwn\x07",
+                "run_id": "../x",
+            },
+            {"version": "3", "aliases": ["3.0.0"], "description": 7, "run_id": ["a"]},
+        ]
+        rm = {"name": "m", "description": "d" * 70000, "latest_versions": versions}
+        return httpx.Response(200, json={"registered_models": [rm], "next_page_token": None})
+
+    gitlab.fail("registered-models/search", search)
+    reg = make_registry()
+    [m] = await reg.list_models()
+    assert m.description is None  # over 64 KiB
+    got = [(v.version, v.description, v.run_id) for v in m.versions]
+    assert got == [("1.0.0", "ok\nline", run), ("2.0.0", None, None), ("3.0.0", None, None)]
+
+    def runs_get(request: httpx.Request) -> httpx.Response:
+        assert request.url.params["run_id"] == run
+        data = {
+            "params": [{"key": "lr", "value": "0.1"}, {"key": "\x1b[2J", "value": "x"}],
+            "metrics": [{"key": "loss", "value": "NaN"}, {"key": "acc", "value": 0.5, "step": 2}],
+        }
+        info = {"run_id": run, "status": "FINISHED", "experiment_id": "1"}
+        return httpx.Response(200, json={"run": {"info": info, "data": data}})
+
+    gitlab.fail("runs/get", runs_get)
+    got_run = await reg.get_run(run)
+    assert got_run.params == (("lr", "0.1"),)
+    assert got_run.latest_metrics() == {"acc": 0.5}
+    gitlab.fail("runs/get", lambda r: httpx.Response(200, json={"run": {"info": {"run_id": 5}}}))
+    with pytest.raises(ProtocolError):
+        await reg.get_run(run)
+    assert all("\x1b" not in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- pagination
 
 

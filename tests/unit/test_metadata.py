@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+import trio
+import trio.testing
 
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.meta import MetadataCache
@@ -17,7 +19,7 @@ from mlregfs.errors import (
     RegistryUnavailable,
 )
 from mlregfs.fs.aliases import semver_aliases
-from mlregfs.fs.core import ROOT_INO, Filesystem
+from mlregfs.fs.core import RECHECK_AFTER, ROOT_INO, Filesystem
 from mlregfs.fs.tree import model_dir_entries
 from mlregfs.registry import validate
 from mlregfs.registry.fake import InMemoryRegistry
@@ -138,8 +140,22 @@ async def test_links_resolve_relative_and_follow_new_releases(
     clock.now += 1
     assert (await fs.lookup(resnet, "10")).link == "10.1.3"  # listing 1 s old: kept
     clock.now += 2
+    listings = reg.stats.by_kind["list_models"]
     assert (await fs.lookup(resnet, "10")).link == "10.1.4"
     assert await fs.readlink(latest.ino) == "10.1.4"
+    # one request for that model, not the whole listing; at most one per RECHECK_AFTER
+    assert reg.stats.by_kind["list_models"] == listings
+    assert reg.stats.by_kind["get_model"] == 1
+    await fs.lookup(resnet, "latest")
+    assert reg.stats.by_kind["get_model"] == 1
+    # during an outage the links keep their last known target
+    reg.add_version("resnet", "10.1.5")
+    reg.down = True
+    clock.now += 3
+    assert (await fs.lookup(resnet, "latest")).link == "10.1.4"
+    reg.down = False
+    clock.now += 12  # past the back-off (outage grace, then RECHECK_AFTER)
+    assert (await fs.lookup(resnet, "latest")).link == "10.1.5"
     # links are the mount's: not removable, not renamable, not openable
     with pytest.raises(NotPermitted):
         await fs.unlink(resnet, "latest")
@@ -292,3 +308,29 @@ def test_run_from_mlflow_drops_what_cannot_be_shown() -> None:
     for bad in ({"run": {"info": {"run_id": "../x"}}}, {"run": {}}, [], None):
         with pytest.raises(validate.Invalid):
             run_from_mlflow(bad)
+
+
+class _StalledModel(InMemoryRegistry):
+    """get_model never answers (a registry that accepts and stalls)."""
+
+    async def get_model(self, name: str) -> Model:
+        self.stats.count("get_model")
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+async def test_alias_lookup_does_not_wait_out_a_stalled_registry(
+    clock: Clock, tmp_path, autojump_clock: trio.testing.MockClock
+) -> None:
+    reg = _StalledModel()
+    reg.add_version("m", "1.0.0")
+    data = DataCache(BlockStore(tmp_path / "blocks", 64 * BS), block_size=BS, readahead=0)
+    fs = Filesystem(reg, data, source_id="test", meta=MetadataCache(clock=clock))
+    m = await walk(fs, "models/m")
+    clock.now += 3
+    started = trio.current_time()
+    assert (await fs.lookup(m, "latest")).link == "1.0.0"  # the last known target
+    assert trio.current_time() - started == pytest.approx(RECHECK_AFTER)
+    clock.now += 3
+    await fs.lookup(m, "latest")  # backing off: no second wait
+    assert reg.stats.by_kind["get_model"] == 1
