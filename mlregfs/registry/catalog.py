@@ -106,7 +106,7 @@ _MODEL = {
 _CANDIDATE = {
     "iid": _int,
     "created_at": _num,
-    "eid": _opt(_str),
+    "eid": _opt(_valid(validate.run_id)),
     "name": _opt(_str),
     "package_id": _opt(_int),
 }

@@ -1353,7 +1353,7 @@ def _candidate_from_run(run: Any) -> Candidate | None:
     return Candidate(
         iid=iid,
         created_at=_timestamp(info.get("start_time")),
-        eid=validate.optional_text(info.get("run_id")),
+        eid=validate.optional(validate.run_id, info.get("run_id")),
         name=validate.optional_text(info.get("run_name")),
     )
 
