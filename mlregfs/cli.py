@@ -1,10 +1,11 @@
-"""Command line: `mlregfs mount|unmount|serve|admin|status|info|warm|recover|demo`."""
+"""Command line: `mlregfs COMMAND ...`, one argparse subcommand per entry of COMMANDS."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from mlregfs import __version__
 
@@ -58,39 +59,52 @@ def cmd_unmount(argv: list[str]) -> int:
     return subprocess.call(["fusermount3", "-u", args.mountpoint])
 
 
+# name -> (usage summary for `mlregfs --help`, runner); runners import lazily so that
+# `mlregfs status` does not load pyfuse3 or the server
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "mount": ("mount a project's model registry: SOURCE MNT [-f] [-o opts]", cmd_mount),
+    "unmount": ("unmount (same as fusermount3 -u): MNT", cmd_unmount),
+    "serve": (
+        "run the embedded GitLab-compatible registry: [--data DIR] [--init-demo]",
+        lambda a: _server("serve_main", a),
+    ),
+    "admin": (
+        "create projects, tokens, models, versions of `serve`",
+        lambda a: _server("admin_main", a),
+    ),
+    "status": ("counters of a running mount: MNT [--json]", lambda a: _status(a)),
+    "info": ("what GitLab holds for a mounted path: PATH... [--json]", lambda a: _info(a)),
+    "warm": ("fetch files into the cache, verified: PATH... [--pin]", lambda a: _warm(a)),
+    "recover": (
+        "spooled uploads that did not complete: [list|retry|discard]",
+        lambda a: _recover(a),
+    ),
+    "demo": ("serve sample models, mount them, show them", lambda a: _demo(a)),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The top-level parser: one subcommand per entry of COMMANDS (each parses its own args)."""
+    p = argparse.ArgumentParser(
+        prog="mlregfs",
+        description="Mount a GitLab project's ML model registry as directories.",
+        epilog="`mlregfs COMMAND --help` shows a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"mlregfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (summary, _run) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {
-        "mount": cmd_mount,
-        "unmount": cmd_unmount,
-        "serve": lambda a: _server("serve_main", a),
-        "admin": lambda a: _server("admin_main", a),
-        "demo": lambda a: _demo(a),
-        "recover": lambda a: _recover(a),
-        "status": lambda a: _status(a),
-        "warm": lambda a: _warm(a),
-        "info": lambda a: _info(a),
-    }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        if argv and argv[0] == "--version":
-            print(f"mlregfs {__version__}")
-            return 0
-        print(
-            "usage: mlregfs {mount,unmount,serve,admin,demo} ...\n\n"
-            "  mount SOURCE MNT [-f] [-o opts]   mount a project's model registry\n"
-            "  unmount MNT                       unmount (same as fusermount3 -u)\n"
-            "  serve [--data DIR] [--init-demo]  run the embedded GitLab-compatible registry\n"
-            "  admin ...                         create projects, tokens, models, versions\n"
-            "  status MNT [--json]               counters of a running mount\n"
-            "  info PATH... [--json]             what GitLab holds for a mounted path\n"
-            "  warm PATH... [--pin]              fetch files into the cache, verified\n"
-            "  recover [list|retry|discard]      spooled uploads that did not complete\n"
-            "  demo                              serve sample models, mount them, show them",
-            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] not in COMMANDS:
+        # --help, --version, no command or an unknown one: argparse prints and exits
+        parser().parse_args(argv)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(commands[argv[0]](argv[1:]) or 0)
+    return int(COMMANDS[argv[0]][1](argv[1:]) or 0)
 
 
 def _server(name: str, argv: list[str]) -> int:
