@@ -12,8 +12,13 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mlregfs.localstate import DIR_MODE, FILE_MODE, write_private
 
@@ -60,22 +65,43 @@ def checked_state_dir(path: Path, *, create: bool) -> Path:
 
 
 def prometheus(snapshot: dict[str, Any]) -> str:
-    """The counters in Prometheus text exposition format."""
-    labels = f'mountpoint="{snapshot["mountpoint"]}"'
-    lines = []
+    """The counters in Prometheus text exposition format, rendered by prometheus_client (label
+    escaping, `_total` on counters) from a one-shot collector over `snapshot`."""
+    mountpoint = str(snapshot.get("mountpoint", ""))
+    families: list[Metric] = []
     for name, (kind, help_text) in METRICS.items():
         value: Any = snapshot
         for part in name.split("."):
             value = value.get(part, 0) if isinstance(value, dict) else 0
         metric = "mlregfs_" + name.replace(".", "_")
-        lines += [
-            f"# HELP {metric} {help_text}",
-            f"# TYPE {metric} {kind}",
-            f"{metric}{{{labels}}} {float(value):g}",
-        ]
+        family = (
+            CounterMetricFamily(metric, help_text, labels=["mountpoint"])
+            if kind == "counter"
+            else GaugeMetricFamily(metric, help_text, labels=["mountpoint"])
+        )
+        family.add_metric([mountpoint], float(value or 0))
+        families.append(family)
+    failures = CounterMetricFamily(
+        "mlregfs_fuse_failures",
+        "FUSE operations answered with an error",
+        labels=["mountpoint", "op"],
+    )
     for op, n in sorted(snapshot.get("fuse_failures", {}).items()):
-        lines.append(f'mlregfs_fuse_failures_total{{{labels},op="{op}"}} {n}')
-    return "\n".join(lines) + "\n"
+        failures.add_metric([mountpoint, str(op)], float(n))
+    families.append(failures)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families))
+    return generate_latest(registry).decode("utf-8")
+
+
+class _Snapshot(Collector):
+    """Metric families computed once from a snapshot (the daemon rewrites the file every 2 s)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
 
 
 METRICS = {

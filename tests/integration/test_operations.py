@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlregfs.server.testing import ServerProcess
 from tests.integration.helpers import clean_env, sha
 
@@ -59,9 +61,12 @@ def test_warm_pin_status_metrics(tmp_path: Path, mount_factory) -> None:  # type
         assert snap["cache"]["pinned_bytes"] == 8 << 20
         assert snap["cache"]["stored_bytes"] <= 16 << 20
         assert snap["cache"]["evictions"] > 0 and snap["cache"]["hits"] > 0
-        text = metrics.read_text()
-        assert "# TYPE mlregfs_cache_hits counter" in text
-        assert 'mlregfs_cache_pinned_bytes{mountpoint="' in text
+        families = {
+            f.name: f for f in text_string_to_metric_families(metrics.read_text())
+        }  # the reference parser: the file is valid Prometheus text
+        assert families["mlregfs_cache_hits"].type == "counter"
+        [pinned] = families["mlregfs_cache_pinned_bytes"].samples
+        assert pinned.labels == {"mountpoint": str(m.path)} and pinned.value == 8 << 20
 
 
 def test_warm_fails_on_a_corrupt_file(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
