@@ -267,6 +267,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         spool=spool,
         hold_temp=cfg.temp_files == "hold",
         holders=Holders(mountpoint),
+        origin=client,
     )
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     started = time.time()

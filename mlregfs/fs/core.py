@@ -242,8 +242,12 @@ class Filesystem:
         spool: Spool | None = None,
         hold_temp: bool = True,
         holders: Holders | None = None,
+        origin: Registry | None = None,
     ) -> None:
         self.registry = registry
+        # the registry itself, under any caching wrapper (the catalog): asked where an answer
+        # from before an outage would be wrong (`_stored`)
+        self.origin = origin or registry
         self.hold_temp = hold_temp  # temporary names are held at close (README Semantics 41)
         self.holders = holders  # who still holds a file open (None: no /proc to ask)
         self.spool = spool  # None: a read-only mount
@@ -1241,14 +1245,9 @@ class Filesystem:
         Asked of the registry itself, never of the catalog: its listing from before an
         outage would say "not stored" and the bytes would be sent twice. An outage raises
         (the close fails, the bytes are kept, asked again at the next close or by recover)."""
-        from mlregfs.registry.catalog import CatalogRegistry
-
-        registry: Registry = self.registry
-        if isinstance(registry, CatalogRegistry):
-            registry = registry.inner
         with self._shutdown_scope() as scope:
             owner = await self.owner(h.node.owner)
-            for f in await registry.list_files(owner):
+            for f in await self.origin.list_files(owner):
                 if f.path == h.node.path and f.sha256 is not None and f.sha256.lower() == digest:
                     return True
         if scope.cancelled_caught:  # no answer: unknown, so nothing is sent

@@ -30,6 +30,7 @@ from mlregfs.errors import (
     to_errno,
 )
 from mlregfs.fs.core import Filesystem, WriteHandle
+from mlregfs.registry.base import Registry
 from mlregfs.registry.fake import InMemoryRegistry
 from mlregfs.writeback import Spool
 from tests.unit.test_core import names, read_all, walk
@@ -792,7 +793,7 @@ async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) 
     inner = _ListingDown()
     inner.add_version("llama", "1.0.0")
     reg = CatalogRegistry(inner, tmp_path / "catalog" / "c.json")
-    fs = _writable_fs(reg, tmp_path)
+    fs = _writable_fs(reg, tmp_path, origin=inner)  # as mount.py wires it
     fh = await _open_written(fs, "c.bin", b"sent once")  # the catalog has a listing without c.bin
     with pytest.raises(MlregfsError):
         await fs.flush(fh)
@@ -827,10 +828,11 @@ def _stall_finish(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, tri
     return release, hashing
 
 
-def _writable_fs(reg: InMemoryRegistry, tmp_path: Path) -> Filesystem:
+def _writable_fs(reg: Registry, tmp_path: Path, origin: Registry | None = None) -> Filesystem:
     """A writable core over `reg`, with its cache and spool under `tmp_path`."""
     data = DataCache(BlockStore(tmp_path / "blocks", 1 << 30), block_size=1 << 16)
-    return Filesystem(reg, data, source_id="test", spool=Spool(tmp_path / "spool"))
+    spool = Spool(tmp_path / "spool")
+    return Filesystem(reg, data, source_id="test", spool=spool, origin=origin)
 
 
 async def _open_written(fs: Filesystem, name: str, data: bytes) -> int:
