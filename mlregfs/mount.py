@@ -217,7 +217,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
     prepare_cache_dir(cfg)
     token_file = TokenFile(cfg.token_file, cfg.token) if cfg.token_file else None
     client = build_registry(cfg, token_file)
-    registry = CatalogRegistry(client, cfg.cache_dir / "catalog" / f"{catalog_name}.json")
+    registry = CatalogRegistry(client, cfg.cache_dir / "catalog" / catalog_name)
     try:
         project = await registry.project()
     except RegistryError as e:

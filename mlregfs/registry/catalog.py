@@ -8,10 +8,11 @@ deletion. Answers that the registry did give (404, 401, ...) are never masked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import threading
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -206,46 +207,101 @@ def load_catalog(path: Path) -> dict[str, Any]:
     return data
 
 
-class CatalogRegistry:
-    """Wraps a Registry; persists project, models, candidates and file lists to `path`."""
+_PARTS = ("project", "models", "candidates")
 
-    def __init__(self, inner: Registry, path: Path) -> None:
+
+def _write_part(path: Path, body: dict[str, Any]) -> None:
+    """Replace `path` with `body` (atomically, 0600) unless it holds exactly that already;
+    then only its mtime moves (when the registry last confirmed it)."""
+    text = json.dumps(body, sort_keys=True).encode()
+    try:
+        if path.read_bytes() == text:
+            os.utime(path)
+            return
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:  # os.replace cannot replace a directory
+        set_aside(path, "a directory where a catalog file belongs")
+    except OSError:
+        pass  # unreadable: replaced below
+    private_dir(path.parent, repair=True)
+    write_private(path, text)
+
+
+class CatalogRegistry:
+    """Wraps a Registry; persists project, models, candidates and each owner's file list.
+
+    `root` is a directory of small parts, each written atomically and only when it changed:
+    `project.json`, `models.json`, `candidates.json` and `files/<digest>.json` per version or
+    candidate. A cold `ls -lR` of 1,500 versions writes 1,500 small files once, instead of
+    rewriting one growing file 1,500 times. A part's mtime is when the registry last said it.
+    """
+
+    def __init__(self, inner: Registry, root: Path) -> None:
         self.inner = inner
         self.stats: RegistryStats = inner.stats  # the same counters object
-        self.path = Path(path)
-        self._lock = threading.Lock()
+        self.root = Path(root)
+        self._data: dict[str, Any] = {"files": {}}
         try:
-            private_dir(self.path.parent, repair=True)
+            private_dir(self.root.parent, repair=True)
+            private_dir(self.root, repair=True)
+            private_dir(self.root / "files", repair=True)
         except OSError as e:  # listings still work, only the outage fallback is lost
-            log.warning("cannot create the catalog directory %s: %s", self.path.parent, e)
-        self._data: dict[str, Any] = load_catalog(self.path)
-        if self.path.is_file():
-            tighten(self.path, FILE_MODE)
+            log.warning("cannot create the catalog directory %s: %s", self.root, e)
+        legacy = self.root.with_name(self.root.name + ".json")  # one file, before parts
+        if legacy.exists():
+            self._data = load_catalog(legacy)
+            self._migrate(legacy)
+        for part in _PARTS:
+            path = self._part(part)
+            if path.exists():
+                loaded = load_catalog(path)
+                if part in loaded:
+                    self._data[part] = loaded[part]
+                tighten(path, FILE_MODE)
         self.offline_answers = 0
 
-    @property
-    def saved_at(self) -> float | None:
-        value = self._data.get("saved_at")
-        return float(value) if value is not None else None
+    def _part(self, part: str) -> Path:
+        return self.root / f"{part}.json"
 
-    async def _save(self) -> None:
-        def write() -> None:
-            with self._lock:
-                self._data["saved_at"] = time.time()
-                text = json.dumps(self._data)
-            private_dir(self.path.parent, repair=True)
-            if self.path.is_dir():  # os.replace cannot replace a directory
-                set_aside(self.path, "a directory where the catalog file belongs")
-            write_private(self.path, text)
+    def _files_part(self, key: str) -> Path:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self.root / "files" / f"{digest}.json"
+
+    def _migrate(self, legacy: Path) -> None:
+        """Split a catalog written by an older version into parts (offline start survives the
+        upgrade), then remove it."""
+        try:
+            for part in _PARTS:
+                if part in self._data:
+                    _write_part(self._part(part), {part: self._data[part]})
+            for key, files in self._data["files"].items():
+                _write_part(self._files_part(key), {"files": {key: files}})
+            legacy.unlink()
+        except OSError as e:
+            log.warning("cannot move the catalog %s into parts: %s", legacy, e)
+
+    def saved_at(self, part: str = "models", key: str | None = None) -> float | None:
+        """When the registry last gave this part (its mtime), or None."""
+        path = self._files_part(key) if key is not None else self._part(part)
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            return None
+
+    async def _save(self, part: str, value: Any, key: str | None = None) -> None:
+        """Write one part if its content changed; else only mark it as confirmed now."""
+        path = self._files_part(key) if key is not None else self._part(part)
+        body = {"files": {key: value}} if key is not None else {part: value}
 
         try:
-            await trio.to_thread.run_sync(write)
+            await trio.to_thread.run_sync(_write_part, path, body)
         except OSError as e:  # a full disk must not break listings
-            log.warning("cannot save the catalog %s: %s", self.path, e)
+            log.warning("cannot save the catalog part %s: %s", path, e)
 
-    def _fallback(self, what: str, error: Exception) -> None:
+    def _fallback(self, what: str, error: Exception, saved_at: float | None) -> None:
         self.offline_answers += 1
-        age = time.time() - (self.saved_at or time.time())
+        age = time.time() - (saved_at or time.time())
         log.warning(
             "registry unavailable (%s): answering %s from the catalog (%.0fs old)", error, what, age
         )
@@ -257,9 +313,10 @@ class CatalogRegistry:
         except _OUTAGE as e:
             if "project" not in self._data:
                 raise
-            self._fallback("the project", e)
+            self._fallback("the project", e, self.saved_at("project"))
             return ProjectInfo(**self._data["project"])
         self._data["project"] = asdict(p)
+        await self._save("project", self._data["project"])
         return p
 
     async def list_models(self) -> list[Model]:
@@ -268,10 +325,10 @@ class CatalogRegistry:
         except _OUTAGE as e:
             if "models" not in self._data:
                 raise
-            self._fallback("the model list", e)
+            self._fallback("the model list", e, self.saved_at("models"))
             return [_model(dict(m)) for m in self._data["models"]]
         self._data["models"] = [asdict(m) for m in models]
-        await self._save()
+        await self._save("models", self._data["models"])
         return models
 
     async def get_model(self, name: str) -> Model:
@@ -280,7 +337,7 @@ class CatalogRegistry:
         except _OUTAGE as e:
             for m in self._data.get("models", []):
                 if m["name"] == name:
-                    self._fallback(f"model {name!r}", e)
+                    self._fallback(f"model {name!r}", e, self.saved_at("models"))
                     return _model(dict(m))
             raise
 
@@ -290,10 +347,10 @@ class CatalogRegistry:
         except _OUTAGE as e:
             if "candidates" not in self._data:
                 raise
-            self._fallback("the candidate list", e)
+            self._fallback("the candidate list", e, self.saved_at("candidates"))
             return [Candidate(**c) for c in self._data["candidates"]]
         self._data["candidates"] = [asdict(c) for c in cands]
-        await self._save()
+        await self._save("candidates", self._data["candidates"])
         return cands
 
     async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
@@ -301,12 +358,17 @@ class CatalogRegistry:
         try:
             files = await self.inner.list_files(owner)
         except _OUTAGE as e:
-            if key not in self._data["files"]:
+            known = self._data["files"].get(key)
+            if known is None:  # read from disk on demand: a mount lists few of them
+                path = self._files_part(key)
+                part = await trio.to_thread.run_sync(load_catalog, path)
+                known = part["files"].get(key)
+            if known is None:
                 raise
-            self._fallback(f"the files of {key}", e)
-            return [_file(dict(f)) for f in self._data["files"][key]]
-        self._data["files"][key] = [asdict(f) for f in files]
-        await self._save()
+            self._fallback(f"the files of {key}", e, self.saved_at(key=key))
+            return [_file(dict(f)) for f in known]
+        rows = [asdict(f) for f in files]
+        await self._save("files", rows, key=key)
         return files
 
     # -- pass-through -------------------------------------------------------------------

@@ -23,8 +23,9 @@ from tests.integration.helpers import clean_env, unmount
 
 
 def _catalog(cache: Path, source: str) -> Path:
+    """The models part of the mount's catalog (one small file per part)."""
     name = hashlib.sha256(public_source(source).encode()).hexdigest()[:32]
-    return cache / "catalog" / f"{name}.json"
+    return cache / "catalog" / name / "models.json"
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -42,6 +43,10 @@ DAMAGE: dict[str, Callable[[Path, str], None]] = {
     "catalog-garbage": lambda c, s: _write(_catalog(c, s), b"\x00\x01garbage{"),
     "catalog-is-a-directory": lambda c, s: _mkdir(_catalog(c, s)),
     "catalog-dir-is-a-file": lambda c, s: _write(c / "catalog", b"stray"),
+    "catalog-parts-dir-is-a-file": lambda c, s: _write(_catalog(c, s).parent, b"stray"),
+    "catalog-of-an-older-version-garbage": lambda c, s: _write(
+        _catalog(c, s).parent.with_suffix(".json"), b"\x00garbage{"
+    ),
     "pins-number": lambda c, s: _write(c / "blocks" / "v2" / "pins.json", b"5"),
     "pins-object": lambda c, s: _write(c / "blocks" / "v2" / "pins.json", b"{}"),
     "pins-is-a-directory": lambda c, s: _mkdir(c / "blocks" / "v2" / "pins.json"),
@@ -152,7 +157,9 @@ def test_another_local_user_sees_nothing(world: World, other_user: str) -> None:
             time.sleep(0.1)
         catalog = _catalog(cache, world.private)
         log = cache / "mlregfs.log"
-        for p in (cache, cache / "catalog", cache / "blocks", status_file.parent):
+        parts = catalog.parent
+        for p in (cache, cache / "catalog", parts, parts / "files", cache / "blocks",
+                  status_file.parent):  # fmt: skip
             assert _mode(p) == 0o700, p
         for p in (catalog, log, status_file):
             assert _mode(p) == 0o600, p

@@ -42,48 +42,74 @@ CATALOG_SHAPES = {
 }
 
 
+def _files_part(root: Path) -> Path:
+    [part] = (root / "files").glob("*.json")
+    return part
+
+
 @pytest.mark.parametrize("content", CATALOG_SHAPES.values(), ids=CATALOG_SHAPES.keys())
+@pytest.mark.parametrize("part", ["models.json", "project.json", "candidates.json"])
 async def test_damaged_catalog_is_set_aside_and_rebuilt(
-    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, content: bytes, part: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     reg = InMemoryRegistry()
     v = reg.add_version("m", "1.0.0")
     reg.add_file(v, "a.bin", b"abc")
-    path = tmp_path / "catalog" / "c.json"
-    path.parent.mkdir()
+    root = tmp_path / "catalog" / "c"
+    root.mkdir(parents=True)
+    path = root / part
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING):
-        cat = CatalogRegistry(reg, path)
+        cat = CatalogRegistry(reg, root)
     assert len(_aside(path)) == 1 and _aside(path)[0].read_bytes() == content
     assert str(path) in caplog.text
+    await cat.project()
     models = await cat.list_models()
     files = await cat.list_files(models[0].versions[0])
     assert [f.path for f in files] == ["a.bin"]
     reg.down = True
-    again = CatalogRegistry(reg, path)  # the rebuilt catalog is whole again
+    again = CatalogRegistry(reg, root)  # the rebuilt catalog is whole again
+    assert await again.list_models() == models
     assert await again.list_files(models[0].versions[0]) == files
     assert len(_aside(path)) == 1
 
 
-async def test_catalog_that_is_a_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", CATALOG_SHAPES.values(), ids=CATALOG_SHAPES.keys())
+async def test_damaged_files_part_is_set_aside_when_needed(tmp_path: Path, content: bytes) -> None:
+    reg = InMemoryRegistry()
+    v = reg.add_version("m", "1.0.0")
+    reg.add_file(v, "a.bin", b"abc")
+    root = tmp_path / "c"
+    cat = CatalogRegistry(reg, root)
+    await cat.list_files(v)
+    part = _files_part(root)
+    part.write_bytes(content)
+    reg.down = True
+    with pytest.raises(RegistryUnavailable):  # read on demand: damaged, so no answer
+        await CatalogRegistry(reg, root).list_files(v)
+    assert len(_aside(part)) == 1
+
+
+async def test_catalog_part_that_is_a_directory(tmp_path: Path) -> None:
     reg = InMemoryRegistry()
     reg.add_version("m", "1.0.0")
-    path = tmp_path / "c.json"
-    (path / "inner").mkdir(parents=True)
-    cat = CatalogRegistry(reg, path)
+    root = tmp_path / "c"
+    (root / "models.json" / "inner").mkdir(parents=True)
+    cat = CatalogRegistry(reg, root)
     await cat.list_models()
-    assert path.is_file() and json.loads(path.read_text())["models"]
-    assert (_aside(path)[0] / "inner").is_dir()
+    assert (root / "models.json").is_file()
+    assert json.loads((root / "models.json").read_text())["models"]
+    assert (_aside(root / "models.json")[0] / "inner").is_dir()
 
 
 async def test_catalog_directory_that_is_a_file(tmp_path: Path) -> None:
     reg = InMemoryRegistry()
     reg.add_version("m", "1.0.0")
     (tmp_path / "catalog").write_text("stray")
-    path = tmp_path / "catalog" / "c.json"
-    cat = CatalogRegistry(reg, path)
+    root = tmp_path / "catalog" / "c"
+    cat = CatalogRegistry(reg, root)
     await cat.list_models()
-    assert path.is_file()
+    assert (root / "models.json").is_file()
     assert _aside(tmp_path / "catalog")[0].read_text() == "stray"
 
 
@@ -92,44 +118,51 @@ async def test_malformed_entries_are_dropped_not_the_catalog(tmp_path: Path) -> 
     v = reg.add_version("m", "1.0.0")
     reg.add_file(v, "a.bin", b"abc")
     reg.add_candidate(4)
-    path = tmp_path / "c.json"
-    cat = CatalogRegistry(reg, path)
+    root = tmp_path / "c"
+    cat = CatalogRegistry(reg, root)
     await cat.project()
     models = await cat.list_models()
     files = await cat.list_files(models[0].versions[0])
     await cat.list_candidates()
-    data = json.loads(path.read_text())
+    mpath, cpath, fpath = root / "models.json", root / "candidates.json", _files_part(root)
+    data = json.loads(mpath.read_text())
     data["models"].append({"name": 5})
     data["models"].append("junk")
     data["models"][0]["versions"].append({"version": None})
-    data["candidates"].append({"iid": "x"})
-    key = next(iter(data["files"]))
-    data["files"][key].append({"path": "b.bin", "size": -1})
-    data["files"][key].append({**data["files"][key][0], "sha256": "../../etc"})
-    data["files"][key].append({**data["files"][key][0], "path": "../escape"})
     # held to the registry's own rules (registry/validate.py): no control characters, semver
-    data["files"][key].append({**data["files"][key][0], "path": "esc\x1b[31m.bin"})
     data["models"].append({**data["models"][0], "name": "evil\nname"})
     data["models"][0]["versions"].append({**data["models"][0]["versions"][0], "version": "v1"})
-    data["files"]["v/bad/1"] = "not a list"
-    path.write_text(json.dumps(data))
+    mpath.write_text(json.dumps(data))
+    cands = json.loads(cpath.read_text())
+    cands["candidates"].append({"iid": "x"})
+    cpath.write_text(json.dumps(cands))
+    fdata = json.loads(fpath.read_text())
+    [key] = fdata["files"]
+    rows = fdata["files"][key]
+    rows.append({"path": "b.bin", "size": -1})
+    rows.append({**rows[0], "sha256": "../../etc"})
+    rows.append({**rows[0], "path": "../escape"})
+    rows.append({**rows[0], "path": "esc\x1b[31m.bin"})
+    fpath.write_text(json.dumps(fdata))
     reg.down = True
-    fresh = CatalogRegistry(reg, path)
+    fresh = CatalogRegistry(reg, root)
     assert await fresh.list_models() == models
     assert await fresh.list_files(models[0].versions[0]) == files
     assert [c.iid for c in await fresh.list_candidates()] == [4]
-    assert len(_aside(path)) == 1  # the original is kept for inspection, once
-    CatalogRegistry(reg, path)
-    assert len(_aside(path)) == 1
+    for p in (mpath, cpath, fpath):
+        assert len(_aside(p)) == 1  # the original is kept for inspection, once
+    CatalogRegistry(reg, root)
+    assert len(_aside(mpath)) == 1
 
 
 async def test_outage_with_an_emptied_catalog_is_an_outage(tmp_path: Path) -> None:
     reg = InMemoryRegistry()
     v = reg.add_version("m", "1.0.0")
-    path = tmp_path / "c.json"
-    path.write_text('{"files": [], "project": 7}')
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "project.json").write_text('{"files": [], "project": 7}')
     reg.down = True
-    cat = CatalogRegistry(reg, path)
+    cat = CatalogRegistry(reg, root)
     with pytest.raises(RegistryUnavailable):
         await cat.project()
     with pytest.raises(RegistryUnavailable):
@@ -139,19 +172,69 @@ async def test_outage_with_an_emptied_catalog_is_an_outage(tmp_path: Path) -> No
 async def test_catalog_is_private(tmp_path: Path) -> None:
     reg = InMemoryRegistry()
     reg.add_version("m", "1.0.0")
-    (tmp_path / "catalog").mkdir(mode=0o755)
+    root = tmp_path / "catalog" / "c"
+    root.mkdir(parents=True, mode=0o755)
     os.chmod(tmp_path / "catalog", 0o755)
-    path = tmp_path / "catalog" / "c.json"
-    path.write_text("{}")
-    os.chmod(path, 0o644)
+    os.chmod(root, 0o755)
+    (root / "models.json").write_text("{}")
+    os.chmod(root / "models.json", 0o644)
     old = os.umask(0o022)
     try:
-        cat = CatalogRegistry(reg, path)
+        cat = CatalogRegistry(reg, root)
         await cat.list_models()
+        await cat.list_files(reg._models["m"].versions[0])
     finally:
         os.umask(old)
-    assert _mode(tmp_path / "catalog") == 0o700
-    assert _mode(path) == 0o600
+    for d in (tmp_path / "catalog", root, root / "files"):
+        assert _mode(d) == 0o700
+    assert _mode(root / "models.json") == 0o600
+    assert _mode(_files_part(root)) == 0o600
+
+
+async def test_a_catalog_of_an_older_version_is_split_into_parts(tmp_path: Path) -> None:
+    reg = InMemoryRegistry()
+    v = reg.add_version("m", "1.0.0")
+    reg.add_file(v, "a.bin", b"abc")
+    root = tmp_path / "catalog" / "c"
+    cat = CatalogRegistry(reg, root)
+    await cat.project()
+    models = await cat.list_models()
+    files = await cat.list_files(v)
+    legacy = {
+        "project": json.loads((root / "project.json").read_text())["project"],
+        "models": json.loads((root / "models.json").read_text())["models"],
+        "files": json.loads(_files_part(root).read_text())["files"],
+        "saved_at": 1.0,
+    }
+    for p in [*root.rglob("*.json")]:
+        p.unlink()
+    old = tmp_path / "catalog" / "c.json"
+    old.write_text(json.dumps(legacy))
+    reg.down = True
+    fresh = CatalogRegistry(reg, root)  # offline start right after an upgrade
+    assert not old.exists()
+    assert await fresh.list_models() == models
+    assert await fresh.list_files(v) == files
+
+
+async def test_an_unchanged_listing_is_not_rewritten(tmp_path: Path) -> None:
+    reg = InMemoryRegistry()
+    v = reg.add_version("m", "1.0.0")
+    reg.add_file(v, "a.bin", b"abc")
+    root = tmp_path / "c"
+    cat = CatalogRegistry(reg, root)
+    await cat.list_models()
+    await cat.list_files(v)
+    before = {p: os.stat(p).st_ino for p in root.rglob("*.json")}
+    os.utime(root / "models.json", (1, 1))
+    await cat.list_models()
+    await cat.list_files(v)
+    assert {p: os.stat(p).st_ino for p in root.rglob("*.json")} == before  # not replaced
+    saved = cat.saved_at("models")
+    assert saved is not None and saved > 1  # but marked as confirmed now
+    reg.add_file(v, "b.bin", b"new")
+    await cat.list_files(v)
+    assert os.stat(_files_part(root)).st_ino != before[_files_part(root)]
 
 
 # -- pins -----------------------------------------------------------------------------------
