@@ -33,9 +33,13 @@ def iso(t: float) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _put(out: Attrs, name: str, value: object) -> None:
-    if value is not None and value != "":
-        out[name] = str(value)
+def _attrs(kind: str, gitlab: dict[str, object]) -> Attrs:
+    """`user.mlregfs.kind` and the `user.gitlab.<name>` values GitLab gave (None: absent)."""
+    out: Attrs = {"user.mlregfs.kind": kind}
+    for name, value in gitlab.items():
+        if value is not None and value != "":
+            out[f"user.gitlab.{name}"] = str(value)
+    return out
 
 
 def _json(value: object) -> str:
@@ -43,12 +47,16 @@ def _json(value: object) -> str:
 
 
 def file_attrs(f: RemoteFile, cached_bytes: int) -> Attrs:
-    out: Attrs = {"user.mlregfs.kind": "file"}
-    _put(out, "user.gitlab.sha256", f.sha256)
-    _put(out, "user.gitlab.file_id", f.file_id)
-    _put(out, "user.gitlab.package_id", f.package_id)
-    _put(out, "user.gitlab.created_at", iso(f.created_at))
-    _put(out, "user.gitlab.size", f.size)
+    out = _attrs(
+        "file",
+        {
+            "sha256": f.sha256,
+            "file_id": f.file_id,
+            "package_id": f.package_id,
+            "created_at": iso(f.created_at),
+            "size": f.size,
+        },
+    )
     out["user.mlregfs.cached_bytes"] = str(min(cached_bytes, f.size))
     return out
 
@@ -59,37 +67,47 @@ def pending_attrs(state: str) -> Attrs:
 
 
 def version_attrs(v: ModelVersion) -> Attrs:
-    out: Attrs = {"user.mlregfs.kind": "version"}
-    _put(out, "user.gitlab.model", v.model)
-    _put(out, "user.gitlab.version", v.version)
-    _put(out, "user.gitlab.model_version_id", v.id)
-    _put(out, "user.gitlab.package_id", v.package_id)
-    _put(out, "user.gitlab.description", v.description)
-    _put(out, "user.gitlab.created_at", iso(v.created_at))
-    _put(out, "user.gitlab.run_id", v.run_id)
-    return out
+    return _attrs(
+        "version",
+        {
+            "model": v.model,
+            "version": v.version,
+            "model_version_id": v.id,
+            "package_id": v.package_id,
+            "description": v.description,
+            "created_at": iso(v.created_at),
+            "run_id": v.run_id,
+        },
+    )
 
 
 def candidate_attrs(c: Candidate) -> Attrs:
-    out: Attrs = {"user.mlregfs.kind": "candidate"}
-    _put(out, "user.gitlab.candidate_iid", c.iid)
-    _put(out, "user.gitlab.run_id", c.eid)
-    _put(out, "user.gitlab.run.name", c.name)
-    _put(out, "user.gitlab.package_id", c.package_id)
-    _put(out, "user.gitlab.created_at", iso(c.created_at))
-    return out
+    return _attrs(
+        "candidate",
+        {
+            "candidate_iid": c.iid,
+            "run_id": c.eid,
+            "run.name": c.name,
+            "package_id": c.package_id,
+            "created_at": iso(c.created_at),
+        },
+    )
 
 
 def model_attrs(m: Model | None, aliases: dict[str, str]) -> Attrs:
     """A model directory; `m` None for a directory that only groups longer model names."""
     if m is None:
         return {"user.mlregfs.kind": "namespace"}
-    out: Attrs = {"user.mlregfs.kind": "model"}
-    _put(out, "user.gitlab.model", m.name)
-    _put(out, "user.gitlab.model_id", m.id)
-    _put(out, "user.gitlab.description", m.description)
-    _put(out, "user.gitlab.created_at", iso(m.created_at))
-    _put(out, "user.gitlab.versions", _json(sorted(v.version for v in m.versions)))
+    out = _attrs(
+        "model",
+        {
+            "model": m.name,
+            "model_id": m.id,
+            "description": m.description,
+            "created_at": iso(m.created_at),
+            "versions": _json(sorted(v.version for v in m.versions)),
+        },
+    )
     if aliases:
         out["user.mlregfs.aliases"] = _json(aliases)
     return out
