@@ -103,6 +103,9 @@ MLFLOW_CONCURRENCY = 8  # runs/search requests in flight while listing candidate
 SIGNED_URL_TTL = 60.0  # never reuse a signed storage URL longer than this (seconds)
 SIGNED_URL_MARGIN = 5.0  # stop reusing it this long before the URL says it expires
 MAX_REDIRECTS = 3
+# package lookups: this many within SWEEP_WINDOW seconds list all packages at once, and that
+# index answers for INDEX_TTL seconds
+SWEEP_LOOKUPS, SWEEP_WINDOW, INDEX_TTL = 3, 10.0, 30.0
 # After a connection-level failure, operations started within this many seconds make a single
 # attempt: while the registry is known to be down, a burst of kernel reads must not each pay
 # the whole backoff sequence (24 reads x 3 s = EIO after more than a minute).
@@ -130,6 +133,7 @@ class _Package:
     id: int
     hidden: bool
     created_at: float
+    indexed: bool = False  # from the all-packages index, which may be up to INDEX_TTL old
 
 
 MAINTAINER_LEVEL = 40  # GitLab's Gitlab::Access::MAINTAINER
@@ -193,6 +197,10 @@ class GitLabRegistry:
         self._mlflow_models: bool | None = None if mlflow_possible else False
         self._mlflow_runs: bool | None = None if mlflow_possible else False
         self._package_ids: dict[tuple[str, str], int] = {}  # owner key -> package id
+        # all ml_model packages by owner key, fetched when lookups come in a sweep
+        self._index: dict[tuple[str, str], _Package] = {}
+        self._index_at = float("-inf")
+        self._lookups: list[float] = []  # clock times of recent package lookups
         self._signed: dict[tuple[int, int, str], tuple[str, float]] = {}  # -> (url, expiry)
         self._down_since: float | None = None  # clock time of the last connection failure
 
@@ -552,6 +560,12 @@ class GitLabRegistry:
             return []
         if not pkg.hidden:
             rows = await self._package_files(pkg.id)
+            if rows is None and pkg.indexed:  # deleted or hidden since the index was made
+                self._index_at = float("-inf")
+                pkg = await self._query_package(owner)
+                if pkg is None:
+                    return []
+                rows = None if pkg.hidden else await self._package_files(pkg.id)
             if rows is not None:
                 self._package_ids[key] = pkg.id
                 return _files_from_rows(rows, pkg.id)
@@ -559,6 +573,35 @@ class GitLabRegistry:
         return await self._artifact_files(owner, pkg)
 
     async def _find_package(self, owner: FileOwner) -> _Package | None:
+        indexed = await self._indexed_package(owner)
+        if indexed is not None:
+            return indexed
+        return await self._query_package(owner)
+
+    async def _indexed_package(self, owner: FileOwner) -> _Package | None:
+        """The package from one listing of all ml_model packages, when a sweep (`ls -lR`,
+        `find`, `warm`) looks many up: one request per 100 packages instead of one per
+        version. A single lookup keeps its targeted query; the index is trusted for
+        INDEX_TTL, and a name it lacks is still asked for (new since, or hidden)."""
+        now = self._clock()
+        self._lookups = [t for t in self._lookups if now - t < SWEEP_WINDOW]
+        self._lookups.append(now)
+        if now - self._index_at >= INDEX_TTL:
+            if len(self._lookups) < SWEEP_LOOKUPS:
+                return None
+            rows = await self._all_packages("list_files")
+            index: dict[tuple[str, str], _Package] = {}
+            for r in sorted(rows, key=lambda r: int(r["id"])):  # the newest package wins
+                version = str(r.get("version", ""))
+                m = _CANDIDATE_VERSION.match(version)
+                key = ("candidate", m.group(1)) if m else (str(r["name"]), version)
+                index[key] = _Package(
+                    int(r["id"]), False, _timestamp(r.get("created_at")), indexed=True
+                )
+            self._index, self._index_at = index, self._clock()
+        return self._index.get(_owner_key(owner))
+
+    async def _query_package(self, owner: FileOwner) -> _Package | None:
         if isinstance(owner, Candidate):
             name: str | None = None
             version = f"candidate_{owner.iid}"

@@ -384,6 +384,42 @@ async def test_list_files_of_candidate_by_package_version(
     assert "package_name" not in lookup.url.params
 
 
+async def test_a_sweep_lists_all_packages_once(
+    gitlab: FakeGitLab, make_registry: Make, sleeps: Any
+) -> None:
+    """`ls -lR`: after a few package lookups in a row, one listing of all packages (a page per
+    100) answers the rest, so each version costs its package_files request only."""
+    owners = []
+    for i in range(250):
+        mv = gitlab.add_version(f"m{i:03d}", "1.0.0")
+        gitlab.add_file(gitlab.packages[-1], "w.bin", bytes([i]))
+        owners.append(ModelVersion(f"m{i:03d}", "1.0.0", id=mv, created_at=0))
+    cand = gitlab.add_package("ml_experiment_1", "candidate_7")
+    gitlab.add_file(cand, "c.bin", b"c")
+    reg = make_registry()
+    for i, owner in enumerate(owners):
+        [f] = await reg.list_files(owner)
+        assert f.path == "w.bin" and f.size == 1 and f.package_id == gitlab.packages[i].id
+    assert [f.path for f in await reg.list_files(Candidate(iid=7, created_at=0))] == ["c.bin"]
+    lookups = [r for r in gitlab.requests if r.url.path.endswith("/packages")]
+    targeted = [r for r in lookups if "package_version" in r.url.params]
+    assert len(targeted) == 2  # before the sweep was recognised
+    assert len(lookups) - len(targeted) == 3  # 251 packages: three pages, once
+    files = [r for r in gitlab.requests if r.url.path.endswith("/package_files")]
+    assert len(files) == 251
+    # a version published after the index was made is still found (targeted query)
+    mv = gitlab.add_version("late", "1.0.0")
+    gitlab.add_file(gitlab.packages[-1], "x.bin", b"x")
+    assert [f.path for f in await reg.list_files(ModelVersion("late", "1.0.0", mv, 0))] == ["x.bin"]
+    # a package deleted since the index: looked up again, not listed through mlflow-artifacts
+    sleeps.now += 31  # the index is rebuilt for the next sweep
+    for owner in owners[:3]:
+        await reg.list_files(owner)
+    gone = gitlab.packages[10]
+    gitlab.packages.remove(gone)
+    assert await reg.list_files(owners[10]) == []
+
+
 async def test_list_files_uses_known_package_id(gitlab: FakeGitLab, make_registry: Make) -> None:
     pkg = gitlab.add_package("bert", "1.0.0")
     gitlab.add_file(pkg, "a.bin", b"a")
