@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from mlregfs.server.store import (
     NotFoundError,
     Row,
     Store,
+    StoreError,
 )
 from mlregfs.server.validation import (
     ar_integer,
@@ -966,12 +968,17 @@ async def _mlflow_params(ctx: Ctx) -> dict[str, Any]:
         body = await ctx.request.body()
         if body.strip():
             try:
-                data = json.loads(body)
+                # Ruby's JSON.parse refuses NaN and Infinity
+                data = json.loads(body, parse_constant=_no_constant)
             except ValueError:
                 raise grape_error("There was a problem with the payload") from None
             if isinstance(data, dict):
                 params.update(data)
     return params
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _mlflow_access(ctx: Ctx, *, registry: bool) -> Row:
@@ -1108,7 +1115,21 @@ def _run_entity(ctx: Ctx, c: Row) -> dict[str, Any]:
             "user_id": str(c["user_id"]) if c["user_id"] is not None else "",
         }
     )
-    return {"info": info, "data": {"metrics": [], "params": [], "tags": json.loads(c["tags"])}}
+    # GitLab's Run entity: each metric's last logged value, the params, the tags (metadata)
+    metrics = [_metric_entity(m) for m in ctx.store.latest_metrics(int(c["id"]))]
+    params = [{"key": p["name"], "value": p["value"]} for p in ctx.store.params(int(c["id"]))]
+    return {
+        "info": info,
+        "data": {"metrics": metrics, "params": params, "tags": json.loads(c["tags"])},
+    }
+
+
+def _metric_entity(m: Row) -> dict[str, Any]:
+    """`Entities::Ml::Mlflow::Metric`: key, value, timestamp (tracked_at), step unless nil."""
+    out: dict[str, Any] = {"key": m["name"], "value": m["value"], "timestamp": m["tracked_at"]}
+    if m["step"] is not None:
+        out["step"] = m["step"]
+    return out
 
 
 def _find_model(ctx: Ctx, project: Row, name: Any) -> Row:
@@ -1252,6 +1273,179 @@ async def mlflow_runs_search(ctx: Ctx) -> Response:
         rows, keyf, direction.strip().upper() != "ASC", p.get("page_token"), _max_results(p)
     )
     return json_response({"runs": [_run_entity(ctx, c) for c in page], "next_page_token": token})
+
+
+def _grape_float(p: dict[str, Any], name: str) -> float:
+    v = p.get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise grape_error(f"{name} is invalid")
+    try:
+        f = float(v)
+    except ValueError:
+        raise grape_error(f"{name} is invalid") from None
+    if not math.isfinite(f):  # Ruby's Float() refuses "NaN" and "Infinity"
+        raise grape_error(f"{name} is invalid")
+    return f
+
+
+def _grape_int(p: dict[str, Any], name: str, *, required: bool) -> int | None:
+    v = p.get(name)
+    if v is None:
+        if required:
+            raise grape_error(f"{name} is missing")
+        return None
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise grape_error(f"{name} is invalid")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise grape_error(f"{name} is invalid") from None
+
+
+def _record(name: str, value: str, *, value_max: int, what: str = "Value") -> None:
+    """ActiveRecord validations of a param or tag (presence, lengths), answered as the
+    entrypoint's `rescue_from ActiveRecord::ActiveRecordError`: INVALID_PARAMETER_VALUE."""
+    problems = []
+    if not name.strip():
+        problems.append("Name can't be blank")
+    if len(name) > 250:
+        problems.append("Name is too long (maximum is 250 characters)")
+    if not value.strip():
+        problems.append(f"{what} can't be blank")
+    if len(value) > value_max:
+        problems.append(f"{what} is too long (maximum is {value_max} characters)")
+    if problems:
+        raise mlflow_error(
+            "INVALID_PARAMETER_VALUE", 400, "Validation failed: " + ", ".join(problems)
+        )
+
+
+async def _run_write(ctx: Ctx, *required: str) -> tuple[Row, dict[str, Any]]:
+    """The checks every run write starts with: access, params, the run, the write role."""
+    project = _mlflow_access(ctx, registry=False)
+    p = await _mlflow_params(ctx)
+    _required(p, "run_id", *required)
+    _mlflow_write(ctx, project)
+    return _find_run(ctx, project, p), p
+
+
+async def mlflow_runs_log_metric(ctx: Ctx) -> Response:
+    c, p = await _run_write(ctx, "key", "value")
+    value = _grape_float(p, "value")
+    ts = _grape_int(p, "timestamp", required=True)
+    step = _grape_int(p, "step", required=False)
+    if len(str(p["key"])) > 250:
+        raise mlflow_error(
+            "INVALID_PARAMETER_VALUE",
+            400,
+            "Validation failed: Name is too long (maximum is 250 characters)",
+        )
+    ctx.store.add_metrics(int(c["id"]), [(str(p["key"]), value, int(ts or 0), step)])
+    return json_response({})
+
+
+async def mlflow_runs_log_parameter(ctx: Ctx) -> Response:
+    c, p = await _run_write(ctx, "key")
+    _required_key(p, "value")
+    key, value = str(p["key"]), str(p["value"])
+    _record(key, value, value_max=250)
+    try:
+        ctx.store.add_params(int(c["id"]), [(key, value)], skip_duplicates=False)
+    except ConflictError as e:  # the unique index: ActiveRecord::RecordNotUnique
+        raise mlflow_error("INVALID_PARAMETER_VALUE", 400, str(e)) from None
+    return json_response({})
+
+
+async def mlflow_runs_set_tag(ctx: Ctx) -> Response:
+    c, p = await _run_write(ctx, "key")
+    _required_key(p, "value")
+    key, value = str(p["key"]), str(p["value"])
+    _record(key, value, value_max=5000)
+    try:
+        ctx.store.add_tags(int(c["id"]), [(key, value)], skip_duplicates=False)
+    except ConflictError as e:
+        raise mlflow_error("INVALID_PARAMETER_VALUE", 400, str(e)) from None
+    return json_response({})
+
+
+async def mlflow_runs_log_batch(ctx: Ctx) -> Response:
+    """Metrics, params and tags at once; validation errors block the whole batch, duplicate
+    params and tags are skipped (`insert_all`)."""
+    c, p = await _run_write(ctx)
+    metrics: list[tuple[str, float, int, int | None]] = []
+    for i, m in enumerate(_batch_items(p, "metrics")):
+        for field_name in ("key", "value", "timestamp"):
+            if m.get(field_name) is None:
+                raise grape_error(f"metrics[{i}][{field_name}] is missing")
+        value = _grape_float(m, "value")
+        ts = _grape_int(m, "timestamp", required=True)
+        metrics.append((str(m["key"]), value, int(ts or 0), _grape_int(m, "step", required=False)))
+    params = []
+    for i, q in enumerate(_batch_items(p, "params")):
+        for field_name in ("key", "value"):
+            if q.get(field_name) is None:
+                raise grape_error(f"params[{i}][{field_name}] is missing")
+        params.append((str(q["key"]), str(q["value"])))
+    tags = [(t["key"], t["value"]) for t in _kv(p.get("tags"))]
+    cand = int(c["id"])
+    ctx.store.add_metrics(cand, metrics)
+    ctx.store.add_params(cand, params, skip_duplicates=True)
+    ctx.store.add_tags(cand, tags, skip_duplicates=True)
+    return json_response({})
+
+
+def _batch_items(p: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    items = p.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise grape_error(f"{name} is invalid")
+    return items
+
+
+def _required_key(p: dict[str, Any], name: str) -> None:
+    """Grape `requires`: the key must be there (an empty string passes to the model)."""
+    if p.get(name) is None:
+        raise grape_error(f"{name} is missing")
+
+
+async def mlflow_runs_delete(ctx: Ctx) -> Response:
+    c, _ = await _run_write(ctx)
+    ctx.store.delete_candidate(int(c["id"]))
+    return json_response({})
+
+
+async def _experiment_write(ctx: Ctx, *required: str) -> tuple[Row, dict[str, Any]]:
+    project = _mlflow_access(ctx, registry=False)
+    p = await _mlflow_params(ctx)
+    _required(p, "experiment_id", *required)
+    _mlflow_write(ctx, project)
+    iid = _int_or_none(p["experiment_id"])
+    e = ctx.store.experiment(int(project["id"]), iid=iid) if iid is not None else None
+    if e is None:
+        raise not_exist()
+    return e, p
+
+
+async def mlflow_experiments_delete(ctx: Ctx) -> Response:
+    e, _ = await _experiment_write(ctx)
+    try:
+        ctx.store.delete_experiment(int(e["id"]))
+    except StoreError as err:  # a model's experiment: render_api_error!(message, 400)
+        raise message(400, str(err)) from None
+    return json_response({})
+
+
+async def mlflow_experiments_set_tag(ctx: Ctx) -> Response:
+    e, p = await _experiment_write(ctx, "key")
+    _required_key(p, "value")
+    key, value = str(p["key"]), str(p["value"])
+    _record(key, value, value_max=5000)
+    try:
+        ctx.store.set_experiment_tag(int(e["id"]), key, value)
+    except ConflictError as err:
+        raise mlflow_error("INVALID_PARAMETER_VALUE", 400, str(err)) from None
+    return json_response({})
 
 
 async def mlflow_runs_update(ctx: Ctx) -> Response:
@@ -1481,6 +1675,13 @@ MLFLOW_ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "runs/get"): mlflow_runs_get,
     ("POST", "runs/search"): mlflow_runs_search,
     ("POST", "runs/update"): mlflow_runs_update,
+    ("POST", "runs/log-metric"): mlflow_runs_log_metric,
+    ("POST", "runs/log-parameter"): mlflow_runs_log_parameter,
+    ("POST", "runs/set-tag"): mlflow_runs_set_tag,
+    ("POST", "runs/log-batch"): mlflow_runs_log_batch,
+    ("POST", "runs/delete"): mlflow_runs_delete,
+    ("POST", "experiments/delete"): mlflow_experiments_delete,
+    ("POST", "experiments/set-experiment-tag"): mlflow_experiments_set_tag,
     ("POST", "registered-models/create"): mlflow_rm_create,
     ("GET", "registered-models/get"): mlflow_rm_get,
     ("PATCH", "registered-models/update"): mlflow_rm_update,

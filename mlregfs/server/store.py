@@ -108,6 +108,13 @@ CREATE TABLE IF NOT EXISTS package_files(
     size INTEGER NOT NULL, file_sha256 TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'default',
     blob TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS files_by_name ON package_files(package_id, file_name);
+CREATE TABLE IF NOT EXISTS candidate_metrics(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, candidate_id INTEGER NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, step INTEGER, tracked_at INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_by_candidate ON candidate_metrics(candidate_id, name);
+CREATE TABLE IF NOT EXISTS candidate_params(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, candidate_id INTEGER NOT NULL, name TEXT NOT NULL,
+    value TEXT NOT NULL, created_at REAL NOT NULL, UNIQUE(candidate_id, name));
 """
 
 
@@ -608,6 +615,12 @@ class Store:
                 r[0] for r in db.execute("SELECT id FROM experiments WHERE model_id=?", (model_id,))
             ]
             for e in exp_ids:
+                for table in ("candidate_metrics", "candidate_params"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE candidate_id IN"
+                        " (SELECT id FROM candidates WHERE experiment_id=?)",
+                        (e,),
+                    )
                 db.execute("DELETE FROM candidates WHERE experiment_id=?", (e,))
                 db.execute("DELETE FROM experiments WHERE id=?", (e,))
             db.execute("DELETE FROM model_versions WHERE model_id=?", (model_id,))
@@ -624,6 +637,12 @@ class Store:
         with self.tx() as db:
             if v["package_id"] is not None:
                 self._destroy_package(db, int(v["package_id"]))
+            for table in ("candidate_metrics", "candidate_params"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE candidate_id IN"
+                    " (SELECT id FROM candidates WHERE model_version_id=?)",
+                    (version_id,),
+                )
             db.execute("DELETE FROM candidates WHERE model_version_id=?", (version_id,))
             db.execute("DELETE FROM model_versions WHERE id=?", (version_id,))
 
@@ -743,6 +762,100 @@ class Store:
                 f"UPDATE candidates SET {cols}, updated_at=? WHERE id=?",
                 (*fields.values(), _now(), cand_id),
             )
+
+    # ------------------------------------------------------------------ run data
+
+    def add_metrics(self, cand_id: int, metrics: list[tuple[str, float, int, int | None]]) -> None:
+        """Metric rows (name, value, tracked_at ms, step): every logged value is kept."""
+        now = _now()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO candidate_metrics(candidate_id, name, value, tracked_at, step,"
+                " created_at) VALUES (?,?,?,?,?,?)",
+                [(cand_id, n, v, t, st, now) for n, v, t, st in metrics],
+            )
+
+    def add_params(
+        self, cand_id: int, params: list[tuple[str, str]], *, skip_duplicates: bool
+    ) -> None:
+        """A param is logged once per run (unique name): a second one is ConflictError, or
+        skipped with `skip_duplicates` (`insert_all`, as log-batch does)."""
+        now = _now()
+        verb = "INSERT OR IGNORE" if skip_duplicates else "INSERT"
+        try:
+            with self.tx() as db:
+                db.executemany(
+                    f"{verb} INTO candidate_params(candidate_id, name, value, created_at)"
+                    " VALUES (?,?,?,?)",
+                    [(cand_id, n, v, now) for n, v in params],
+                )
+        except sqlite3.IntegrityError:
+            raise ConflictError("duplicate key value violates unique constraint") from None
+
+    def add_tags(self, cand_id: int, tags: list[tuple[str, str]], *, skip_duplicates: bool) -> None:
+        """Run tags (GitLab's candidate metadata): one value per name, like params."""
+        with self.tx() as db:
+            row = db.execute("SELECT tags FROM candidates WHERE id=?", (cand_id,)).fetchone()
+            have = json.loads(row[0]) if row else []
+            names = {t["key"] for t in have}
+            for n, v in tags:
+                if n in names:
+                    if skip_duplicates:
+                        continue
+                    raise ConflictError(f"Validation failed: Name '{n}' already taken")
+                names.add(n)
+                have.append({"key": n, "value": v})
+            db.execute(
+                "UPDATE candidates SET tags=?, updated_at=? WHERE id=?",
+                (json.dumps(have), _now(), cand_id),
+            )
+
+    def metrics(self, cand_id: int) -> list[Row]:
+        return self.all(
+            "SELECT * FROM candidate_metrics WHERE candidate_id=? ORDER BY id", (cand_id,)
+        )
+
+    def latest_metrics(self, cand_id: int) -> list[Row]:
+        """Each metric's newest row (`Ml::CandidateMetric.latest`: the last logged)."""
+        return self.all(
+            "SELECT * FROM candidate_metrics WHERE id IN (SELECT MAX(id) FROM candidate_metrics"
+            " WHERE candidate_id=? GROUP BY name) ORDER BY name",
+            (cand_id,),
+        )
+
+    def params(self, cand_id: int) -> list[Row]:
+        return self.all(
+            "SELECT * FROM candidate_params WHERE candidate_id=? ORDER BY id", (cand_id,)
+        )
+
+    def delete_candidate(self, cand_id: int) -> None:
+        """`Ml::DestroyCandidateService`: the run and what it logged; its package stays."""
+        with self.tx() as db:
+            for table in ("candidate_metrics", "candidate_params"):
+                db.execute(f"DELETE FROM {table} WHERE candidate_id=?", (cand_id,))
+            db.execute("DELETE FROM candidates WHERE id=?", (cand_id,))
+
+    def delete_experiment(self, exp_id: int) -> None:
+        """`Ml::DestroyExperimentService`; refused for a model's experiment (StoreError)."""
+        exp = self.one("SELECT * FROM experiments WHERE id=?", (exp_id,))
+        if exp is None:
+            raise NotFoundError("experiment not found")
+        if exp["model_id"] is not None:
+            raise StoreError("Cannot delete an experiment associated to a model")
+        for c in self.all("SELECT id FROM candidates WHERE experiment_id=?", (exp_id,)):
+            self.delete_candidate(int(c["id"]))
+        with self.tx() as db:
+            db.execute("DELETE FROM experiments WHERE id=?", (exp_id,))
+
+    def set_experiment_tag(self, exp_id: int, key: str, value: str) -> None:
+        """`experiment.metadata.create!`: one value per name (ConflictError)."""
+        with self.tx() as db:
+            row = db.execute("SELECT tags FROM experiments WHERE id=?", (exp_id,)).fetchone()
+            tags = json.loads(row[0]) if row else []
+            if any(t["key"] == key for t in tags):
+                raise ConflictError(f"Validation failed: Name '{key}' already taken")
+            tags.append({"key": key, "value": value})
+            db.execute("UPDATE experiments SET tags=? WHERE id=?", (json.dumps(tags), exp_id))
 
     # ------------------------------------------------------------------ packages
 

@@ -172,3 +172,85 @@ def test_49_mlregfs_info(mount: Mount, tmp_path: Path) -> None:
     assert "version (link to 10.1" in human.stdout and "100%" in human.stdout
     bad = _info(str(tmp_path))
     assert bad.returncode == 1 and "not on an mlregfs mount" in bad.stderr
+
+
+TRAIN = r"""
+import sys
+import mlflow
+from mlflow.tracking import MlflowClient
+
+weights, version_weights = sys.argv[1], sys.argv[2]
+mlflow.set_experiment("train")
+with mlflow.start_run(run_name="train-1") as run:
+    mlflow.log_params({"lr": "0.01", "epochs": 3})
+    for step, loss in enumerate([0.9, 0.5, 0.2]):
+        mlflow.log_metric("loss", loss, step=step)
+    mlflow.log_metric("acc", 0.75)
+    mlflow.set_tag("team", "vision")
+    mlflow.log_artifact(weights)
+client = MlflowClient()
+client.create_registered_model("classifier", description="cats and dogs")
+mv = client.create_model_version(
+    "classifier", source="unused", tags={"gitlab.version": "1.0.0"}, description="first"
+)
+client.log_batch(
+    mv.run_id,
+    metrics=[mlflow.entities.Metric("f1", 0.81, 0, 0)],
+    params=[mlflow.entities.Param("arch", "resnet18")],
+)
+client.log_param(mv.run_id, "batch", "64")
+client.log_metric(mv.run_id, "f1", 0.88, step=1)
+client.log_artifact(mv.run_id, version_weights)
+print(run.info.run_id, mv.run_id)  # the last line
+"""
+
+
+def test_48_run_metadata_from_the_mlflow_client(
+    served: tuple[ServerProcess, str], mount: Mount, tmp_path: Path
+) -> None:
+    """Registry metadata: a run logged with the MLflow client shows its params and metrics on
+    its candidate and on the version made from a run, through xattrs and `mlregfs info`."""
+    s, token = served
+    pid = s.store.project(PROJECT)["id"]  # type: ignore[index]
+    weights, version_weights = tmp_path / "weights.bin", tmp_path / "model.bin"
+    weights.write_bytes(blob(1, 70_000))
+    version_weights.write_bytes(blob(2, 90_000))
+    env = clean_env(
+        MLFLOW_TRACKING_URI=f"{s.url}/api/v4/projects/{pid}/ml/mlflow",
+        MLFLOW_TRACKING_TOKEN=token,
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", TRAIN, str(weights), str(version_weights)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    train_run, version_run = r.stdout.strip().splitlines()[-1].split()
+    version = mount.path / "models/classifier/1.0.0"
+    assert _until(lambda: version.is_dir())
+    assert (version / "model.bin").read_bytes() == version_weights.read_bytes()
+    a = _xattrs(version)
+    assert a["user.gitlab.run_id"] == version_run
+    assert a["user.gitlab.description"] == "first"
+    assert json.loads(a["user.gitlab.run.params"]) == {"arch": "resnet18", "batch": "64"}
+    assert json.loads(a["user.gitlab.run.metrics"]) == {"f1": 0.88}
+    assert _xattrs(mount.path / "models/classifier")["user.gitlab.description"] == "cats and dogs"
+    # the training run is a candidate: its artifact and what it logged
+    cands = mount.path / "candidates"
+    [cand] = [
+        c for c in os.listdir(cands)
+        if os.getxattr(cands / c, "user.gitlab.run_id").decode() == train_run
+    ]  # fmt: skip
+    c = _xattrs(cands / cand)
+    assert (cands / cand / "weights.bin").read_bytes() == weights.read_bytes()
+    assert json.loads(c["user.gitlab.run.params"]) == {"epochs": "3", "lr": "0.01"}
+    assert json.loads(c["user.gitlab.run.metrics"]) == {"acc": 0.75, "loss": 0.2}
+    assert json.loads(c["user.gitlab.run.tags"])["team"] == "vision"
+    assert c["user.gitlab.run.name"] == "train-1"
+    info = _info("--json", str(version))
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["attributes"]["user.gitlab.run.metrics"] == {"f1": 0.88}
+    assert report["files"][0]["sha256"] == sha(version_weights.read_bytes())
