@@ -1324,8 +1324,8 @@ async def _run_write(ctx: Ctx, *required: str) -> tuple[Row, dict[str, Any]]:
     """The checks every run write starts with: access, params, the run, the write role."""
     project = _mlflow_access(ctx, registry=False)
     p = await _mlflow_params(ctx)
+    _mlflow_write(ctx, project)  # Grape's `before` runs ahead of the params' validation
     _required(p, "run_id", *required)
-    _mlflow_write(ctx, project)
     return _find_run(ctx, project, p), p
 
 
@@ -1418,8 +1418,8 @@ async def mlflow_runs_delete(ctx: Ctx) -> Response:
 async def _experiment_write(ctx: Ctx, *required: str) -> tuple[Row, dict[str, Any]]:
     project = _mlflow_access(ctx, registry=False)
     p = await _mlflow_params(ctx)
-    _required(p, "experiment_id", *required)
     _mlflow_write(ctx, project)
+    _required(p, "experiment_id", *required)
     iid = _int_or_none(p["experiment_id"])
     e = ctx.store.experiment(int(project["id"]), iid=iid) if iid is not None else None
     if e is None:

@@ -118,6 +118,8 @@ def test_error_shapes(world: World, client: httpx.Client, tracking: MlflowClient
         ("runs/set-tag", {"run_id": rid, "key": "k", "value": "v"}, "reporter", 401,
          {"message": "401 Unauthorized"}),
         ("runs/delete", {"run_id": rid}, "reporter", 401, {"message": "401 Unauthorized"}),
+        # the role is checked before the params (Grape's `before` filter)
+        ("runs/log-metric", {"run_id": rid}, "reporter", 401, {"message": "401 Unauthorized"}),
         # POST needs the api scope
         ("runs/log-batch", {"run_id": rid}, "read_api", 403, {"error": "insufficient_scope"}),
         ("experiments/delete", {"experiment_id": "999999"}, "developer", 404,
