@@ -1363,8 +1363,8 @@ class Filesystem:
         return sorted([*attrs, *(xattrs.RUN_NAMES if run_id else ())])
 
     async def getxattr(self, ino: int, name: str) -> bytes:
-        if not name.startswith(xattrs.PREFIX):
-            raise NoAttribute(name)  # security.capability on every write: no await, no I/O
+        if not name.startswith(xattrs.PREFIXES):
+            raise NoAttribute(name)  # e.g. a file manager's user.xdg.*: no await, no I/O
         attrs, run_id = await self._xattrs(self.node(ino))
         if name in xattrs.RUN_NAMES and run_id:
             try:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from mlregfs.errors import AttributeTooLarge, NoAttribute
 from mlregfs.registry.types import Candidate, Model, ModelVersion, RemoteFile, Run
 
-PREFIX = "user."  # every name we serve; the kernel's security.* and others are not ours
+PREFIXES = ("user.gitlab.", "user.mlregfs.")  # every name we serve; others cost no I/O
 VALUE_MAX = 65536  # XATTR_SIZE_MAX: the kernel refuses longer values
 # names answered from the run (`runs/get`), fetched only when one of them is read
 RUN_NAMES = (

@@ -215,10 +215,15 @@ async def test_a_file_being_written_says_so(fs: Filesystem) -> None:
 
 async def test_unserved_names_cost_nothing(fs: Filesystem, reg: InMemoryRegistry) -> None:
     ino = await walk(fs, "models/bert/0.1.0/w.bin")
+    version = await walk(fs, "models/bert/0.1.0")
     before = reg.stats.requests
     reg.down = True  # not even an outage makes security.capability wait
+    for name in ("security.capability", "user.xdg.origin.url", "trusted.x"):
+        with pytest.raises(NoAttribute):
+            await fs.getxattr(ino, name)
+    fs.meta.invalidate()  # not even when a listing would have to be fetched
     with pytest.raises(NoAttribute):
-        await fs.getxattr(ino, "security.capability")
+        await fs.getxattr(version, "user.xdg.tags")
     assert reg.stats.requests == before
     reg.down = False
     with pytest.raises(NoAttribute):
