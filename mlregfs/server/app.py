@@ -1288,6 +1288,16 @@ def _grape_float(p: dict[str, Any], name: str) -> float:
     return f
 
 
+def _grape_str(p: dict[str, Any], name: str, shown: str | None = None) -> str:
+    """Grape `type: String`: numbers are coerced, arrays and hashes are "<name> is invalid"."""
+    v = p.get(name)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise grape_error(f"{shown or name} is invalid")
+
+
 def _grape_int(p: dict[str, Any], name: str, *, required: bool) -> int | None:
     v = p.get(name)
     if v is None:
@@ -1334,15 +1344,16 @@ async def mlflow_runs_log_metric(ctx: Ctx) -> Response:
     value = _grape_float(p, "value")
     ts = _grape_int(p, "timestamp", required=True)
     step = _grape_int(p, "step", required=False)
-    _record(str(p["key"]), "-", value_max=250)  # CandidateMetric: the name's rules only
-    ctx.store.add_metrics(int(c["id"]), [(str(p["key"]), value, int(ts or 0), step)])
+    key = _grape_str(p, "key")
+    _record(key, "-", value_max=250)  # CandidateMetric: the name's rules only
+    ctx.store.add_metrics(int(c["id"]), [(key, value, int(ts or 0), step)])
     return json_response({})
 
 
 async def mlflow_runs_log_parameter(ctx: Ctx) -> Response:
     c, p = await _run_write(ctx, "key")
     _required_key(p, "value")
-    key, value = str(p["key"]), str(p["value"])
+    key, value = _grape_str(p, "key"), _grape_str(p, "value")
     _record(key, value, value_max=250)
     try:
         ctx.store.add_params(int(c["id"]), [(key, value)], skip_duplicates=False)
@@ -1354,7 +1365,7 @@ async def mlflow_runs_log_parameter(ctx: Ctx) -> Response:
 async def mlflow_runs_set_tag(ctx: Ctx) -> Response:
     c, p = await _run_write(ctx, "key")
     _required_key(p, "value")
-    key, value = str(p["key"]), str(p["value"])
+    key, value = _grape_str(p, "key"), _grape_str(p, "value")
     _record(key, value, value_max=5000)
     try:
         ctx.store.add_tags(int(c["id"]), [(key, value)], skip_duplicates=False)
@@ -1374,13 +1385,19 @@ async def mlflow_runs_log_batch(ctx: Ctx) -> Response:
                 raise grape_error(f"metrics[{i}][{field_name}] is missing")
         value = _grape_float(m, "value")
         ts = _grape_int(m, "timestamp", required=True)
-        metrics.append((str(m["key"]), value, int(ts or 0), _grape_int(m, "step", required=False)))
+        key = _grape_str(m, "key", f"metrics[{i}][key]")
+        metrics.append((key, value, int(ts or 0), _grape_int(m, "step", required=False)))
     params = []
     for i, q in enumerate(_batch_items(p, "params")):
         for field_name in ("key", "value"):
             if q.get(field_name) is None:
                 raise grape_error(f"params[{i}][{field_name}] is missing")
-        params.append((str(q["key"]), str(q["value"])))
+        params.append(
+            (
+                _grape_str(q, "key", f"params[{i}][key]"),
+                _grape_str(q, "value", f"params[{i}][value]"),
+            )
+        )
     tags = [(t["key"], t["value"]) for t in _kv(p.get("tags"))]
     cand = int(c["id"])
     ctx.store.add_metrics(cand, metrics)
@@ -1434,7 +1451,7 @@ async def mlflow_experiments_delete(ctx: Ctx) -> Response:
 async def mlflow_experiments_set_tag(ctx: Ctx) -> Response:
     e, p = await _experiment_write(ctx, "key")
     _required_key(p, "value")
-    key, value = str(p["key"]), str(p["value"])
+    key, value = _grape_str(p, "key"), _grape_str(p, "value")
     _record(key, value, value_max=5000)
     try:
         ctx.store.set_experiment_tag(int(e["id"]), key, value)

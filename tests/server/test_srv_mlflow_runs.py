@@ -107,6 +107,10 @@ def test_error_shapes(world: World, client: httpx.Client, tracking: MlflowClient
          "developer", 400, {"error": "value is invalid"}),
         ("runs/log-batch", {"run_id": rid, "metrics": [{"key": "k", "value": 1}]}, "developer",
          400, {"error": "metrics[0][timestamp] is missing"}),
+        ("runs/log-batch", {"run_id": rid, "params": [{"key": ["a"], "value": "v"}]},
+         "developer", 400, {"error": "params[0][key] is invalid"}),
+        ("runs/set-tag", {"run_id": rid, "key": "k", "value": {"x": 1}}, "developer", 400,
+         {"error": "value is invalid"}),
         # ActiveRecord validations: INVALID_PARAMETER_VALUE with the message
         ("runs/log-parameter", {"run_id": rid, "key": "p", "value": "v" * 251}, "developer", 400,
          {"error_code": "INVALID_PARAMETER_VALUE",
