@@ -274,6 +274,8 @@ class Filesystem:
         # None if gone, when); and when each was last fetched so (rate limit)
         self._fresh_models: dict[str, tuple[Model | None, float]] = {}
         self._model_checked: dict[str, float] = {}
+        self._fresh_count = 0  # bumped by each refresh: invalidates `_merged`
+        self._merged: tuple[dict[str, Model], int, dict[str, Model]] | None = None
         self._uploading = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -361,6 +363,9 @@ class Filesystem:
         listing = await self.meta.get("models", fetch, self.t.listing)
         if not self._fresh_models:
             return listing
+        memo = self._merged
+        if memo is not None and memo[0] is listing and memo[1] == self._fresh_count:
+            return memo[2]  # every lookup asks: merge once per listing and refresh
         # models fetched one by one (`_refresh_model`) since the listing: theirs is newer
         listed_at = self.meta.fetched_at("models")
         merged = dict(listing)
@@ -371,6 +376,7 @@ class Filesystem:
                 merged.pop(name, None)
             else:
                 merged[name] = model
+        self._merged = (listing, self._fresh_count, merged)
         return merged
 
     async def _refresh_model(self, name: str) -> None:
@@ -396,6 +402,7 @@ class Filesystem:
             self._model_checked[name] = now + self.meta.outage_grace  # back off
             return
         self._fresh_models[name] = (found[0], now)
+        self._fresh_count += 1
 
     async def candidates(self) -> dict[int, Candidate]:
         async def fetch() -> dict[int, Candidate]:
