@@ -122,7 +122,7 @@ class Operations(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = a.ttl
         e.attr_timeout = a.ttl
-        e.st_mode = a.mode(self.fs.spool is not None, self._umask)
+        e.st_mode = a.mode(self.fs.writable, self._umask)
         e.st_nlink = 2 if a.is_dir else 1  # links: 1
         e.st_uid = self._uid
         e.st_gid = self._gid
@@ -276,19 +276,17 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        await self.fs.getattr(inode)
-        if mode & os.W_OK and self.fs.spool is None:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        await self.fs.access(inode, mode)
         return True
 
     @_guard
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
-        used = self.fs.data.store.stats.stored_bytes // 4096
-        st.f_blocks = max(self.fs.data.store.capacity // 4096, used)
-        st.f_bfree = st.f_bavail = 0 if self.fs.spool is None else st.f_blocks
-        st.f_files = len(self.fs._node_of)
+        fs = self.fs.statfs()
+        st.f_blocks = fs.blocks
+        st.f_bfree = st.f_bavail = fs.free
+        st.f_files = fs.files
         st.f_ffree = st.f_favail = 0
         st.f_namemax = 255
         return st

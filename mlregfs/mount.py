@@ -311,8 +311,8 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
                 "by_kind": dict(rs.by_kind),
             },
             "uploads": {
-                **fs.upload_stats,
-                "in_flight": fs.uploads_in_flight,
+                **fs.uploader.stats,
+                "in_flight": fs.uploader.in_flight,
                 "recovery_items": recovery_items,
             },
             "fuse_failures": dict(ops.failures),
@@ -383,7 +383,7 @@ async def _on_signals(fs: Filesystem, drain_timeout: float, fuse_loop: trio.Canc
                 continue  # reserved for reloads; never die on a closed terminal
             log.info("signal %s: unmounting", signal.Signals(sig).name)
             sdnotify.notify("STOPPING=1\nSTATUS=waiting for uploads in flight")
-            if not await fs.drain(drain_timeout):
+            if not await fs.uploader.drain(drain_timeout):
                 log.error(
                     "uploads still running after drain_timeout (%gs): abandoned; their spool"
                     " files are kept for 'mlregfs recover' (it asks the registry before"

@@ -212,20 +212,20 @@ async def test_mismatch_names_the_open_inodes_to_invalidate(
 
 async def test_forget_drops_unused_inodes_and_never_reuses_numbers(fs: Filesystem) -> None:
     ino = await walk(fs, "models/llama/1.0.0/config.json")
-    known = set(fs._node_of)
+    known = set(fs.inodes._node_of)
     for i in known - {ROOT_INO}:
         fs.remember(i, 2)
     for i in known:
         fs.forget(i, 1)
-    assert set(fs._node_of) == known  # one reference left each
+    assert set(fs.inodes._node_of) == known  # one reference left each
     opened = await fs.open(ino, os.O_RDONLY)
     for i in known:
         fs.forget(i, 1)
-    assert set(fs._node_of) == {ROOT_INO, ino}  # the root stays; so does an open file
-    assert len(fs._ino_of) == 2
+    assert set(fs.inodes._node_of) == {ROOT_INO, ino}  # the root stays; so does an open file
+    assert len(fs.inodes._ino_of) == 2
     assert ino in fs._page_source  # which file state its pages came from
     await fs.release(opened.fh)
-    assert set(fs._node_of) == {ROOT_INO}
+    assert set(fs.inodes._node_of) == {ROOT_INO}
     assert not fs._page_source  # a forgotten inode has no pages: nothing kept for it
     again = await walk(fs, "models/llama/1.0.0/config.json")
     assert again not in known  # a new number, never one given out before
@@ -239,9 +239,9 @@ async def test_listing_being_read_keeps_its_inodes(fs: Filesystem) -> None:
     for i in inos:
         fs.remember(i)
         fs.forget(i, 1)
-    assert all(i in fs._node_of for i in inos)
+    assert all(i in fs.inodes._node_of for i in inos)
     fs.unhold(inos)
-    assert not any(i in fs._node_of for i in inos)
+    assert not any(i in fs.inodes._node_of for i in inos)
 
 
 async def test_forget_during_a_lookup_never_answers_a_forgotten_inode(fs: Filesystem) -> None:
@@ -316,7 +316,7 @@ async def test_forget_during_a_listing_never_holds_a_forgotten_inode(fs: Filesys
 
 async def test_failed_lookup_takes_no_inode_number(fs: Filesystem, reg: InMemoryRegistry) -> None:
     parent = await walk(fs, "models/llama/1.0.0")
-    before = len(fs._node_of)
+    before = len(fs.inodes._node_of)
     real = fs._remote_file
 
     async def gone(node):  # type: ignore[no-untyped-def]
@@ -326,7 +326,7 @@ async def test_failed_lookup_takes_no_inode_number(fs: Filesystem, reg: InMemory
     with pytest.raises(NotFound):
         await fs.lookup(parent, "config.json")
     fs._remote_file = real  # type: ignore[method-assign]
-    assert len(fs._node_of) == before
+    assert len(fs.inodes._node_of) == before
 
 
 async def test_no_page_invalidation_after_the_session_closes(

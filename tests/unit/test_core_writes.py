@@ -158,7 +158,7 @@ async def test_in_place_edit_and_append_copy_then_upload_only_changes(
     await fs.write(opened.fh, 0, b"oLd+more")
     await fs.flush(opened.fh)
     await fs.release(opened.fh)
-    assert await uploads(reg) == 2 and fs.upload_stats["unchanged"] == 1
+    assert await uploads(reg) == 2 and fs.uploader.stats["unchanged"] == 1
     assert list(fs.spool.root.iterdir()) == []  # type: ignore[union-attr]
 
 
@@ -372,11 +372,11 @@ async def test_drain_timeout_is_a_bound_and_leaves_the_upload_interrupted(
         async with trio.open_nursery() as n:
             n.start_soon(close)
             await reg.put_started.wait()
-            assert fs.uploads_in_flight == 1
-            assert await fs.drain(0.2) is False
+            assert fs.uploader.in_flight == 1
+            assert await fs.uploader.drain(0.2) is False
     (e,) = caught
     assert to_errno(e) == errno.EIO and "recover" in str(e)
-    assert fs.uploads_in_flight == 0
+    assert fs.uploader.in_flight == 0
     assert _journal_on_disk(fs)["state"] == "uploading"
     (entry,) = fs.spool.entries()  # type: ignore[union-attr]
     assert fs.spool.data_path(entry.id).read_bytes() == b"stalled bytes"  # type: ignore[union-attr]
@@ -586,7 +586,7 @@ async def test_hashing_at_close_is_abandoned_when_the_drain_timeout_passes(
             async with trio.open_nursery() as n:
                 n.start_soon(close)
                 await hashing.wait()
-                await fs.drain(0.1, grace=1)
+                await fs.uploader.drain(0.1, grace=1)
     finally:
         release.set()
     (e,) = caught
@@ -679,7 +679,7 @@ async def test_a_closed_file_whose_hashing_was_cut_off_is_released_ready_for_rec
             async with trio.open_nursery() as n:
                 n.start_soon(close)
                 await hashing.wait()
-                await fs.drain(0.1, grace=1)
+                await fs.uploader.drain(0.1, grace=1)
     finally:
         release.set()
     j = _journal_on_disk(fs)
@@ -715,7 +715,7 @@ async def test_a_queued_write_woken_after_close_hashed_is_ebusy_never_in_the_put
         async with trio.open_nursery() as n:
             fs.start(n)
             fh = await _open_new(fs, name)
-            h = fs._handles[fh]
+            h = fs.handles.get(fh)
             assert isinstance(h, WriteHandle) and h.writer is not None
             h.writer._limit = 4
             h.wrote = True  # as after earlier writes: this close ends the writing (no /proc)
@@ -758,17 +758,17 @@ async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
     fh = await _open_written(fs, "s.bin", b"first")
     with pytest.raises(MlregfsError):
         await fs.flush(fh)  # stored, answer lost
-    real_stored = fs._stored
+    real_stored = fs.uploader._stored
 
     async def stored(h, digest):  # type: ignore[no-untyped-def]
         await fs.write(fh, 5, b"+more")
         return await real_stored(h, digest)
 
-    monkeypatch.setattr(fs, "_stored", stored)
+    monkeypatch.setattr(fs.uploader, "_stored", stored)
     with pytest.raises(MlregfsError) as ei:
         await fs.flush(fh)
     assert to_errno(ei.value) == errno.EBUSY
-    monkeypatch.setattr(fs, "_stored", real_stored)
+    monkeypatch.setattr(fs.uploader, "_stored", real_stored)
     await fs.flush(fh)
     await fs.release(fh)
     assert _stored(reg, "s.bin") == (b"first+more", ())
@@ -919,7 +919,7 @@ async def test_a_reopen_refused_during_an_upload_leaves_no_handle(
         with pytest.raises(Busy):
             await gfs.open(ino, os.O_WRONLY | os.O_TRUNC)
         greg.gate.set()
-    assert not gfs._handles
+    assert not list(gfs.handles)
     assert (await _registry(greg))["r.bin"] == b"first"
 
 

@@ -26,6 +26,12 @@ RULES: dict[str, tuple[str, ...]] = {
         "httpx", "httpcore", "pyfuse3", "mlregfs.fuse_ops", "mlregfs.mount", "mlregfs.server",
         "mlregfs.registry.gitlab", "mlregfs.registry.transfer", "mlregfs.registry.catalog",
     ),
+    # GitLab's naming rules: pure, shared by the core and the tools
+    "mlregfs.names": (
+        "httpx", "httpcore", "pyfuse3", "mlregfs.fs", "mlregfs.cache", "mlregfs.fuse_ops",
+        "mlregfs.mount", "mlregfs.server", "mlregfs.registry.gitlab",
+        "mlregfs.registry.transfer", "mlregfs.registry.catalog",
+    ),
     # the registry client speaks HTTP and knows nothing of the filesystem
     "mlregfs.registry": (
         "pyfuse3", "mlregfs.fs", "mlregfs.cache", "mlregfs.fuse_ops", "mlregfs.mount",
