@@ -268,6 +268,7 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         hold_temp=cfg.temp_files == "hold",
         holders=Holders(mountpoint),
         origin=client,
+        outage=registry.outage,
     )
     ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
     started = time.time()

@@ -1,4 +1,8 @@
-"""Metadata cache: TTL'd listings with single-flight fetches and stale-on-outage answers."""
+"""Metadata cache: TTL'd listings with single-flight fetches.
+
+Outages are not its business: the catalog (`registry/catalog.py`) answers listings from what
+it knows while the registry is down (`registry/outage.py`).
+"""
 
 from __future__ import annotations
 
@@ -10,39 +14,23 @@ from typing import Any, TypeVar
 import trio
 from cachetools import TTLCache
 
-from mlregfs.errors import RegistryUnavailable, ServerError
-
 log = logging.getLogger("mlregfs.cache")
 T = TypeVar("T")
 
 
 class MetadataCache:
-    """`get(key, fetch, ttl)`: cached value if fresh, else one fetch shared by all callers.
+    """`get(key, fetch, ttl)`: cached value if fresh, else one fetch shared by all callers;
+    a failed fetch raises to every caller waiting for it."""
 
-    A fetch that fails because the registry is unreachable (or 5xx) answers the last known
-    value instead, so an outage never looks like a deletion. Other errors propagate.
-    """
-
-    def __init__(
-        self,
-        maxsize: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-        outage_grace: float = 10.0,
-    ) -> None:
+    def __init__(self, maxsize: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        # after an outage answer, expired keys with a known value are answered stale at once
-        # for this long instead of each waiting out the client's retries again
-        self.outage_grace = outage_grace
-        self._down_until = float("-inf")
         self._fresh: dict[float, TTLCache[Hashable, Any]] = {}
         self._maxsize = maxsize
-        self._last: dict[Hashable, Any] = {}  # last good value per key, for outages
         self._inflight: dict[Hashable, _Flight] = {}
         self._fetched: dict[Hashable, float] = {}  # when each key's value was fetched
         self._rechecked: dict[Hashable, float] = {}  # when a missed lookup last refetched it
         self.hits = 0
         self.misses = 0
-        self.stale_answers = 0
 
     def _bucket(self, ttl: float) -> TTLCache[Hashable, Any]:
         b = self._fresh.get(ttl)
@@ -50,24 +38,14 @@ class MetadataCache:
             b = self._fresh[ttl] = TTLCache(self._maxsize, ttl, timer=self._clock)
         return b
 
-    def peek(self, key: Hashable) -> Any:
-        """The last known value (fresh or not), or None."""
-        return self._last.get(key)
-
-    def put(self, key: Hashable, value: Any, ttl: float) -> None:
-        """Record a value learnt elsewhere (e.g. a model found inside a full listing)."""
-        self._bucket(ttl)[key] = value
-        self._last[key] = value
-        self._fetched[key] = self._clock()
-
     def recheck(self, key: Hashable, min_age: float) -> bool:
         """A lookup did not find a name in `key`'s value: if that value is older than
         `min_age`, and `key` was not rechecked within `min_age`, forget its freshness so the
         next `get` fetches it again. True if so. Listings keep their TTLs otherwise."""
         now = self._clock()
         fetched = self._fetched.get(key)
-        if fetched is None or now - fetched < min_age or now < self._down_until:
-            return False  # fresh enough, or the registry was just unreachable (no waits)
+        if fetched is None or now - fetched < min_age:
+            return False  # fresh enough
         if now - self._rechecked.get(key, float("-inf")) < min_age:
             return False
         self._rechecked[key] = now
@@ -81,12 +59,8 @@ class MetadataCache:
         """When `key`'s value was last fetched (or put); -inf if never."""
         return self._fetched.get(key, float("-inf"))
 
-    def registry_down(self) -> bool:
-        """Did a fetch just find the registry unreachable (within `outage_grace`)?"""
-        return self._clock() < self._down_until
-
     def invalidate(self, key: Hashable | None = None) -> None:
-        """Forget freshness of one key (or all); last known values stay for outages."""
+        """Forget freshness of one key (or all)."""
         for b in self._fresh.values():
             if key is None:
                 b.clear()
@@ -107,26 +81,12 @@ class MetadataCache:
             await flight.done.wait()  # someone is fetching already: share their answer
             if not flight.abandoned:
                 return flight.result()
-        if key in self._last and self._clock() < self._down_until:
-            self.stale_answers += 1
-            return self._last[key]
         self.misses += 1
         flight = self._inflight[key] = _Flight()
         try:
-            try:
-                val = await fetch()
-            except (RegistryUnavailable, ServerError) as e:
-                self._down_until = self._clock() + self.outage_grace
-                if key not in self._last:
-                    raise
-                self.stale_answers += 1
-                log.warning("registry unavailable (%s); serving last known %s", e, key)
-                val = self._last[key]
-            else:
-                bucket[key] = val
-                self._last[key] = val
-                self._fetched[key] = self._clock()
-                self._down_until = float("-inf")
+            val = await fetch()
+            bucket[key] = val
+            self._fetched[key] = self._clock()
             flight.value = val
             return val
         except Exception as e:

@@ -22,6 +22,7 @@ from mlregfs.fs.nodes import Attr, InodeTable, Kind, Node, Timeouts, parent_node
 from mlregfs.fs.tree import FileDir, build_file_tree, model_dir_entries
 from mlregfs.fs.uploader import Uploader
 from mlregfs.registry.base import Registry
+from mlregfs.registry.outage import Outage
 from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
 from mlregfs.writeback import Spool
 
@@ -48,6 +49,7 @@ class Namespace:
         hold_temp: bool = True,
         holders: Holders | None = None,
         origin: Registry | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.registry = registry
         self.hold_temp = hold_temp  # temporary names are held at close (README Semantics 41)
@@ -57,6 +59,8 @@ class Namespace:
         self.source_id = source_id  # distinguishes cache keys of files without sha256
         self.timeouts = timeouts or Timeouts()
         self.meta = meta or MetadataCache()
+        # whether the registry was just found down (the catalog's): no lookup waits on it
+        self.outage = outage or Outage()
         self.mounted_at = time.time()
         self.handles = HandleTable()
         self.inodes = InodeTable(self.handles.uses, self._pages_gone)
@@ -141,7 +145,7 @@ class Namespace:
         model, skipped while the registry was just unreachable (README Semantics 47)."""
         now = self.meta.now()
         known = max(self.meta.fetched_at("models"), self._model_checked.get(name, float("-inf")))
-        if now - known < RECHECK_AFTER or self.meta.registry_down():
+        if now - known < RECHECK_AFTER or self.outage.down():
             return
         self._model_checked[name] = now
         found: list[Model | None] = []  # stays empty without an answer
@@ -155,7 +159,7 @@ class Namespace:
             except (E.RegistryUnavailable, E.ServerError) as e:
                 log.info("refreshing model %r for its alias links: %s", name, e)
         if not found:
-            self._model_checked[name] = now + self.meta.outage_grace  # back off
+            self._model_checked[name] = now + self.outage.grace  # back off
             return
         self._fresh_models[name] = (found[0], now)
         self._fresh_count += 1
@@ -330,6 +334,8 @@ class Namespace:
     def _recheck(self, parent: Node) -> bool:
         """A lookup in `parent` missed: let its listing be fetched again if it is older than
         RECHECK_AFTER (rate-limited per listing). True if it will be."""
+        if self.outage.down():
+            return False  # the registry was just unreachable: no lookup waits on it
         k = parent.kind
         if k in (Kind.MODELS, Kind.MODEL_DIR):
             return self.meta.recheck("models", RECHECK_AFTER)

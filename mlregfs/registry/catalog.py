@@ -14,10 +14,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -26,6 +26,7 @@ from mlregfs.errors import RegistryUnavailable, ServerError
 from mlregfs.localstate import FILE_MODE, private_dir, set_aside, tighten, write_private
 from mlregfs.registry import validate
 from mlregfs.registry.base import Registry, RegistryStats
+from mlregfs.registry.outage import Outage
 from mlregfs.registry.types import (
     Candidate,
     FileOwner,
@@ -38,6 +39,8 @@ from mlregfs.registry.types import (
 
 log = logging.getLogger("mlregfs.catalog")
 _OUTAGE = (RegistryUnavailable, ServerError)
+RUNS_KEPT = 1024  # runs remembered for outages
+T = TypeVar("T")
 
 
 def _owner_key(owner: FileOwner) -> str:
@@ -237,7 +240,7 @@ class CatalogRegistry:
     rewriting one growing file 1,500 times. A part's mtime is when the registry last said it.
     """
 
-    def __init__(self, inner: Registry, root: Path) -> None:
+    def __init__(self, inner: Registry, root: Path, outage: Outage | None = None) -> None:
         self.inner = inner
         self.stats: RegistryStats = inner.stats  # the same counters object
         self.root = Path(root)
@@ -260,6 +263,8 @@ class CatalogRegistry:
                     self._data[part] = loaded[part]
                 tighten(path, FILE_MODE)
         self.offline_answers = 0
+        self.outage = outage or Outage()
+        self._runs: dict[str, Run] = {}  # the last answer of each run (outages)
 
     def _part(self, part: str) -> Path:
         return self.root / f"{part}.json"
@@ -307,74 +312,124 @@ class CatalogRegistry:
         )
 
     # -- listings -----------------------------------------------------------------------
-    async def project(self) -> ProjectInfo:
+    async def _listing(
+        self,
+        what: str,
+        fetch: Callable[[], Awaitable[T]],
+        known: Callable[[], Awaitable[T | None]],
+        saved_at: Callable[[], float | None],
+    ) -> tuple[T, bool]:
+        """`(fetch(), True)`, or on an outage (and at once while one is known: `Outage`)
+        `(known(), False)`: what the catalog knows (None: nothing, the error propagates).
+        Other errors propagate."""
+        if self.outage.down():
+            value = await known()
+            if value is not None:
+                self.offline_answers += 1
+                return value, False
         try:
-            p = await self.inner.project()
+            fresh = await fetch()
         except _OUTAGE as e:
-            if "project" not in self._data:
+            self.outage.failed()
+            value = await known()
+            if value is None:
                 raise
-            self._fallback("the project", e, self.saved_at("project"))
-            return ProjectInfo(**self._data["project"])
-        self._data["project"] = asdict(p)
-        await self._save("project", self._data["project"])
+            self._fallback(what, e, saved_at())
+            return value, False
+        self.outage.answered()
+        return fresh, True
+
+    def _known(self, part: str, build: Callable[[Any], T]) -> Callable[[], Awaitable[T | None]]:
+        async def known() -> T | None:
+            return build(self._data[part]) if part in self._data else None
+
+        return known
+
+    async def project(self) -> ProjectInfo:
+        p, fresh = await self._listing(
+            "the project",
+            self.inner.project,
+            self._known("project", lambda d: ProjectInfo(**d)),
+            lambda: self.saved_at("project"),
+        )
+        if fresh:
+            self._data["project"] = asdict(p)
+            await self._save("project", self._data["project"])
         return p
 
     async def list_models(self) -> list[Model]:
-        try:
-            models = await self.inner.list_models()
-        except _OUTAGE as e:
-            if "models" not in self._data:
-                raise
-            self._fallback("the model list", e, self.saved_at("models"))
-            return [_model(dict(m)) for m in self._data["models"]]
-        self._data["models"] = [asdict(m) for m in models]
-        await self._save("models", self._data["models"])
+        models, fresh = await self._listing(
+            "the model list",
+            self.inner.list_models,
+            self._known("models", lambda ms: [_model(dict(m)) for m in ms]),
+            lambda: self.saved_at("models"),
+        )
+        if fresh:
+            self._data["models"] = [asdict(m) for m in models]
+            await self._save("models", self._data["models"])
         return models
 
     async def get_model(self, name: str) -> Model:
-        try:
-            return await self.inner.get_model(name)
-        except _OUTAGE as e:
+        async def known() -> Model | None:
             for m in self._data.get("models", []):
                 if m["name"] == name:
-                    self._fallback(f"model {name!r}", e, self.saved_at("models"))
                     return _model(dict(m))
-            raise
+            return None
+
+        async def fetch() -> Model:
+            return await self.inner.get_model(name)
+
+        model, _ = await self._listing(
+            f"model {name!r}", fetch, known, lambda: self.saved_at("models")
+        )
+        return model
 
     async def list_candidates(self) -> list[Candidate]:
-        try:
-            cands = await self.inner.list_candidates()
-        except _OUTAGE as e:
-            if "candidates" not in self._data:
-                raise
-            self._fallback("the candidate list", e, self.saved_at("candidates"))
-            return [Candidate(**c) for c in self._data["candidates"]]
-        self._data["candidates"] = [asdict(c) for c in cands]
-        await self._save("candidates", self._data["candidates"])
+        cands, fresh = await self._listing(
+            "the candidate list",
+            self.inner.list_candidates,
+            self._known("candidates", lambda cs: [Candidate(**c) for c in cs]),
+            lambda: self.saved_at("candidates"),
+        )
+        if fresh:
+            self._data["candidates"] = [asdict(c) for c in cands]
+            await self._save("candidates", self._data["candidates"])
         return cands
 
     async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
         key = _owner_key(owner)
-        try:
-            files = await self.inner.list_files(owner)
-        except _OUTAGE as e:
-            known = self._data["files"].get(key)
-            if known is None:  # read from disk on demand: a mount lists few of them
-                path = self._files_part(key)
-                part = await trio.to_thread.run_sync(load_catalog, path)
-                known = part["files"].get(key)
-            if known is None:
-                raise
-            self._fallback(f"the files of {key}", e, self.saved_at(key=key))
-            return [_file(dict(f)) for f in known]
-        rows = [asdict(f) for f in files]
-        await self._save("files", rows, key=key)
+
+        async def known() -> list[RemoteFile] | None:
+            rows = self._data["files"].get(key)
+            if rows is None:  # read from disk on demand: a mount lists few of them
+                part = await trio.to_thread.run_sync(load_catalog, self._files_part(key))
+                rows = part["files"].get(key)
+            return None if rows is None else [_file(dict(f)) for f in rows]
+
+        async def fetch() -> list[RemoteFile]:
+            return await self.inner.list_files(owner)
+
+        files, fresh = await self._listing(
+            f"the files of {key}", fetch, known, lambda: self.saved_at(key=key)
+        )
+        if fresh:
+            await self._save("files", [asdict(f) for f in files], key=key)
         return files
 
     # -- pass-through -------------------------------------------------------------------
     async def get_run(self, run_id: str) -> Run:
-        # not persisted: metadata shown on request, never needed to serve bytes offline
-        return await self.inner.get_run(run_id)
+        # kept in memory only: metadata shown on request, never needed to serve bytes offline
+        async def fetch() -> Run:
+            return await self.inner.get_run(run_id)
+
+        async def known() -> Run | None:
+            return self._runs.get(run_id)
+
+        run, _ = await self._listing(f"run {run_id}", fetch, known, lambda: None)
+        self._runs[run_id] = run
+        if len(self._runs) > RUNS_KEPT:
+            del self._runs[next(iter(self._runs))]
+        return run
 
     async def read_range(
         self,

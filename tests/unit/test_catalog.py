@@ -9,6 +9,8 @@ import pytest
 from mlregfs.errors import NotFound, RegistryUnavailable
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.fake import InMemoryRegistry
+from mlregfs.registry.outage import Outage
+from mlregfs.registry.types import Run
 
 
 async def test_outage_answers_from_a_new_process_catalog(tmp_path: Path) -> None:
@@ -40,3 +42,40 @@ async def test_real_answers_are_not_masked(tmp_path: Path) -> None:
     await cat.list_models()
     with pytest.raises(NotFound):
         await cat.get_model("gone")
+
+
+async def test_an_outage_is_not_asked_again_within_its_grace(tmp_path: Path) -> None:
+    """The one outage policy: after a failed fetch, known listings are answered at once for
+    `grace` seconds (no new attempt waits out the retries); unknown ones still fail, and a
+    real answer (404) is never masked once the registry answers again."""
+    now = [0.0]
+    reg = InMemoryRegistry()
+    v = reg.add_version("m", "1.0.0")
+    reg.add_file(v, "w.bin", b"x")
+    outage = Outage(grace=10.0, clock=lambda: now[0])
+    cat = CatalogRegistry(reg, tmp_path / "c", outage=outage)
+    models = await cat.list_models()
+    reg.down = True
+    assert await cat.list_models() == models  # outage: the last known answer
+    assert cat.offline_answers == 1 and outage.down()
+    reg.down = False  # back, but not asked again within the grace
+    before = reg.stats.by_kind.get("list_models", 0)
+    assert await cat.list_models() == models
+    assert reg.stats.by_kind.get("list_models", 0) == before and cat.offline_answers == 2
+    with pytest.raises(NotFound):  # nothing known of it: asked, and the answer is real
+        await cat.get_model("gone")
+    now[0] = 11.0
+    assert not outage.down()
+    await cat.list_models()  # asked again after the grace
+    assert reg.stats.by_kind.get("list_models", 0) == before + 1
+
+
+async def test_runs_are_answered_from_memory_during_an_outage(tmp_path: Path) -> None:
+    reg = InMemoryRegistry()
+    reg.runs["a" * 32] = Run("a" * 32, "FINISHED", "1", "train", 1.0, 2.0, (("lr", "0.1"),))
+    cat = CatalogRegistry(reg, tmp_path / "c")
+    run = await cat.get_run("a" * 32)
+    reg.down = True
+    assert await cat.get_run("a" * 32) == run
+    with pytest.raises(RegistryUnavailable):
+        await cat.get_run("b" * 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.reader import DataCache
 from mlregfs.errors import IntegrityError, NotFound, ReadOnly, RegistryUnavailable, to_errno
 from mlregfs.fs.core import ROOT_INO, Filesystem
+from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.fake import InMemoryRegistry
 
 BS = 64 << 10
@@ -142,7 +144,10 @@ async def test_corrupt_large_file_fails_and_is_discarded(
     assert len(got) == 5 * BS + 123
 
 
-async def test_outage_serves_known_listing(fs: Filesystem, reg: InMemoryRegistry) -> None:
+async def test_outage_serves_known_listing(reg: InMemoryRegistry, tmp_path: Path) -> None:
+    # as mounted: the catalog is the one layer that answers during an outage
+    data = DataCache(BlockStore(tmp_path / "blocks", 64 * BS), block_size=BS, readahead=0)
+    fs = Filesystem(CatalogRegistry(reg, tmp_path / "catalog"), data, source_id="test")
     assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
     await read_all(fs, "models/llama/1.0.0/config.json")
     fs.meta.invalidate()

@@ -17,10 +17,8 @@ from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import DataCache, FairLimiter, FileSpec, ReadStream
 from mlregfs.errors import (
     IntegrityError,
-    NotFound,
     ProtocolError,
     RegistryTimeout,
-    RegistryUnavailable,
 )
 
 
@@ -43,38 +41,6 @@ async def test_single_flight_shares_one_fetch() -> None:
 
 async def _append(out: list[int], aw) -> None:  # type: ignore[no-untyped-def]
     out.append(await aw)
-
-
-async def test_stale_answer_on_outage_but_not_on_not_found() -> None:
-    now = [0.0]
-    mc = MetadataCache(clock=lambda: now[0])
-
-    async def ok() -> str:
-        return "v1"
-
-    async def down() -> str:
-        raise RegistryUnavailable("refused")
-
-    async def gone() -> str:
-        raise NotFound("deleted")
-
-    assert await mc.get("k", ok, 10) == "v1"
-    now[0] = 20  # expired
-    assert await mc.get("k", down, 10) == "v1"  # outage: last known value
-    assert mc.stale_answers == 1
-    calls: list[int] = []
-
-    async def counted() -> str:
-        calls.append(1)
-        return "v2"
-
-    assert await mc.get("k", counted, 10) == "v1"  # within the outage grace: no new attempt
-    assert calls == []
-    now[0] = 20 + mc.outage_grace + 1
-    with pytest.raises(NotFound):
-        await mc.get("k", gone, 10)  # a real answer is not masked
-    with pytest.raises(RegistryUnavailable):
-        await mc.get("never-seen", down, 10)
 
 
 async def test_readahead_fetches_ahead_of_sequential_reader(tmp_path: Path) -> None:
