@@ -52,6 +52,10 @@ class MetadataCache:
         self.invalidate(key)
         return True
 
+    def cached(self, key: Hashable, ttl: float) -> bool:
+        """Is a fresh value of `key` known, or being fetched (a `get` would not fetch)?"""
+        return key in self._bucket(ttl) or key in self._inflight
+
     def now(self) -> float:
         return self._clock()
 

@@ -15,7 +15,7 @@ from mlregfs import errors as E
 from mlregfs.buffers import Buffer
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import CachedFile, DataCache, FileSpec
-from mlregfs.errors import NotADirectory, NotFound, ReadOnly, Unsupported
+from mlregfs.errors import MlregfsError, NotADirectory, NotFound, ReadOnly, Unsupported
 from mlregfs.fs.handles import FileHandle, HandleTable, WriteHandle, sha
 from mlregfs.fs.holders import Holders
 from mlregfs.fs.nodes import Attr, InodeTable, Kind, Node, Timeouts, parent_node
@@ -32,6 +32,10 @@ RECHECK_AFTER = 2.0  # a listing older than this is fetched again when a lookup 
 # the kernel re-asks for an alias link this often, so a lookup sees a new release within
 # seconds (README Semantics 47); the link's target itself is never cached by the kernel
 ALIAS_TTL = 1.0
+# version file listings fetched ahead when a model directory is listed: at most this many
+# at once, and only the first PREFETCH_MAX versions of a model
+PREFETCH_LISTINGS = 4
+PREFETCH_MAX = 64
 
 
 class Namespace:
@@ -78,6 +82,7 @@ class Namespace:
         self._fresh_count = 0  # bumped by each refresh: invalidates `_merged`
         self._merged: tuple[dict[str, Model], int, dict[str, Model]] | None = None
         self._nursery: trio.Nursery | None = None
+        self._prefetching = trio.CapacityLimiter(PREFETCH_LISTINGS)
 
     # -- inodes -------------------------------------------------------------------------
     def ino(self, node: Node) -> int:
@@ -352,12 +357,35 @@ class Namespace:
         """All entries with attributes, sorted by name (stable offsets for the adapter)."""
         node = self.node(ino)
         kids = await self.children(node)
+        if node.kind is Kind.MODEL_DIR:
+            self._prefetch_files([k.owner for k in kids.values() if k.kind is Kind.VERSION])
         attrs = [(name, await self._attr(kids[name])) for name in sorted(kids)]
         # numbers after the last await, for the adapter's `hold` in the same step (attr_of)
         return [
             (name, Attr(self.ino(kids[name]), a.is_dir, a.size, a.mtime, a.ttl, a.link))
             for name, a in attrs
         ]
+
+    def _prefetch_files(self, owners: list[tuple[str, ...]]) -> None:
+        """A model directory is being listed: fetch its versions' file listings in the
+        background, a few at once, so a walk (`ls -lR`, `find`, `du`) that enters them
+        next finds them fetched or in flight instead of waiting for each in turn."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+        ttl = self.timeouts.files
+        for owner in owners[:PREFETCH_MAX]:
+            if not self.meta.cached(("files", owner), ttl):
+                nursery.start_soon(self._prefetch_one, owner)
+
+    async def _prefetch_one(self, owner: tuple[str, ...]) -> None:
+        async with self._prefetching:
+            if self.meta.cached(("files", owner), self.timeouts.files):
+                return
+            try:
+                await self.file_tree(owner)
+            except MlregfsError as e:  # the walk's own lookup reports it
+                log.debug("prefetching the files of %s: %s", owner, e)
 
     async def readlink(self, ino: int) -> str:
         return await self.readlink_node(self.node(ino))
