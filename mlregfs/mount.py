@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.parse
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from mlregfs import logs, sdnotify
-from mlregfs.buffers import POOL
-from mlregfs.cache.blocks import BlockStore
-from mlregfs.cache.reader import DataCache
+from mlregfs.assemble import assemble, public_source, snapshot
 from mlregfs.config import Config
 from mlregfs.errors import NotFound, RegistryError, RegistryUnavailable, Unauthorized
-from mlregfs.fs.core import Filesystem, Timeouts
-from mlregfs.fs.holders import Holders
-from mlregfs.fuse_ops import Operations
+from mlregfs.fs.core import Filesystem
 from mlregfs.localstate import private_dir
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.gitlab import GitLabRegistry
@@ -37,15 +32,6 @@ log = logging.getLogger("mlregfs.mount")
 
 class MountError(Exception):
     """The mount could not start; the message is for the user."""
-
-
-def public_source(source: str) -> str:
-    """SOURCE without any userinfo (never show credentials)."""
-    p = urllib.parse.urlsplit(source)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
 
 
 def check_mountpoint(mp: Path) -> None:
@@ -236,90 +222,11 @@ async def serve(cfg: Config, ready: ReadySignal) -> None:
         project.visibility,
         public_source(cfg.source),
     )
-    store = await trio.to_thread.run_sync(BlockStore, cfg.cache_dir / "blocks", cfg.cache_size)
-    data = DataCache(  # configures POOL: every block buffer within memory_limit
-        store,
-        block_size=cfg.block_size,
-        memory_bytes=cfg.memory_cache,
-        memory_limit=cfg.memory_limit,
-        readahead=cfg.readahead_blocks,
-        prefetch=cfg.prefetch,
+    d = await assemble(cfg, client, registry)
+    data, spool, fs, ops = d.data, d.spool, d.fs, d.ops
+    reporter = Reporter(
+        cfg.mountpoint, cfg.metrics, functools.partial(snapshot, d), metrics_mode=cfg.metrics_mode
     )
-    spool = None
-    if not cfg.read_only:
-        spool = await trio.to_thread.run_sync(Spool, cfg.cache_dir / "spool")
-        leftovers = await trio.to_thread.run_sync(spool.leftovers)
-        if leftovers:
-            log.warning(
-                "%d spooled file(s) from earlier mounts were not uploaded (%s); run"
-                " 'mlregfs recover --cache-dir %s' to retry or discard them",
-                len(leftovers),
-                ", ".join(e.target for e in leftovers[:5]),
-                cfg.cache_dir,
-            )
-    # mountinfo names the mount point with its symlinks resolved
-    mountpoint = await trio.to_thread.run_sync(os.path.realpath, cfg.mountpoint)
-    fs = Filesystem(
-        registry,
-        data,
-        source_id=public_source(cfg.source),
-        timeouts=Timeouts(listing=cfg.listing_ttl, files=cfg.file_ttl),
-        spool=spool,
-        hold_temp=cfg.temp_files == "hold",
-        holders=Holders(mountpoint),
-        origin=client,
-        outage=registry.outage,
-    )
-    ops = Operations(fs, uid=cfg.uid, gid=cfg.gid, umask=cfg.umask)
-    started = time.time()
-
-    def snapshot(recovery_items: int) -> dict[str, object]:
-        st, ds, rs = store.stats, data.stats, registry.stats
-        hits = ds.memory_hits + ds.disk_hits
-        return {
-            "mountpoint": str(cfg.mountpoint),
-            "source": public_source(cfg.source),
-            "pid": os.getpid(),
-            "read_only": cfg.read_only,
-            "cache_dir": str(cfg.cache_dir),
-            "uptime": time.time() - started,
-            "written_at": time.time(),
-            "cache": {
-                "stored_bytes": st.stored_bytes,
-                "capacity_bytes": store.capacity,
-                "pinned_bytes": store.pinned_bytes(),
-                "hits": hits,
-                "misses": ds.fetched_blocks,
-                "hit_ratio": hits / (hits + ds.fetched_blocks) if hits + ds.fetched_blocks else 0,
-                "evictions": st.evictions,
-                "integrity_failures": ds.integrity_failures,
-                "block_buffers_reused": POOL.reused,
-                "block_buffers_allocated": POOL.allocated,
-                "block_buffers_alive": POOL.alive,
-                "block_buffers_peak": POOL.peak,
-                "block_buffer_waits": POOL.waits,
-                "block_buffers_over_budget": POOL.over_budget,
-                "streams": ds.streams,
-                "streams_peak": ds.streams_peak,
-            },
-            "registry": {
-                "requests": rs.requests,
-                "bytes_downloaded": rs.bytes_downloaded,
-                "bytes_uploaded": rs.bytes_uploaded,
-                "retries": rs.retries,
-                "errors": rs.errors,
-                "offline_answers": registry.offline_answers,
-                "by_kind": dict(rs.by_kind),
-            },
-            "uploads": {
-                **fs.uploader.stats,
-                "in_flight": fs.uploader.in_flight,
-                "recovery_items": recovery_items,
-            },
-            "fuse_failures": dict(ops.failures),
-        }
-
-    reporter = Reporter(cfg.mountpoint, cfg.metrics, snapshot, metrics_mode=cfg.metrics_mode)
     check_mountpoint(cfg.mountpoint)
     try:
         pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
