@@ -241,7 +241,7 @@ def test_cache_dir_that_is_a_file_says_why(world: World, tmp_path: Path, foregro
 
 
 _INJECT = """
-import mlregfs.mount
+import mlregfs.assemble
 
 
 class Broken:
@@ -249,7 +249,7 @@ class Broken:
         raise RuntimeError("injected failure\\nsecond line")
 
 
-mlregfs.mount.BlockStore = Broken
+mlregfs.assemble.BlockStore = Broken
 """
 
 
