@@ -26,7 +26,6 @@ from mlregfs.fs.entries import RENAME_EXCHANGE, RENAME_NOREPLACE, Entries
 from mlregfs.fs.handles import FileHandle, Opened, WriteHandle
 from mlregfs.fs.namespace import ALIAS_TTL, RECHECK_AFTER
 from mlregfs.fs.nodes import ROOT_INO, Attr, Kind, Node, Timeouts
-from mlregfs.fs.tree import model_dir_entries
 from mlregfs.registry.types import Candidate, ModelVersion, Run
 
 __all__ = [
@@ -156,7 +155,7 @@ class Filesystem(Entries):
             return xattrs.candidate_attrs(c), c.eid
         if k is Kind.MODEL_DIR:
             models = await self.models()
-            entries = model_dir_entries(models, node.name)
+            entries = self.model_dir(models, node.name)
             if entries is None:
                 raise NotFound(f"model path {node.name!r} not found")
             return xattrs.model_attrs(models.get(node.name), entries.aliases), None

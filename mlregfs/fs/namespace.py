@@ -19,7 +19,7 @@ from mlregfs.errors import MlregfsError, NotADirectory, NotFound, ReadOnly, Unsu
 from mlregfs.fs.handles import FileHandle, HandleTable, WriteHandle, sha
 from mlregfs.fs.holders import Holders
 from mlregfs.fs.nodes import Attr, InodeTable, Kind, Node, Timeouts, parent_node
-from mlregfs.fs.tree import FileDir, build_file_tree, model_dir_entries
+from mlregfs.fs.tree import FileDir, ModelDirEntries, build_file_tree, model_dir_entries
 from mlregfs.fs.uploader import Uploader
 from mlregfs.registry.base import Registry
 from mlregfs.registry.outage import Outage
@@ -81,6 +81,7 @@ class Namespace:
         self._model_checked: dict[str, float] = {}
         self._fresh_count = 0  # bumped by each refresh: invalidates `_merged`
         self._merged: tuple[dict[str, Model], int, dict[str, Model]] | None = None
+        self._dirs_memo: tuple[dict[str, Model], dict[str, ModelDirEntries | None]] | None = None
         self._nursery: trio.Nursery | None = None
         self._prefetching = trio.CapacityLimiter(PREFETCH_LISTINGS)
 
@@ -169,6 +170,18 @@ class Namespace:
         self._fresh_models[name] = (found[0], now)
         self._fresh_count += 1
 
+    def model_dir(self, models: dict[str, Model], prefix: str) -> ModelDirEntries | None:
+        """`model_dir_entries` of `models`, remembered while the listing stays the same
+        object: a walk asks for each model directory many times (readdir, each lookup, each
+        link), and each answer scans every model name."""
+        memo = self._dirs_memo
+        if memo is None or memo[0] is not models:
+            memo = self._dirs_memo = (models, {})
+        known = memo[1]
+        if prefix not in known:
+            known[prefix] = model_dir_entries(models, prefix)
+        return known[prefix]
+
     async def candidates(self) -> dict[int, Candidate]:
         async def fetch() -> dict[int, Candidate]:
             return {c.iid: c for c in await self.registry.list_candidates()}
@@ -204,7 +217,7 @@ class Namespace:
             return {"models": Node(Kind.MODELS), "candidates": Node(Kind.CANDIDATES)}
         if k in (Kind.MODELS, Kind.MODEL_DIR):
             prefix = node.name
-            entries = model_dir_entries(await self.models(), prefix)
+            entries = self.model_dir(await self.models(), prefix)
             if entries is None:
                 raise NotFound(f"model path {prefix!r} not found")
             out = {v: Node(Kind.VERSION, owner=("v", prefix, v)) for v in entries.versions}
@@ -394,7 +407,7 @@ class Namespace:
         """An alias link's target: the version's name, relative to the model directory."""
         if node.kind is not Kind.ALIAS:
             raise Unsupported("not a symbolic link")
-        entries = model_dir_entries(await self.models(), node.name)
+        entries = self.model_dir(await self.models(), node.name)
         target = entries.aliases.get(node.path) if entries else None
         if target is None:
             raise NotFound(f"alias {node.path!r} no longer resolves")
