@@ -53,6 +53,7 @@ from typing import Any
 from mlregfs import directio
 from mlregfs.errors import MlregfsError
 from mlregfs.localstate import FILE_MODE, private_dir, tighten, write_private
+from mlregfs.registry.types import OwnerKey, owner_path
 
 log = logging.getLogger("mlregfs.writeback")
 
@@ -125,9 +126,7 @@ class JournalEntry:
 
     @property
     def target(self) -> str:
-        if self.owner[0] == "c":
-            return f"candidates/{self.owner[1]}/{self.path}"
-        return f"models/{self.owner[1]}/{self.owner[2]}/{self.path}"
+        return f"{owner_path(self.owner)}/{self.path}"
 
     def can(self, to: UploadState) -> bool:
         return to in TRANSITIONS[self.state]
@@ -285,7 +284,7 @@ class Spool:
     def _journal_path(self, entry_id: str) -> Path:
         return self.root / f"{entry_id}.json"
 
-    def new(self, source: str, owner: tuple[str, ...], path: str) -> SpoolFile:
+    def new(self, source: str, owner: OwnerKey, path: str) -> SpoolFile:
         entry = JournalEntry(uuid.uuid4().hex, source, list(owner), path)
         # journal first: a data file without a journal is then always an orphan
         self.save(entry)

@@ -23,7 +23,7 @@ from mlregfs.fs.tree import FileDir, ModelDirEntries, build_file_tree, model_dir
 from mlregfs.fs.uploader import Uploader
 from mlregfs.registry.base import Registry
 from mlregfs.registry.outage import Outage
-from mlregfs.registry.types import Candidate, FileOwner, Model, RemoteFile
+from mlregfs.registry.types import Candidate, FileOwner, Model, OwnerKey, RemoteFile
 from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.fs")
@@ -72,9 +72,9 @@ class Namespace:
         # per inode, the file state its last read open served through (`_keep_pages`)
         self._page_source: dict[int, CachedFile | None] = {}
         # files being written, by (owner, path): shown in listings with their spooled size
-        self._writing: dict[tuple[tuple[str, ...], str], WriteHandle] = {}
+        self._writing: dict[tuple[OwnerKey, str], WriteHandle] = {}
         # directories made inside a version for this mount's lifetime (GitLab has none)
-        self._local_dirs: set[tuple[tuple[str, ...], str]] = set()
+        self._local_dirs: set[tuple[OwnerKey, str]] = set()
         # models fetched alone for an alias lookup, newer than the listing: name -> (model or
         # None if gone, when); and when each was last fetched so (rate limit)
         self._fresh_models: dict[str, tuple[Model | None, float]] = {}
@@ -188,7 +188,7 @@ class Namespace:
 
         return await self.meta.get("candidates", fetch, self.timeouts.listing)
 
-    async def owner(self, owner: tuple[str, ...]) -> FileOwner:
+    async def owner(self, owner: OwnerKey) -> FileOwner:
         if owner[0] == "c":
             cand = (await self.candidates()).get(int(owner[1]))
             if cand is None:
@@ -200,7 +200,7 @@ class Namespace:
                 return v
         raise NotFound(f"model version {owner[1]}/{owner[2]} not found")
 
-    async def file_tree(self, owner: tuple[str, ...]) -> dict[str, FileDir]:
+    async def file_tree(self, owner: OwnerKey) -> dict[str, FileDir]:
         obj = await self.owner(owner)
 
         async def fetch() -> dict[str, FileDir]:
@@ -250,7 +250,7 @@ class Namespace:
             if not dirs and not files:
                 raise NotFound(f"directory {node.path!r} no longer exists")
 
-    def _local_entries(self, owner: tuple[str, ...], path: str) -> tuple[set[str], set[str]]:
+    def _local_entries(self, owner: OwnerKey, path: str) -> tuple[set[str], set[str]]:
         """Names under `path` that exist only in this mount: made dirs, files being written."""
         prefix = f"{path}/" if path else ""
         dirs: set[str] = set()
@@ -379,7 +379,7 @@ class Namespace:
             for name, a in attrs
         ]
 
-    def _prefetch_files(self, owners: list[tuple[str, ...]]) -> None:
+    def _prefetch_files(self, owners: list[OwnerKey]) -> None:
         """A model directory is being listed: fetch its versions' file listings in the
         background, a few at once, so a walk (`ls -lR`, `find`, `du`) that enters them
         next finds them fetched or in flight instead of waiting for each in turn."""
@@ -391,7 +391,7 @@ class Namespace:
             if not self.meta.cached(("files", owner), ttl):
                 nursery.start_soon(self._prefetch_one, owner)
 
-    async def _prefetch_one(self, owner: tuple[str, ...]) -> None:
+    async def _prefetch_one(self, owner: OwnerKey) -> None:
         async with self._prefetching:
             if self.meta.cached(("files", owner), self.timeouts.files):
                 return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import count
 
 from mlregfs.errors import NotFound
+from mlregfs.registry.types import OwnerKey
 
 ROOT_INO = 1
 
@@ -31,7 +32,7 @@ class Node:
 
     kind: Kind
     name: str = ""  # MODEL_DIR, ALIAS: the model-name prefix
-    owner: tuple[str, ...] = ()
+    owner: OwnerKey = ()  # `registry.types.owner_key`: ("v", model, version) or ("c", iid)
     path: str = ""  # DIR/FILE: path inside the owner; ALIAS: the link's name
 
     @property

@@ -20,7 +20,7 @@ from mlregfs.cache.meta import MetadataCache
 from mlregfs.errors import AuthError, Busy, MlregfsError, ReadOnly
 from mlregfs.fs.handles import WriteHandle
 from mlregfs.registry.base import Registry
-from mlregfs.registry.types import FileOwner, RemoteFile
+from mlregfs.registry.types import FileOwner, OwnerKey, RemoteFile
 from mlregfs.writeback import Spool, UploadInterrupted, UploadState
 
 log = logging.getLogger("mlregfs.fs")
@@ -35,7 +35,7 @@ class Uploader:
         origin: Registry,
         spool: Spool | None,
         meta: MetadataCache,
-        owner: Callable[[tuple[str, ...]], Awaitable[FileOwner]],
+        owner: Callable[[OwnerKey], Awaitable[FileOwner]],
     ) -> None:
         self.registry = registry
         # the registry itself, under any caching wrapper (the catalog): asked where an answer

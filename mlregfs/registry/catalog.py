@@ -35,6 +35,7 @@ from mlregfs.registry.types import (
     ProjectInfo,
     RemoteFile,
     Run,
+    owner_key,
 )
 
 log = logging.getLogger("mlregfs.catalog")
@@ -44,9 +45,7 @@ T = TypeVar("T")
 
 
 def _owner_key(owner: FileOwner) -> str:
-    if isinstance(owner, Candidate):
-        return f"c/{owner.iid}"
-    return f"v/{owner.model}/{owner.version}"
+    return "/".join(owner_key(owner))  # "v/<model>/<version>" or "c/<iid>"
 
 
 def _model(d: dict[str, Any]) -> Model:

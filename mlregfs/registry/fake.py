@@ -15,9 +15,11 @@ from mlregfs.registry.types import (
     FileOwner,
     Model,
     ModelVersion,
+    OwnerKey,
     ProjectInfo,
     RemoteFile,
     Run,
+    owner_key,
 )
 
 
@@ -79,10 +81,8 @@ class InMemoryRegistry:
         return f
 
     @staticmethod
-    def _key(owner: FileOwner) -> tuple[str, ...]:
-        if isinstance(owner, Candidate):
-            return ("c", str(owner.iid))
-        return ("v", owner.model, owner.version)
+    def _key(owner: FileOwner) -> OwnerKey:
+        return owner_key(owner)
 
     # -- Registry protocol --------------------------------------------------------------
     async def project(self) -> ProjectInfo:

@@ -51,6 +51,23 @@ class Candidate:
 
 FileOwner = ModelVersion | Candidate
 
+# The one encoding of an owner of files, wherever it is kept (inode nodes, the upload
+# journal, the catalog, the fake): ("v", model, version) or ("c", iid).
+OwnerKey = tuple[str, ...]
+
+
+def owner_key(owner: FileOwner) -> OwnerKey:
+    if isinstance(owner, Candidate):
+        return ("c", str(owner.iid))
+    return ("v", owner.model, owner.version)
+
+
+def owner_path(key: OwnerKey | list[str]) -> str:
+    """Where the owner is in the mount: `models/<model>/<version>` or `candidates/<iid>`."""
+    if key[0] == "c":
+        return f"candidates/{key[1]}"
+    return f"models/{key[1]}/{key[2]}"
+
 
 @dataclass(frozen=True)
 class Metric:
