@@ -39,6 +39,19 @@ class Store(RunStore):
     def model(self, project_id: int, name: str) -> Row | None:
         return self.one("SELECT * FROM models WHERE project_id=? AND name=?", (project_id, name))
 
+    def model_by_id(self, model_id: int) -> Row | None:
+        return self.one("SELECT * FROM models WHERE id=?", (model_id,))
+
+    def models(self, project_id: int) -> list[Row]:
+        return self.all("SELECT * FROM models WHERE project_id=? ORDER BY name", (project_id,))
+
+    def set_model_description(self, model_id: int, description: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE models SET description=?, updated_at=? WHERE id=?",
+                (description, _now(), model_id),
+            )
+
     def _model_row(self, project: ProjectRef, model: int | str) -> Row:
         pid = self._project_id(project)
         row = (
@@ -150,6 +163,17 @@ class Store(RunStore):
             (project_id, version_id),
         )
 
+    def version_by_id(self, version_id: int) -> Row | None:
+        """A version row in whichever project (GraphQL's global ids)."""
+        return self.one("SELECT * FROM model_versions WHERE id=?", (version_id,))
+
+    def set_version_description(self, version_id: int, description: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE model_versions SET description=?, updated_at=? WHERE id=?",
+                (description, _now(), version_id),
+            )
+
     def versions(self, model_id: int) -> list[Row]:
         return self.all(
             _VERSION_SELECT + " WHERE v.model_id=? ORDER BY v.id",
@@ -190,13 +214,7 @@ class Store(RunStore):
                 r[0] for r in db.execute("SELECT id FROM experiments WHERE model_id=?", (model_id,))
             ]
             for e in exp_ids:
-                for table in ("candidate_metrics", "candidate_params"):
-                    db.execute(
-                        f"DELETE FROM {table} WHERE candidate_id IN"
-                        " (SELECT id FROM candidates WHERE experiment_id=?)",
-                        (e,),
-                    )
-                db.execute("DELETE FROM candidates WHERE experiment_id=?", (e,))
+                self._delete_candidates(db, "experiment_id", e)
                 db.execute("DELETE FROM experiments WHERE id=?", (e,))
             db.execute("DELETE FROM model_versions WHERE model_id=?", (model_id,))
             db.execute("DELETE FROM models WHERE id=?", (model_id,))
@@ -212,13 +230,7 @@ class Store(RunStore):
         with self.tx() as db:
             if v["package_id"] is not None:
                 self._destroy_package(db, int(v["package_id"]))
-            for table in ("candidate_metrics", "candidate_params"):
-                db.execute(
-                    f"DELETE FROM {table} WHERE candidate_id IN"
-                    " (SELECT id FROM candidates WHERE model_version_id=?)",
-                    (version_id,),
-                )
-            db.execute("DELETE FROM candidates WHERE model_version_id=?", (version_id,))
+            self._delete_candidates(db, "model_version_id", version_id)
             db.execute("DELETE FROM model_versions WHERE id=?", (version_id,))
 
     def owner_package(self, project_id: int, owner: str | int, *, create: bool = True) -> Row:
@@ -336,7 +348,7 @@ class Store(RunStore):
         if p is None:
             raise NotFoundError(f"project {project!r} not found")
         lines = [f"project {p['path']} (id {p['id']}, {p['visibility']})"]
-        for m in self.all("SELECT * FROM models WHERE project_id=? ORDER BY name", (p["id"],)):
+        for m in self.models(int(p["id"])):
             lines.append(f"  model {m['name']} (id {m['id']})")
             for v in self.versions(m["id"]):
                 pkg = self.package(v["package_id"]) if v["package_id"] else None

@@ -6,10 +6,20 @@ import contextlib
 import io
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mlregfs.server.store.base import CHUNK, Row, Staged, StagingFile, StoreBase, _now
+
+# the packages API's order_by values and their columns (never a caller's string in SQL)
+_PACKAGE_ORDER = {
+    "created_at": "created_at",
+    "name": "name",
+    "version": "version",
+    "type": "package_type",
+}
+_FILE_ORDER = ("id", "created_at", "file_name")
 
 
 class PackageStore(StoreBase):
@@ -36,6 +46,49 @@ class PackageStore(StoreBase):
 
     def package(self, package_id: int) -> Row | None:
         return self.one("SELECT * FROM packages WHERE id=?", (package_id,))
+
+    def packages(
+        self,
+        project_id: int,
+        *,
+        statuses: Sequence[str],
+        package_type: str | None = None,
+        name_like: str | None = None,
+        version: str | None = None,
+        order_by: str = "created_at",
+        descending: bool = False,
+    ) -> list[Row]:
+        """The packages API's listing (`order_by`: created_at, name, version or type).
+
+        `name_like` matches as GitLab's search_by_name: ILIKE %name% (fuzzy, case-insensitive).
+        """
+        sql = "SELECT * FROM packages WHERE project_id=?"
+        args: list[Any] = [project_id]
+        if package_type:
+            sql += " AND package_type=?"
+            args.append(package_type)
+        if name_like:
+            esc = name_like.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql += " AND name LIKE ? ESCAPE '\\'"
+            args.append(f"%{esc}%")
+        if version:
+            sql += " AND version=?"
+            args.append(version)
+        sql += f" AND status IN ({','.join('?' * len(statuses))})"
+        args.extend(statuses)
+        col = _PACKAGE_ORDER[order_by]
+        direction = "DESC" if descending else "ASC"
+        sql += f" ORDER BY {col} {direction}, id {direction}"
+        return self.all(sql, tuple(args))
+
+    def package_versions(self, pkg: Row, statuses: Sequence[str]) -> list[Row]:
+        """The other packages of that name and type in its project (the entity's `versions`)."""
+        marks = ",".join("?" * len(statuses))
+        return self.all(
+            f"SELECT * FROM packages WHERE project_id=? AND name=? AND package_type=? AND id!=?"
+            f" AND status IN ({marks}) ORDER BY id",
+            (pkg["project_id"], pkg["name"], pkg["package_type"], pkg["id"], *statuses),
+        )
 
     def set_package_status(self, package_id: int, status: str) -> None:
         with self.tx() as db:
@@ -109,9 +162,16 @@ class PackageStore(StoreBase):
             (package_id, encoded_name),
         )
 
-    def files(self, package_id: int) -> list[Row]:
+    def files(
+        self, package_id: int, *, order_by: str = "id", descending: bool = False
+    ) -> list[Row]:
+        """A package's installable files (`order_by`: id, created_at or file_name)."""
+        if order_by not in _FILE_ORDER:
+            raise ValueError(f"cannot order package files by {order_by!r}")
+        direction = "DESC" if descending else "ASC"
         return self.all(
-            "SELECT * FROM package_files WHERE package_id=? AND status='default' ORDER BY id",
+            "SELECT * FROM package_files WHERE package_id=? AND status='default'"
+            f" ORDER BY {order_by} {direction}, id {direction}",
             (package_id,),
         )
 

@@ -78,6 +78,9 @@ class RunStore(PackageStore):
             "SELECT * FROM experiments WHERE project_id=? AND name=?", (project_id, name)
         )
 
+    def experiments(self, project_id: int) -> list[Row]:
+        return self.all("SELECT * FROM experiments WHERE project_id=? ORDER BY id", (project_id,))
+
     # ------------------------------------------------------------------ candidates
 
     def _insert_candidate(
@@ -175,6 +178,14 @@ class RunStore(PackageStore):
             )
         return self.one("SELECT * FROM candidates WHERE project_id=? AND iid=?", (project_id, iid))
 
+    def experiment_candidates(self, exp_id: int) -> list[Row]:
+        return self.all("SELECT * FROM candidates WHERE experiment_id=? ORDER BY id", (exp_id,))
+
+    def version_run_id(self, version_id: int) -> str | None:
+        """The run id (eid) of a model version's hidden candidate, if it has one."""
+        row = self.one("SELECT eid FROM candidates WHERE model_version_id=?", (version_id,))
+        return str(row["eid"]) if row else None
+
     def candidate_package_name(self, cand: Row) -> str:
         """The model name for a model's default experiment, else `ml_experiment_<exp iid>`."""
         exp = self.one("SELECT * FROM experiments WHERE id=?", (cand["experiment_id"],))
@@ -260,12 +271,22 @@ class RunStore(PackageStore):
             "SELECT * FROM candidate_params WHERE candidate_id=? ORDER BY id", (cand_id,)
         )
 
+    @staticmethod
+    def _delete_candidates(db: sqlite3.Connection, column: str, value: int) -> None:
+        """The candidates whose `column` (id, experiment_id, model_version_id) is `value`,
+        with the metrics and params they logged."""
+        for table in ("candidate_metrics", "candidate_params"):
+            db.execute(
+                f"DELETE FROM {table} WHERE candidate_id IN"
+                f" (SELECT id FROM candidates WHERE {column}=?)",
+                (value,),
+            )
+        db.execute(f"DELETE FROM candidates WHERE {column}=?", (value,))
+
     def delete_candidate(self, cand_id: int) -> None:
         """`Ml::DestroyCandidateService`: the run and what it logged; its package stays."""
         with self.tx() as db:
-            for table in ("candidate_metrics", "candidate_params"):
-                db.execute(f"DELETE FROM {table} WHERE candidate_id=?", (cand_id,))
-            db.execute("DELETE FROM candidates WHERE id=?", (cand_id,))
+            self._delete_candidates(db, "id", cand_id)
 
     def delete_experiment(self, exp_id: int) -> None:
         """`Ml::DestroyExperimentService`; refused for a model's experiment (StoreError)."""
