@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from starlette.requests import Request
@@ -24,19 +21,6 @@ from mlregfs.server.store import (
 
 if TYPE_CHECKING:  # the app builds contexts; only its type is needed here
     from mlregfs.server.app import RegistryApp
-
-# ---------------------------------------------------------------------------------- the app
-
-
-Handler = Callable[["Ctx"], Awaitable[Any]]
-
-
-@dataclass
-class Route:
-    pattern: re.Pattern[str]
-    methods: dict[str, Handler]
-    auth: str  # "ml_models" | "api" (job tokens allowed) | "api_nojob"
-    mlflow: bool = False  # the method name comes from MLFLOW_ROUTES
 
 
 class Ctx:
@@ -90,6 +74,11 @@ class Ctx:
             if job:
                 return self._lookup(job, ("job",))
         return None
+
+    def user_id(self) -> int | None:
+        """The caller's user (who creates a model, version or run); None for anonymous."""
+        p = self.principal()
+        return p.user_id if p else None
 
     def require_scope(self, *, read: bool) -> None:
         """`api` always works; `read_api` only for GET/HEAD read endpoints."""

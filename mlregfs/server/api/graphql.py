@@ -54,8 +54,8 @@ async def graphql(ctx: Ctx) -> Response:
         return json_response({"errors": [err], "data": {field: None}})
 
     obj_id = int(gm.group(2))
-    table = "model_versions" if kind == "ModelVersion" else "models"
-    row = ctx.store.one(f"SELECT * FROM {table} WHERE id=?", (obj_id,))
+    store = ctx.store
+    row = store.version_by_id(obj_id) if kind == "ModelVersion" else store.model_by_id(obj_id)
     if row is None:
         # resolve: `return { errors: ['Model version not found'] }` (also for models)
         payload_key = "modelVersion" if kind == "ModelVersion" else "model"

@@ -10,7 +10,7 @@ import anyio
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from mlregfs.server.api.common import present_file
+from mlregfs.server.api.downloads import present_file
 from mlregfs.server.context import Ctx
 from mlregfs.server.http import DEVELOPER, NOT_FOUND, grape_error, json_response, message
 from mlregfs.server.store import (

@@ -1,68 +1,36 @@
-"""The MLflow model registry API as GitLab serves it (registered models, versions) and
-mlflow-artifacts."""
+"""The MLflow model registry API: registered models and their versions."""
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 from starlette.responses import Response
 
-from mlregfs.server.api.common import present_file
 from mlregfs.server.api.mlflow import (
-    _find_model,
-    _keyset,
-    _kv,
-    _max_results,
-    _mlflow_access,
-    _mlflow_params,
-    _mlflow_write,
-    _model_entity,
-    _required,
-    _version_entity,
-    mlflow_experiments_create,
-    mlflow_experiments_delete,
-    mlflow_experiments_get,
-    mlflow_experiments_get_by_name,
-    mlflow_experiments_list,
-    mlflow_experiments_search,
-    mlflow_experiments_set_tag,
-    mlflow_runs_create,
-    mlflow_runs_delete,
-    mlflow_runs_get,
-    mlflow_runs_log_batch,
-    mlflow_runs_log_metric,
-    mlflow_runs_log_parameter,
-    mlflow_runs_search,
-    mlflow_runs_set_tag,
-    mlflow_runs_update,
+    find_model,
+    keyset,
+    max_results,
+    mlflow_access,
+    mlflow_params,
+    mlflow_write,
+    model_entity,
+    require_params,
+    tag_list,
+    version_entity,
 )
-from mlregfs.server.context import Ctx, Handler
+from mlregfs.server.context import Ctx
 from mlregfs.server.http import grape_error, json_response, message, mlflow_error, not_exist
-from mlregfs.server.store import (
-    CANDIDATE_PREFIX,
-    ConflictError,
-    InvalidError,
-    NotFoundError,
-    Row,
-)
-from mlregfs.server.validation import (
-    ar_integer,
-    cgi_escape,
-    parse_semver,
-    valid_model_name,
-)
+from mlregfs.server.store import ConflictError, InvalidError, NotFoundError, Row
+from mlregfs.server.validation import parse_semver, valid_model_name
 
 
 async def mlflow_rm_create(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    _required(p, "name")
-    _mlflow_write(ctx, project)
-    principal = ctx.principal()
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    require_params(p, "name")
+    mlflow_write(ctx, project)
     name = str(p["name"])
     if not valid_model_name(name):
         raise mlflow_error("INVALID_PARAMETER_VALUE", 400, "Name is invalid")
@@ -71,45 +39,42 @@ async def mlflow_rm_create(ctx: Ctx) -> Response:
             int(project["id"]),
             name,
             description=str(p.get("description") or ""),
-            user_id=principal.user_id if principal else None,
-            tags=_kv(p.get("tags")),
+            user_id=ctx.user_id(),
+            tags=tag_list(p.get("tags")),
         )
     except ConflictError:
         raise mlflow_error("RESOURCE_ALREADY_EXISTS") from None
     except InvalidError as e:
         raise mlflow_error("INVALID_PARAMETER_VALUE", 400, str(e)) from None
-    m = ctx.store.one("SELECT * FROM models WHERE id=?", (mid,))
+    m = ctx.store.model_by_id(mid)
     assert m is not None
-    return json_response({"registered_model": _model_entity(ctx, m)})
+    return json_response({"registered_model": model_entity(ctx, m)})
+
+
+async def _model_request(ctx: Ctx) -> tuple[Row, dict[str, Any], Row]:
+    """The project, the params and the registered model they name (else not found)."""
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    return project, p, find_model(ctx, project, p.get("name"))
 
 
 async def mlflow_rm_get(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    m = _find_model(ctx, project, p.get("name"))
-    return json_response({"registered_model": _model_entity(ctx, m)})
+    _, _, m = await _model_request(ctx)
+    return json_response({"registered_model": model_entity(ctx, m)})
 
 
 async def mlflow_rm_update(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    m = _find_model(ctx, project, p.get("name"))
-    _mlflow_write(ctx, project)
+    project, p, m = await _model_request(ctx)
+    mlflow_write(ctx, project)
     if p.get("description") is not None:
-        with ctx.store.tx() as db:
-            db.execute(
-                "UPDATE models SET description=?, updated_at=? WHERE id=?",
-                (str(p["description"]), time.time(), m["id"]),
-            )
-    m = _find_model(ctx, project, m["name"])
-    return json_response({"registered_model": _model_entity(ctx, m)})
+        ctx.store.set_model_description(int(m["id"]), str(p["description"]))
+    m = find_model(ctx, project, m["name"])
+    return json_response({"registered_model": model_entity(ctx, m)})
 
 
 async def mlflow_rm_delete(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    m = _find_model(ctx, project, p.get("name"))
-    _mlflow_write(ctx, project)
+    project, _, m = await _model_request(ctx)
+    mlflow_write(ctx, project)
     try:
         ctx.store.delete_model(int(project["id"]), int(m["id"]))
     except NotFoundError:
@@ -121,9 +86,9 @@ _FILTER = re.compile(r"\Aname='(.*)'\Z", re.DOTALL)
 
 
 async def mlflow_rm_search(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    rows = ctx.store.all("SELECT * FROM models WHERE project_id=?", (project["id"],))
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    rows = ctx.store.models(int(project["id"]))
     flt = p.get("filter")
     if flt:
         fm = _FILTER.match(str(flt))
@@ -145,46 +110,41 @@ async def mlflow_rm_search(ctx: Ctx) -> Response:
     }
     if col not in cols or direction.strip().upper() not in ("", "ASC", "DESC"):
         raise mlflow_error("INVALID_PARAMETER_VALUE", 400, f"Invalid order_by {order_s}")
-    page, token = _keyset(
-        rows, cols[col], direction.strip().upper() == "DESC", p.get("page_token"), _max_results(p)
+    page, token = keyset(
+        rows, cols[col], direction.strip().upper() == "DESC", p.get("page_token"), max_results(p)
     )
     return json_response(
-        {"registered_models": [_model_entity(ctx, m) for m in page], "next_page_token": token}
+        {"registered_models": [model_entity(ctx, m) for m in page], "next_page_token": token}
     )
 
 
 async def mlflow_rm_latest(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    m = _find_model(ctx, project, p.get("name"))
+    _, _, m = await _model_request(ctx)
     v = ctx.store.latest_version(int(m["id"]))
-    return json_response({"model_versions": [_version_entity(ctx, v)] if v else []})
+    return json_response({"model_versions": [version_entity(ctx, v)] if v else []})
 
 
 async def mlflow_rm_alias(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    m = _find_model(ctx, project, p.get("name"))
+    _, p, m = await _model_request(ctx)
     v = ctx.store.version_by_semver(int(m["id"]), str(p.get("alias") or ""))
     if v is None:
         raise not_exist()
-    return json_response({"model_version": _version_entity(ctx, v)})
+    return json_response({"model_version": version_entity(ctx, v)})
 
 
 async def mlflow_mv_create(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    _required(p, "name")
-    m = _find_model(ctx, project, p.get("name"))
-    _mlflow_write(ctx, project)
-    tags = _kv(p.get("tags"))
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    require_params(p, "name")
+    m = find_model(ctx, project, p.get("name"))
+    mlflow_write(ctx, project)
+    tags = tag_list(p.get("tags"))
     semver = next((t["value"] for t in tags if t["key"] == "gitlab.version"), None)
     if semver is None:
         latest = ctx.store.latest_version(int(m["id"]))
         semver = f"{latest['major']}.{latest['minor']}.{latest['patch'] + 1}" if latest else "1.0.0"
     if parse_semver(semver) is None:
         raise mlflow_error("INVALID_PARAMETER_VALUE", 400, "Version must be semantic version")
-    principal = ctx.principal()
     try:
         vid = ctx.store.create_version(
             int(project["id"]),
@@ -192,7 +152,7 @@ async def mlflow_mv_create(ctx: Ctx) -> Response:
             semver,
             description=str(p.get("description") or ""),
             tags=tags,
-            user_id=principal.user_id if principal else None,
+            user_id=ctx.user_id(),
         )
     except ConflictError:
         raise mlflow_error(
@@ -202,11 +162,11 @@ async def mlflow_mv_create(ctx: Ctx) -> Response:
         raise mlflow_error("INVALID_PARAMETER_VALUE", 400, str(e)) from None
     v = ctx.store.version(int(project["id"]), vid)
     assert v is not None
-    return json_response({"model_version": _version_entity(ctx, v)})
+    return json_response({"model_version": version_entity(ctx, v)})
 
 
 def _find_version_by_semver(ctx: Ctx, project: Row, p: dict[str, Any]) -> Row:
-    m = _find_model(ctx, project, p.get("name"))
+    m = find_model(ctx, project, p.get("name"))
     v = ctx.store.version_by_semver(int(m["id"]), str(p.get("version") or ""))
     if v is None:
         raise not_exist()
@@ -214,119 +174,37 @@ def _find_version_by_semver(ctx: Ctx, project: Row, p: dict[str, Any]) -> Row:
 
 
 async def mlflow_mv_get(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    _required(p, "name", "version")
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    require_params(p, "name", "version")
     return json_response(
-        {"model_version": _version_entity(ctx, _find_version_by_semver(ctx, project, p))}
+        {"model_version": version_entity(ctx, _find_version_by_semver(ctx, project, p))}
     )
 
 
 async def mlflow_mv_update(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
     for n in ("name", "version", "description"):
         if p.get(n) is None:
             raise mlflow_error("INVALID_PARAMETER_VALUE", 400, f"{n} is required")
     v = _find_version_by_semver(ctx, project, p)
-    _mlflow_write(ctx, project)
-    with ctx.store.tx() as db:
-        db.execute(
-            "UPDATE model_versions SET description=?, updated_at=? WHERE id=?",
-            (str(p["description"]), time.time(), v["id"]),
-        )
+    mlflow_write(ctx, project)
+    ctx.store.set_version_description(int(v["id"]), str(p["description"]))
     v2 = ctx.store.version(int(project["id"]), int(v["id"]))
     if v2 is None:
         raise mlflow_error("UPDATE_FAILED")
-    return json_response({"model_version": _version_entity(ctx, v2)})
+    return json_response({"model_version": version_entity(ctx, v2)})
 
 
 async def mlflow_mv_download_uri(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    p = await _mlflow_params(ctx)
-    _required(p, "name", "version")
+    project = mlflow_access(ctx, registry=True)
+    p = await mlflow_params(ctx)
+    require_params(p, "name", "version")
     if not re.fullmatch(r"\s*[+-]?\d+\s*", str(p["version"])):
         raise grape_error("version is invalid")
-    m = _find_model(ctx, project, p.get("name"))
+    m = find_model(ctx, project, p.get("name"))
     v = ctx.store.version(int(project["id"]), int(p["version"]))
     if v is None or v["model_id"] != m["id"]:
         raise not_exist()
     return json_response({"artifact_uri": f"mlflow-artifacts:/{v['id']}"})
-
-
-MLFLOW_ROUTES: dict[tuple[str, str], Handler] = {
-    ("GET", "experiments/get"): mlflow_experiments_get,
-    ("GET", "experiments/get-by-name"): mlflow_experiments_get_by_name,
-    ("GET", "experiments/list"): mlflow_experiments_list,
-    ("POST", "experiments/search"): mlflow_experiments_search,
-    ("POST", "experiments/create"): mlflow_experiments_create,
-    ("POST", "runs/create"): mlflow_runs_create,
-    ("GET", "runs/get"): mlflow_runs_get,
-    ("POST", "runs/search"): mlflow_runs_search,
-    ("POST", "runs/update"): mlflow_runs_update,
-    ("POST", "runs/log-metric"): mlflow_runs_log_metric,
-    ("POST", "runs/log-parameter"): mlflow_runs_log_parameter,
-    ("POST", "runs/set-tag"): mlflow_runs_set_tag,
-    ("POST", "runs/log-batch"): mlflow_runs_log_batch,
-    ("POST", "runs/delete"): mlflow_runs_delete,
-    ("POST", "experiments/delete"): mlflow_experiments_delete,
-    ("POST", "experiments/set-experiment-tag"): mlflow_experiments_set_tag,
-    ("POST", "registered-models/create"): mlflow_rm_create,
-    ("GET", "registered-models/get"): mlflow_rm_get,
-    ("PATCH", "registered-models/update"): mlflow_rm_update,
-    ("DELETE", "registered-models/delete"): mlflow_rm_delete,
-    ("GET", "registered-models/search"): mlflow_rm_search,
-    ("POST", "registered-models/get-latest-versions"): mlflow_rm_latest,
-    ("GET", "registered-models/alias"): mlflow_rm_alias,
-    ("POST", "model-versions/create"): mlflow_mv_create,
-    ("GET", "model-versions/get"): mlflow_mv_get,
-    ("PATCH", "model-versions/update"): mlflow_mv_update,
-    ("GET", "model-versions/get-download-uri"): mlflow_mv_download_uri,
-}
-
-
-# ---------------------------------------------------------------------------- mlflow-artifacts
-
-
-def _artifact_package(ctx: Ctx, project: Row, owner: str) -> Row:
-    """The package behind `<mv_id>` (or `candidate:<iid>`, as newer GitLab accepts)."""
-    if owner.startswith(CANDIDATE_PREFIX):
-        try:
-            return ctx.store.owner_package(int(project["id"]), owner)
-        except NotFoundError:
-            raise not_exist() from None
-    vid = ar_integer(owner)
-    v = ctx.store.version(int(project["id"]), vid) if vid is not None else None
-    pkg = ctx.store.package(v["package_id"]) if v is not None and v["package_id"] else None
-    if pkg is None or pkg["status"] == "pending_destruction":
-        raise not_exist()
-    return pkg
-
-
-async def mlflow_artifacts_list(ctx: Ctx) -> Response:
-    project = _mlflow_access(ctx, registry=True)
-    path = ctx.request.query_params.get("path")
-    if not path:
-        raise grape_error("path is missing")
-    owner, _, sub = path.partition("/")
-    pkg = _artifact_package(ctx, project, owner)
-    if sub:
-        return json_response({"files": []})
-    files = ctx.store.files(int(pkg["id"]))
-    return json_response(
-        {
-            "files": [
-                {"path": f["file_name"], "file_size": f["size"], "is_dir": False} for f in files
-            ]
-        }
-    )
-
-
-async def mlflow_artifacts_download(ctx: Ctx) -> Any:
-    project = _mlflow_access(ctx, registry=True)
-    pkg = _artifact_package(ctx, project, unquote(ctx.groups["mv"]))
-    file_path = unquote(ctx.groups["rest"])
-    f = ctx.store.newest_file(int(pkg["id"]), cgi_escape(file_path))
-    if f is None:
-        raise not_exist()
-    return present_file(ctx, f, pkg)

@@ -8,17 +8,14 @@ import secrets
 from typing import BinaryIO
 
 from mlregfs.server.store.base import (
-    _VERSION_SELECT,
     CANDIDATE_PREFIX,
     MODEL_EXPERIMENT_PREFIX,
-    ConflictError,
-    InvalidError,
-    NotFoundError,
     ProjectRef,
     Row,
-    Staged,
     _now,
 )
+from mlregfs.server.store.errors import ConflictError, InvalidError, NotFoundError
+from mlregfs.server.store.packages import Staged
 from mlregfs.server.store.runs import RunStore
 from mlregfs.server.validation import (
     MODEL_NAME_RULE,
@@ -28,6 +25,10 @@ from mlregfs.server.validation import (
     parse_semver,
     valid_file_name,
     valid_model_name,
+)
+
+_VERSION_SELECT = (
+    "SELECT v.*, m.name AS model_name FROM model_versions v JOIN models m ON m.id=v.model_id"
 )
 
 
@@ -46,10 +47,13 @@ class Store(RunStore):
         return self.all("SELECT * FROM models WHERE project_id=? ORDER BY name", (project_id,))
 
     def set_model_description(self, model_id: int, description: str) -> None:
+        self._set_description("models", model_id, description)
+
+    def _set_description(self, table: str, row_id: int, description: str) -> None:
         with self.tx() as db:
             db.execute(
-                "UPDATE models SET description=?, updated_at=? WHERE id=?",
-                (description, _now(), model_id),
+                f"UPDATE {table} SET description=?, updated_at=? WHERE id=?",
+                (description, _now(), row_id),
             )
 
     def _model_row(self, project: ProjectRef, model: int | str) -> Row:
@@ -153,7 +157,9 @@ class Store(RunStore):
                 )["id"]
             else:
                 exp_id = exp[0]
-            self._insert_candidate(db, pid, exp_id, model_version_id=version_id, user_id=user_id)
+            self._insert_candidate(
+                db, pid, experiment_id=exp_id, model_version_id=version_id, user_id=user_id
+            )
             db.execute("UPDATE models SET updated_at=? WHERE id=?", (now, m["id"]))
             return version_id
 
@@ -168,11 +174,7 @@ class Store(RunStore):
         return self.one("SELECT * FROM model_versions WHERE id=?", (version_id,))
 
     def set_version_description(self, version_id: int, description: str) -> None:
-        with self.tx() as db:
-            db.execute(
-                "UPDATE model_versions SET description=?, updated_at=? WHERE id=?",
-                (description, _now(), version_id),
-            )
+        self._set_description("model_versions", version_id, description)
 
     def versions(self, model_id: int) -> list[Row]:
         return self.all(

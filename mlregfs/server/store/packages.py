@@ -3,14 +3,63 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import sqlite3
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mlregfs.server.store.base import CHUNK, Row, Staged, StagingFile, StoreBase, _now
+from mlregfs.server.store.base import Row, StoreBase, _now
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class Staged:
+    """A blob written to the staging area, not yet attached to a package file."""
+
+    tmp: Path
+    size: int
+    sha256: str
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+class StagingFile:
+    """Incremental writer into the staging area: hashes and counts while writing."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+        self.path = Path(name)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb")
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        assert self._f is not None
+        self._f.write(chunk)
+        self._h.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> Staged:
+        assert self._f is not None
+        self._f.close()
+        self._f = None
+        return Staged(self.path, self.size, self._h.hexdigest())
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
 
 # the packages API's order_by values and their columns (never a caller's string in SQL)
 _PACKAGE_ORDER = {

@@ -7,21 +7,27 @@ import sqlite3
 import uuid
 from typing import Any
 
-from mlregfs.server.store.base import (
-    MODEL_EXPERIMENT_PREFIX,
-    ConflictError,
-    InvalidError,
-    NotFoundError,
-    ProjectRef,
-    Row,
-    StoreError,
-    _now,
-)
+from mlregfs.server.store.base import MODEL_EXPERIMENT_PREFIX, ProjectRef, Row, _now
+from mlregfs.server.store.errors import ConflictError, InvalidError, NotFoundError, StoreError
 from mlregfs.server.store.packages import PackageStore
 
 
 class RunStore(PackageStore):
     """Experiments, candidates, their run data."""
+
+    def _insert_numbered(
+        self, db: sqlite3.Connection, table: str, usage: str, pid: int, cols: Row
+    ) -> Row:
+        """Insert a row numbered within its project (`iid`, from the `usage` sequence) and
+        stamped now; returns the row."""
+        now = _now()
+        row = {"project_id": pid, "iid": self._next_iid(db, pid, usage), **cols}
+        row.update(created_at=now, updated_at=now)
+        cur = db.execute(
+            f"INSERT INTO {table}({', '.join(row)}) VALUES({','.join('?' * len(row))})",
+            tuple(row.values()),
+        )
+        return dict(db.execute(f"SELECT * FROM {table} WHERE id=?", (cur.lastrowid,)).fetchone())
 
     def _insert_experiment(
         self,
@@ -29,18 +35,17 @@ class RunStore(PackageStore):
         pid: int,
         name: str,
         *,
+        tags: list[dict[str, str]] | None = None,
         model_id: int | None = None,
         user_id: int | None = None,
-        tags: list[dict[str, str]] | None = None,
     ) -> Row:
-        iid = self._next_iid(db, pid, "ml_experiments")
-        now = _now()
-        cur = db.execute(
-            "INSERT INTO experiments(project_id, iid, name, model_id, user_id, tags, created_at,"
-            " updated_at) VALUES(?,?,?,?,?,?,?,?)",
-            (pid, iid, name, model_id, user_id, json.dumps(tags or []), now, now),
-        )
-        return dict(db.execute("SELECT * FROM experiments WHERE id=?", (cur.lastrowid,)).fetchone())
+        cols = {
+            "name": name,
+            "model_id": model_id,
+            "user_id": user_id,
+            "tags": json.dumps(tags or []),
+        }
+        return self._insert_numbered(db, "experiments", "ml_experiments", pid, cols)
 
     def create_experiment(
         self,
@@ -87,37 +92,29 @@ class RunStore(PackageStore):
         self,
         db: sqlite3.Connection,
         pid: int,
-        experiment_id: int,
         *,
+        experiment_id: int,
         model_version_id: int | None = None,
         name: str | None = None,
         start_time: int | None = None,
         user_id: int | None = None,
         tags: list[dict[str, str]] | None = None,
     ) -> Row:
-        iid = self._next_iid(db, pid, "ml_candidates")
-        now = _now()
-        cur = db.execute(
-            "INSERT INTO candidates(project_id, iid, eid, experiment_id, name, status, start_time,"
-            " model_version_id, user_id, tags, created_at, updated_at)"
-            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                pid,
-                iid,
-                str(uuid.uuid4()),
-                experiment_id,
-                name,
-                "running",
-                start_time,
-                model_version_id,
-                user_id,
-                json.dumps(tags or []),
-                now,
-                now,
-            ),
+        cols = {
+            "eid": str(uuid.uuid4()),
+            "experiment_id": experiment_id,
+            "name": name,
+            "status": "running",
+            "start_time": start_time,
+            "model_version_id": model_version_id,
+            "user_id": user_id,
+            "tags": json.dumps(tags or []),
+        }
+        row = self._insert_numbered(db, "candidates", "ml_candidates", pid, cols)
+        db.execute(
+            "UPDATE experiments SET updated_at=? WHERE id=?", (row["updated_at"], experiment_id)
         )
-        db.execute("UPDATE experiments SET updated_at=? WHERE id=?", (now, experiment_id))
-        return dict(db.execute("SELECT * FROM candidates WHERE id=?", (cur.lastrowid,)).fetchone())
+        return row
 
     def create_candidate(
         self,
@@ -165,7 +162,13 @@ class RunStore(PackageStore):
                 ).fetchone()
                 exp_id = exp[0] if exp else self._insert_experiment(db, pid, ename)["id"]
             c = self._insert_candidate(
-                db, pid, exp_id, name=name, start_time=start_time, user_id=user_id, tags=tags
+                db,
+                pid,
+                experiment_id=exp_id,
+                name=name,
+                start_time=start_time,
+                user_id=user_id,
+                tags=tags,
             )
             return int(c["iid"])
 
