@@ -1,4 +1,4 @@
-"""Server plumbing: API errors as GitLab shapes them, settings, principals, request counting."""
+"""Server plumbing: API errors as GitLab shapes them, settings, request counting (middleware)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ PACKAGE_TYPES = (
 ).split()
 PACKAGE_STATUSES = ("default", "hidden", "processing", "error", "pending_destruction", "deprecated")
 DISPLAYABLE = ("default", "error", "deprecated")
-INSUFFICIENT_SCOPE = "The request requires higher privileges than provided by the access token."
-
-GUEST, REPORTER, DEVELOPER, MAINTAINER = 10, 20, 30, 40
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -107,16 +104,6 @@ class Settings:
     # that serves the blobs instead of the built-in listener; no trailing slash
     storage_url: str | None = None
     url_expires: int = 300
-
-
-@dataclass
-class Principal:
-    """Who is calling: the token's user, kind and scopes."""
-
-    user_id: int
-    kind: str  # "personal" | "job"
-    scopes: tuple[str, ...]
-    token_project_id: int | None
 
 
 class Counted:

@@ -7,8 +7,9 @@ import re
 
 from starlette.responses import Response
 
+from mlregfs.server.auth import DEVELOPER
 from mlregfs.server.context import Ctx
-from mlregfs.server.http import DEVELOPER, ApiError, json_response
+from mlregfs.server.http import ApiError, json_response
 
 # ---------------------------------------------------------------------------------- GraphQL
 

@@ -11,8 +11,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from mlregfs.server.api.downloads import present_file
+from mlregfs.server.auth import DEVELOPER
 from mlregfs.server.context import Ctx
-from mlregfs.server.http import DEVELOPER, NOT_FOUND, grape_error, json_response, message
+from mlregfs.server.http import NOT_FOUND, grape_error, json_response, message
 from mlregfs.server.store import (
     InvalidError,
     NotFoundError,

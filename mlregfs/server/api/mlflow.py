@@ -11,8 +11,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from mlregfs.server.auth import DEVELOPER
 from mlregfs.server.context import Ctx
-from mlregfs.server.http import DEVELOPER, NOT_FOUND, grape_error, message, mlflow_error, not_exist
+from mlregfs.server.http import NOT_FOUND, grape_error, message, mlflow_error, not_exist
 from mlregfs.server.store import Row
 
 

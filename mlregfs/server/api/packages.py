@@ -9,11 +9,11 @@ from urllib.parse import urlencode
 from starlette.responses import Response
 
 from mlregfs.server.api.downloads import present_file
+from mlregfs.server.auth import MAINTAINER
 from mlregfs.server.context import Ctx
 from mlregfs.server.http import (
     API,
     DISPLAYABLE,
-    MAINTAINER,
     NOT_FOUND,
     PACKAGE_STATUSES,
     PACKAGE_TYPES,
