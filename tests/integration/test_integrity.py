@@ -68,7 +68,7 @@ def mmap_read(path: Path) -> subprocess.CompletedProcess[bytes]:
 
 def test_wrong_sha256_fails_every_read_never_from_the_page_cache(
     server: ServerProcess, world: World, mount_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 9 and 15: "every read of the file fails with `EIO` until a download
     matches"; "no page of a mismatching download is served again, by `read` or by `mmap`"."""
     data = blob(901, 5 * MiB + 123)
@@ -88,7 +88,7 @@ def test_wrong_sha256_fails_every_read_never_from_the_page_cache(
 
 def test_mismatch_drops_pages_cached_for_handles_still_open(
     server: ServerProcess, world: World, mount_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 15: "also for handles already open".
 
     A reader that opened the file before the mismatch was found must not get the pages
@@ -123,7 +123,7 @@ def _damage_block(cache: Path, key: str, index: int) -> None:
 
 def test_damaged_block_with_rewritten_checksum_is_not_served(
     server: ServerProcess, world: World, mount_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 9: "a block damaged on disk ... is dropped and refetched (or fails with
     `EIO`), never served" - even when its own header checksum was rewritten to match."""
     data = blob(902, 3 * MiB + 5)
@@ -147,7 +147,7 @@ def test_damaged_block_with_rewritten_checksum_is_not_served(
 @pytest.mark.parametrize("memory", [None, "4M"], ids=["memory_default", "memory_4M"])
 def test_file_larger_than_the_cache_is_checked(
     server: ServerProcess, world: World, mount_factory, memory: str | None
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 9: "whatever the cache size ... whoever reads a file to its end gets `EIO`,
     not success, when the download does not match"."""
     data = blob(903, 24 * MiB)
@@ -161,7 +161,7 @@ def test_file_larger_than_the_cache_is_checked(
 
 def test_file_larger_than_the_cache_with_right_sha256_reads(
     server: ServerProcess, world: World, mount_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     data = blob(904, 24 * MiB + 7)
     rel = add_file(server, data, wrong_sha=False)
     opts = ["cache_size=16M", "block_size=4M", "memory_cache=4M"]
@@ -170,7 +170,7 @@ def test_file_larger_than_the_cache_with_right_sha256_reads(
     assert file_sha(m.path / rel) == sha(data)  # again, partly from the cache
 
 
-def test_forget_shrinks_the_inode_table(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_forget_shrinks_the_inode_table(world: World, mount_factory) -> None:
     """Semantics 35: "an inode the kernel no longer references (and no open file uses) is
     dropped from the daemon's tables ... Inode numbers are never reused."."""
     m = mount_factory(world.private, token=world.tokens["developer"])
@@ -193,7 +193,7 @@ def test_forget_shrinks_the_inode_table(world: World, mount_factory) -> None:  #
 
 def test_random_small_reads_covering_a_wrong_file_end_in_eio(
     server: ServerProcess, world: World, mount_factory
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """4 KiB-style random preads are served by short range requests, but they count: a
     reader that has read every byte of a mismatching file that way gets EIO by the end."""
     import random
@@ -222,7 +222,7 @@ def test_random_small_reads_covering_a_wrong_file_end_in_eio(
 
 def test_pages_of_unchecked_bytes_stay_unserved_after_another_path_verifies(
     server: ServerProcess, world: World, mount_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 15: only pages of checked bytes are kept across opens. Two paths with the
     same bytes share their cache entry: the first reads part of a bad block (unchecked, in
     its page cache) and closes; the other is then read whole and verified. The first path's

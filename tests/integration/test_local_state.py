@@ -33,6 +33,11 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _write_all(*files: tuple[Path, bytes]) -> None:
+    for path, data in files:
+        _write(path, data)
+
+
 def _mkdir(path: Path) -> None:
     (path / "inner").mkdir(parents=True)
 
@@ -50,9 +55,8 @@ DAMAGE: dict[str, Callable[[Path, str], None]] = {
     "pins-number": lambda c, s: _write(c / "blocks" / "v2" / "pins.json", b"5"),
     "pins-object": lambda c, s: _write(c / "blocks" / "v2" / "pins.json", b"{}"),
     "pins-is-a-directory": lambda c, s: _mkdir(c / "blocks" / "v2" / "pins.json"),
-    "stray-file-in-block-tree": lambda c, s: (
-        _write(c / "blocks" / "v2" / "junk", b"x"),
-        _write(c / "blocks" / "v2" / "ab" / "notes.txt", b"x"),
+    "stray-file-in-block-tree": lambda c, s: _write_all(
+        (c / "blocks" / "v2" / "junk", b"x"), (c / "blocks" / "v2" / "ab" / "notes.txt", b"x")
     ),
     "stray-dir-in-block-tree": lambda c, s: _mkdir(c / "blocks" / "v2" / "ab" / "abkey" / "x"),
     "blocks-is-a-file": lambda c, s: _write(c / "blocks", b"stray"),
@@ -62,7 +66,7 @@ DAMAGE: dict[str, Callable[[Path, str], None]] = {
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
 def test_mount_starts_and_serves_with_damaged_state(
     world: World, mount_factory, tmp_path: Path, damage: Callable[[Path, str], None]
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Semantics 32: "Anything under `cache_dir` that cannot be read or has the wrong shape is
     logged once with its path, set aside and rebuilt": the mount starts and serves."""
     cache = tmp_path / "cache"
@@ -79,7 +83,7 @@ def test_mount_starts_and_serves_with_damaged_state(
 
 def test_block_and_marker_that_became_directories(
     world: World, mount_factory, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     cache = tmp_path / "cache"
     path = "models/llama/1.0.0/config.json"
     m = mount_factory(world.private, cache=cache, token=world.tokens["developer"])

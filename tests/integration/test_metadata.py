@@ -47,7 +47,7 @@ def mount(served: tuple[ServerProcess, str], tmp_path: Path) -> Iterator[Mount]:
         yield m
 
 
-def _until(check, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def _until(check, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if check():

@@ -82,19 +82,19 @@ def test_unreachable_registry(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30
 
 
-def test_busy_mount_point(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_busy_mount_point(world: World, mount_factory, tmp_path: Path) -> None:
     m = mount_factory(world.public)
     r = run_mount(world.public, m.path, tmp_path / "c2", clean_env())
     assert r.returncode != 0 and "busy" in r.stderr
     assert os.listdir(m.path / "models") == ["pub-model"]  # the first mount is untouched
 
 
-def test_public_project_without_token(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_public_project_without_token(world: World, mount_factory) -> None:
     m = mount_factory(world.public)
     assert (m.path / "models/pub-model/1.0.0/hello.txt").read_bytes() == b"hello, world\n"
 
 
-def test_project_by_numeric_api_url(world: World, server: ServerProcess, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_project_by_numeric_api_url(world: World, server: ServerProcess, mount_factory) -> None:
     import httpx
 
     pid = httpx.get(f"{server.url}/api/v4/projects/acme%2Fpublic").json()["id"]
@@ -111,7 +111,7 @@ def test_sigterm_unmounts_cleanly(world: World, tmp_path: Path) -> None:
     m.stop()
 
 
-def test_ci_job_token_lists_through_packages_api(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_ci_job_token_lists_through_packages_api(world: World, mount_factory) -> None:
     """GitLab refuses job tokens on MLflow routes: listing falls back to the packages API
     (paginated by 100, so 120+ models cross page boundaries)."""
     m = mount_factory(world.private, job_token=world.tokens["job"])
@@ -123,7 +123,7 @@ def test_ci_job_token_lists_through_packages_api(world: World, mount_factory) ->
     assert (m.path / p).read_bytes() == world.files[p]
 
 
-def test_token_file_option(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_token_file_option(world: World, mount_factory, tmp_path: Path) -> None:
     tok = tmp_path / "token"
     tok.write_text(world.tokens["guest"] + "\n")
     tok.chmod(0o600)
@@ -154,7 +154,7 @@ def test_systemd_notify_ready_and_stopping(world: World, tmp_path: Path) -> None
             m.stop()
 
 
-def test_token_rotation_via_token_file(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_token_rotation_via_token_file(tmp_path: Path, mount_factory) -> None:
     """The token file is re-read when it changes or on a 401; a loose mode is warned about."""
     with ServerProcess(tmp_path / "srv") as srv:
         st = srv.store

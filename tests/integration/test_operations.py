@@ -29,7 +29,7 @@ def _drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def test_warm_pin_status_metrics(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_warm_pin_status_metrics(tmp_path: Path, mount_factory) -> None:
     with ServerProcess(tmp_path / "srv") as srv:
         st = srv.store
         st.create_project("x/y", "public")
@@ -69,7 +69,7 @@ def test_warm_pin_status_metrics(tmp_path: Path, mount_factory) -> None:  # type
         assert pinned.labels == {"mountpoint": str(m.path)} and pinned.value == 8 << 20
 
 
-def test_warm_fails_on_a_corrupt_file(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_warm_fails_on_a_corrupt_file(tmp_path: Path, mount_factory) -> None:
     """`mlregfs warm` exits non-zero when a file's bytes do not match its sha256."""
     with ServerProcess(tmp_path / "srv") as srv:
         st = srv.store

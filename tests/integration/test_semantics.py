@@ -72,7 +72,7 @@ def test_5_duplicates_newest_wins(mnt: Path) -> None:
     assert (v / "dup.txt").read_bytes() == b"second, newest upload\n"
 
 
-def test_6_attributes(mnt: Path, world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_6_attributes(mnt: Path, world: World, mount_factory) -> None:
     """Attributes. Size is the registry's size; a file's mtime is its upload time. On a
     writable mount directories are `rwxr-xr-x` and files `rw-r--r--` (less `umask=`), with
     `-o ro` `r-xr-xr-x` and `r--r--r--`; owned by the mounting user, or `uid=`/`gid=`."""
@@ -104,7 +104,7 @@ def test_7_candidates(mnt: Path, world: World) -> None:
     assert file_sha(mnt / p) == sha(world.files[p])
 
 
-def test_8_lazy_reads(world: World, server: ServerProcess, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_8_lazy_reads(world: World, server: ServerProcess, mount_factory) -> None:
     """Lazy reads. Reading a range of a file that is not prefetched (bullet 36) downloads only
     the blocks that hold it. Reading 4 KiB of a large file downloads one 64 KiB range."""
     mnt = mount_factory(world.private, token=world.tokens["developer"], options=["prefetch=off"])
@@ -139,7 +139,7 @@ def _blob_files(server: ServerProcess, content: bytes) -> list[Path]:
     ]
 
 
-def test_9_corrupt_download_is_never_served(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_9_corrupt_download_is_never_served(tmp_path: Path, mount_factory) -> None:
     """Verified bytes. A file of one block is checked before any byte of it is returned; on a
     mismatch the read fails with `EIO`."""
     with ServerProcess(tmp_path / "srv") as srv:
@@ -157,7 +157,7 @@ def test_9_corrupt_download_is_never_served(tmp_path: Path, mount_factory) -> No
         assert (m.path / "models/m/1.0.0/a.txt").read_bytes() == b"the real bytes\n"
 
 
-def test_9_corrupt_large_file_fails_the_reader(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_9_corrupt_large_file_fails_the_reader(tmp_path: Path, mount_factory) -> None:
     """Verified bytes. Once every block of a file is cached, the file is checked against the
     registry's `file_sha256`; on a mismatch the read fails with `EIO` (also the kernel's
     page-by-page retries), so `cp` and `cat` of a corrupt file fail."""
@@ -180,7 +180,7 @@ def test_9_corrupt_large_file_fails_the_reader(tmp_path: Path, mount_factory) ->
 
 def test_9_damaged_cache_block_is_refetched(
     world: World, mount_factory, server: ServerProcess, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Verified bytes. Cached blocks carry a checksum; a damaged block is dropped and refetched."""
     p = "models/llama/1.0.0/config.json"
     cache = tmp_path / "shared-cache"
@@ -197,7 +197,7 @@ def test_9_damaged_cache_block_is_refetched(
     assert server.stats()["bytes_served"] >= len(world.files[p])  # fetched again
 
 
-def test_10_read_only(world: World, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_10_read_only(world: World, mount_factory) -> None:
     """Read-only mounts. With `-o ro`, creating, writing, deleting, renaming, `mkdir` and
     `chmod` fail with `EROFS`."""
     m = mount_factory(world.private, token=world.tokens["maintainer"], options=["ro"])
@@ -230,7 +230,7 @@ def test_11_errors_enoent(mnt: Path) -> None:
             os.stat(mnt / p)
 
 
-def test_11_errors_outage_eio_and_mount_survives(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_11_errors_outage_eio_and_mount_survives(tmp_path: Path, mount_factory) -> None:
     """Errors. An unreachable registry is `EIO` after bounded retries. The mount never dies
     from a failed operation. Freshness: the last known listing is served during an outage, and
     cached bytes keep reading."""
@@ -261,7 +261,7 @@ def test_11_errors_outage_eio_and_mount_survives(tmp_path: Path, mount_factory) 
         srv.stop()
 
 
-def test_12_freshness_new_version_appears(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_12_freshness_new_version_appears(tmp_path: Path, mount_factory) -> None:
     """Freshness. Listings are trusted for `listing_ttl`; after that they are fetched again."""
     with ServerProcess(tmp_path / "srv") as srv:
         srv.store.create_project("x/y", "public")
@@ -277,7 +277,7 @@ def test_12_freshness_new_version_appears(tmp_path: Path, mount_factory) -> None
 
 def test_13_persistence_across_remount(
     world: World, mount_factory, server: ServerProcess, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Persistence. Downloaded blocks live under `cache_dir` and survive unmount and daemon
     restarts."""
     p = f"candidates/{world.candidate_iid}/model/checkpoint.bin"
@@ -292,7 +292,7 @@ def test_13_persistence_across_remount(
     assert server.stats()["bytes_served"] == 0
 
 
-def test_13_cache_size_bounds_disk(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_13_cache_size_bounds_disk(world: World, mount_factory, tmp_path: Path) -> None:
     """Persistence. Cached blocks are bounded by `cache_size` (LRU)."""
     cache = tmp_path / "small-cache"
     m = mount_factory(
@@ -335,7 +335,7 @@ def _resident_bytes(f: Path) -> int:
     return int(out.split()[0])
 
 
-def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_path: Path) -> None:
     """Persistence. Blocks are written with `O_DIRECT` where the filesystem allows it (buffered
     elsewhere) and dropped from the page cache after each read, so the cache does not fill the
     page cache a second time."""
@@ -366,7 +366,7 @@ def test_13_cache_blocks_bypass_the_page_cache(world: World, mount_factory, tmp_
     assert sum(left.values()) == 0, {k: v for k, v in left.items() if v}
 
 
-def test_14_object_storage_redirects(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_14_object_storage_redirects(tmp_path: Path, mount_factory) -> None:
     """Object storage. When GitLab answers a download with a 302 redirect, the bytes are fetched
     from the signed URL without sending the GitLab token there."""
     with ServerProcess(tmp_path / "srv", download_mode="redirect") as srv:
@@ -410,7 +410,7 @@ def _daemon_pid(mnt: Path) -> int:
     return pids[0]
 
 
-def test_12_offline_start_from_catalog(tmp_path: Path, mount_factory) -> None:  # type: ignore[no-untyped-def]
+def test_12_offline_start_from_catalog(tmp_path: Path, mount_factory) -> None:
     """Freshness. When the registry cannot be reached, the last known listing is served, also
     by a new mount started during the outage (the catalog persists in `cache_dir`); cached
     bytes keep reading, uncached ones fail with `EIO` within bounded time."""

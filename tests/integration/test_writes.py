@@ -68,10 +68,13 @@ def files_of(ww: WWorld, semver: str, model: str = "m") -> dict[str, tuple[int, 
 
 def rows_named(ww: WWorld, semver: str, name: str) -> int:
     st = ww.server.store
-    pid = st.project("team/writes")["id"]  # type: ignore[index]
-    mrow = st.model(pid, "m")
-    v = st.version_by_semver(int(mrow["id"]), semver)  # type: ignore[index]
-    return sum(1 for f in st.files(int(v["package_id"])) if f["file_name"] == name)  # type: ignore[index]
+    project = st.project("team/writes")
+    assert project is not None
+    mrow = st.model(int(project["id"]), "m")
+    assert mrow is not None
+    v = st.version_by_semver(int(mrow["id"]), semver)
+    assert v is not None
+    return len([f for f in st.files(int(v["package_id"])) if f["file_name"] == name])
 
 
 def mount(ww: WWorld, tmp: Path, role: str, *opts: str, cache: Path | None = None) -> Mount:
@@ -285,10 +288,10 @@ def test_outage_during_upload_keeps_bytes_and_recover_uploads(ww: WWorld, tmp_pa
             f.close()  # the upload fails: close() reports it
         assert ei.value.errno == errno.EIO
         # and with the registry down, cp fails loudly at open
-        r = subprocess.run(
+        cp = subprocess.run(
             ["cp", str(src), str(m.path / "models/m/1.0.0/other.bin")], capture_output=True
         )
-        assert r.returncode != 0
+        assert cp.returncode != 0
     finally:
         ww.server.restart()
         m.stop()

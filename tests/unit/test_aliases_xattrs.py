@@ -49,8 +49,8 @@ def reg() -> InMemoryRegistry:
     r = InMemoryRegistry()
     for v in ("1.0.0", "1.2.0", "10.1.3", "10.2.0-alpha", "2.0.0-rc.1"):
         r.add_version("resnet", v)
-    v = r.add_version("bert", "0.1.0", description="first\nline two", run_id=RUN)
-    r.add_file(v, "w.bin", os.urandom(3 * BS + 5))
+    bert = r.add_version("bert", "0.1.0", description="first\nline two", run_id=RUN)
+    r.add_file(bert, "w.bin", os.urandom(3 * BS + 5))
     r.runs[RUN] = Run(
         RUN,
         "FINISHED",
@@ -191,6 +191,7 @@ async def test_file_xattrs_and_cached_bytes(fs: Filesystem, reg: InMemoryRegistr
         ]
     )
     f = next(iter(reg._files[("v", "bert", "0.1.0")].values()))[0]
+    assert f.sha256 is not None
     assert await fs.getxattr(ino, "user.gitlab.sha256") == f.sha256.encode()
     assert await fs.getxattr(ino, "user.gitlab.file_id") == str(f.file_id).encode()
     assert (await fs.getxattr(ino, "user.gitlab.created_at")).endswith(b"Z")
@@ -310,7 +311,8 @@ def test_run_from_mlflow_drops_what_cannot_be_shown() -> None:
     assert run.metrics == (Metric("loss", 0.5, 3, 1700000000.0),)
     assert run.tags == (("t", ""),)
     assert run.experiment_id == "3" and run.start_time == 0.0  # 9.5e12 ms is past MAX_TIME
-    for bad in ({"run": {"info": {"run_id": "../x"}}}, {"run": {}}, [], None):
+    bads: list[object] = [{"run": {"info": {"run_id": "../x"}}}, {"run": {}}, [], None]
+    for bad in bads:
         with pytest.raises(validate.Invalid):
             run_from_mlflow(bad)
 

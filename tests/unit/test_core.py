@@ -258,7 +258,7 @@ async def test_forget_during_a_lookup_never_answers_a_forgotten_inode(fs: Filesy
     gate = trio.Event()
     real = fs._remote_file
 
-    async def slow(node):  # type: ignore[no-untyped-def]
+    async def slow(node):
         await gate.wait()
         return await real(node)
 
@@ -287,13 +287,13 @@ async def test_forget_during_a_listing_never_holds_a_forgotten_inode(fs: Filesys
     real, real_tree = fs._remote_file, fs.file_tree
     listed = False
 
-    async def remote(node):  # type: ignore[no-untyped-def]
+    async def remote(node):
         nonlocal listed
         f = await real(node)
         listed = True  # config.json has its attributes: the next entry waits
         return f
 
-    async def tree(owner):  # type: ignore[no-untyped-def]
+    async def tree(owner):
         if listed:
             await gate.wait()
         return await real_tree(owner)
@@ -324,7 +324,7 @@ async def test_failed_lookup_takes_no_inode_number(fs: Filesystem, reg: InMemory
     before = len(fs.inodes._node_of)
     real = fs._remote_file
 
-    async def gone(node):  # type: ignore[no-untyped-def]
+    async def gone(node):
         raise NotFound("deleted meanwhile")
 
     fs._remote_file = gone  # type: ignore[method-assign]

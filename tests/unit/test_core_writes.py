@@ -339,14 +339,14 @@ class _StallingUploads(InMemoryRegistry):
         super().__init__()
         self.put_started = trio.Event()
 
-    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+    async def upload(self, owner, path, source, size) -> None:
         self.put_started.set()
         await trio.sleep_forever()
 
 
 def _journal_on_disk(fs: Filesystem) -> dict[str, object]:
     (p,) = fs.spool.root.glob("*.json")  # type: ignore[union-attr]
-    return json.loads(p.read_text())  # type: ignore[no-any-return]
+    return json.loads(p.read_text())
 
 
 async def test_drain_timeout_is_a_bound_and_leaves_the_upload_interrupted(
@@ -495,7 +495,7 @@ class _OSErrorUploads(InMemoryRegistry):
 
     fail = 1
 
-    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+    async def upload(self, owner, path, source, size) -> None:
         if self.fail:
             self.fail -= 1
             self.stats.count("upload")
@@ -611,7 +611,7 @@ class _StoredButTimedOut(InMemoryRegistry):
 
     lose_answer = 1
 
-    async def upload(self, owner, path, source, size) -> None:  # type: ignore[no-untyped-def]
+    async def upload(self, owner, path, source, size) -> None:
         from mlregfs.errors import RegistryTimeout
 
         await super().upload(owner, path, source, size)
@@ -760,7 +760,7 @@ async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
         await fs.flush(fh)  # stored, answer lost
     real_stored = fs.uploader._stored
 
-    async def stored(h, digest):  # type: ignore[no-untyped-def]
+    async def stored(h, digest):
         await fs.write(fh, 5, b"+more")
         return await real_stored(h, digest)
 
@@ -779,7 +779,7 @@ async def test_a_write_while_the_registry_is_asked_about_a_lost_put_is_ebusy(
 class _ListingDown(_StoredButTimedOut):
     list_down = False
 
-    async def list_files(self, owner):  # type: ignore[no-untyped-def]
+    async def list_files(self, owner):
         if self.list_down:
             raise RegistryUnavailable("registry unreachable")
         return await super().list_files(owner)
@@ -852,7 +852,7 @@ class _GatedUploads(InMemoryRegistry):
         self.entered = trio.Event()
         self.paths: list[str] = []
 
-    async def upload(self, owner, path, source, size):  # type: ignore[no-untyped-def]
+    async def upload(self, owner, path, source, size):
         self.paths.append(path)
         self.entered.set()
         if self.gate is not None:
