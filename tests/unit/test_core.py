@@ -443,3 +443,20 @@ def test_cache_key_is_the_lowercase_sha256_or_the_file_identity(fs: Filesystem) 
     assert key(sha) == key(sha.upper()) == sha
     for bad in (None, "", sha[:-1], sha + "0", sha[:-1] + "g", sha + "\n", " " + sha):
         assert key(bad).startswith("f") and key(bad) != key(bad, file_id=2)
+
+
+async def test_listing_a_model_fetches_its_versions_file_lists_ahead(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """README Semantics 12: a walk that lists a model directory finds its versions' file
+    lists fetched (or in flight), a few at once, without a lookup of each."""
+    for v in ("1.1.0", "1.2.0", "1.3.0"):
+        reg.add_file(reg.add_version("llama", v), "x.bin", b"x")
+    async with trio.open_nursery() as nursery:
+        fs.start(nursery)
+        await names(fs, "models/llama")
+        await trio.testing.wait_all_tasks_blocked()
+        assert reg.stats.by_kind["list_files"] == 5  # 1.0.0, 1.1.0-1.3.0, the rc
+        await names(fs, "models/llama/1.2.0")  # the walk's own listing: already there
+        assert reg.stats.by_kind["list_files"] == 5
+        nursery.cancel_scope.cancel()
