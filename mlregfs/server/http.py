@@ -21,9 +21,6 @@ PACKAGE_STATUSES = ("default", "hidden", "processing", "error", "pending_destruc
 DISPLAYABLE = ("default", "error", "deprecated")
 
 
-# ---------------------------------------------------------------------------------- plumbing
-
-
 class ApiError(Exception):
     """An error answer: status, JSON body, extra headers."""
 

@@ -11,8 +11,6 @@ from mlregfs.server.auth import DEVELOPER
 from mlregfs.server.context import Ctx
 from mlregfs.server.http import ApiError, json_response
 
-# ---------------------------------------------------------------------------------- GraphQL
-
 # The two mutations mlregfs needs (GitLab has no REST route for deleting a model version).
 # Not a GraphQL engine: the mutation name and its `id` argument are read from the document
 # or its variables, and the answer has GitLab's shape.

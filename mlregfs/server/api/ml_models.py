@@ -24,8 +24,6 @@ from mlregfs.server.validation import (
     valid_file_name,
 )
 
-# ---------------------------------------------------------------------------------- ml_models
-
 
 async def ml_models_handler(ctx: Ctx) -> Any:
     """GET/HEAD/PUT `…/ml_models/:model_version_id/files/(*path/):file_name[/authorize]`."""
