@@ -237,6 +237,22 @@ async def _serve(store: Store, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- admin
 
 
+def _action(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    what: str,
+    what_help: str,
+    action: str,
+    action_help: str,
+    *positionals: str,
+) -> argparse.ArgumentParser:
+    """`mlregfs admin WHAT ACTION POSITIONALS...`: the parser of that action."""
+    actions = sub.add_parser(what, help=what_help).add_subparsers(dest="action", required=True)
+    p = actions.add_parser(action, help=action_help)
+    for name in positionals:
+        p.add_argument(name)
+    return p
+
+
 def admin_main(argv: list[str]) -> int:
     """Entry point of `mlregfs admin`."""
     p = argparse.ArgumentParser(
@@ -247,44 +263,34 @@ def admin_main(argv: list[str]) -> int:
     )
     sub = p.add_subparsers(dest="what", required=True)
 
-    proj = sub.add_parser("project", help="projects").add_subparsers(dest="action", required=True)
-    pc = proj.add_parser("create", help="create a project")
+    pc = _action(sub, "project", "projects", "create", "create a project")
     pc.add_argument("path", help="namespace/project")
     pc.add_argument("--public", action="store_true", help="public (default private)")
 
-    tok = sub.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
-    tc = tok.add_parser("create", help="create a token; prints only the token")
+    tc = _action(sub, "token", "access tokens", "create", "create a token; prints only the token")
     tc.add_argument("project")
     tc.add_argument("--role", required=True, choices=sorted(ROLES, key=ROLES.__getitem__))
     tc.add_argument("--job", action="store_true", help="a CI job token instead of a personal one")
     tc.add_argument("--scopes", default="api", help="comma-separated: api,read_api (default api)")
     tc.add_argument("--non-member", action="store_true", help="do not add the bot user as a member")
 
-    mod = sub.add_parser("model", help="models").add_subparsers(dest="action", required=True)
-    mc = mod.add_parser("create", help="create a model")
-    mc.add_argument("project")
-    mc.add_argument("name")
-
-    ver = sub.add_parser("version", help="model versions").add_subparsers(
-        dest="action", required=True
-    )
-    vc = ver.add_parser("create", help="create a version; prints its id")
-    vc.add_argument("project")
-    vc.add_argument("model")
-    vc.add_argument("semver")
-
-    cand = sub.add_parser("candidate", help="candidates (runs)").add_subparsers(
-        dest="action", required=True
-    )
-    cc = cand.add_parser("create", help="create a candidate; prints its iid")
-    cc.add_argument("project")
+    _action(sub, "model", "models", "create", "create a model", "project", "name")
+    _action(
+        sub, "version", "model versions", "create", "create a version; prints its id",
+        "project", "model", "semver",
+    )  # fmt: skip
+    cc = _action(
+        sub, "candidate", "candidates (runs)", "create", "create a candidate; prints its iid",
+        "project",
+    )  # fmt: skip
     g = cc.add_mutually_exclusive_group()
     g.add_argument("--model", help="in this model's default experiment")
     g.add_argument("--experiment", help="in this experiment (created if missing)")
 
-    fil = sub.add_parser("file", help="package files").add_subparsers(dest="action", required=True)
-    fa = fil.add_parser("add", help="upload a local file; prints the package file id")
-    fa.add_argument("project")
+    fa = _action(
+        sub, "file", "package files", "add", "upload a local file; prints the package file id",
+        "project",
+    )  # fmt: skip
     fa.add_argument("owner", help="model version id or candidate:<iid>")
     fa.add_argument("path", help="relative path inside the version, e.g. dir/model.bin")
     fa.add_argument("source", type=Path, help="local file to upload")
