@@ -73,12 +73,16 @@ class Entries(Writes):
             raise NotPermitted("candidates are created by runs (MLflow), not by mkdir")
         raise NotPermitted("directories cannot be created here")
 
-    async def rmdir(self, parent_ino: int, name: str) -> None:
+    async def _child_to_remove(self, parent_ino: int, name: str) -> Node:
+        """The entry `name` of a directory, for rmdir or unlink (a writable mount only)."""
         self._writable()
-        parent = self.node(parent_ino)
-        child = (await self.children(parent)).get(name)
+        child = (await self.children(self.node(parent_ino))).get(name)
         if child is None:
             raise NotFound(f"{name!r} not found")
+        return child
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        child = await self._child_to_remove(parent_ino, name)
         if not child.is_dir:
             raise NotADirectory(f"{name!r} is a file")
         if await self.children(child):
@@ -99,11 +103,7 @@ class Entries(Writes):
         raise NotPermitted(f"{name!r} cannot be removed")
 
     async def unlink(self, parent_ino: int, name: str) -> None:
-        self._writable()
-        parent = self.node(parent_ino)
-        child = (await self.children(parent)).get(name)
-        if child is None:
-            raise NotFound(f"{name!r} not found")
+        child = await self._child_to_remove(parent_ino, name)
         if child.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
         if child.kind is Kind.ALIAS:
