@@ -11,8 +11,8 @@ import pytest
 from registry_fake import TOKEN, FakeGitLab, Sleeps
 from wire import WireServer
 
-from mlregfs.registry import transfer
 from mlregfs.registry.gitlab import GitLabRegistry
+from mlregfs.registry.http import transport
 from mlregfs.registry.retry import RetryPolicy
 
 
@@ -28,10 +28,11 @@ def gitlab() -> Iterator[FakeGitLab]:
 
 @pytest.fixture(params=["trio", "thread"])
 def byte_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on both ways transfer.py carries a range: the trio-native small-fetch path
-    and the worker-thread http.client path (every range counts as large)."""
+    """Run a test on both ways the byte transport (registry/http/transport.py) carries a
+    range: the trio-native small-fetch path and the worker-thread http.client path (every
+    range counts as large)."""
     if request.param == "thread":
-        monkeypatch.setattr(transfer, "SMALL_FETCH", 0)
+        monkeypatch.setattr(transport, "SMALL_FETCH", 0)
     return str(request.param)
 
 

@@ -511,7 +511,7 @@ async def test_upload_is_one_raw_body_put_with_bearer(tmp_path: Path) -> None:
         await reg.authorize_upload(mv, "dir/a b+.bin")
         await reg.upload(mv, "dir/a b+.bin", src, 3_000_000)
         await reg.aclose()
-    assert reg._transfer.sent["upload"] == 1  # the production byte path, over a socket
+    assert reg._api.bytes.sent["upload"] == 1  # the production byte path, over a socket
     auth, put = seen[-2], seen[-1]
     assert auth.method == put.method == "PUT"
     assert auth.url.raw_path.decode() == (

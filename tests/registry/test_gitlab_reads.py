@@ -1,7 +1,8 @@
 """GitLabRegistry.read_range, redirects to storage, status mapping and retries.
 
 The fake GitLab and its object storage answer on two local origins over real sockets, so every
-read here runs transfer.py, the byte path production uses, once on each of its two ways
+read here runs the byte transport (registry/http/transport.py), the byte path production
+uses, once on each of its two ways
 (`byte_path`: trio-native small fetch, worker-thread http.client).
 """
 

@@ -182,8 +182,9 @@ async def test_signed_url_reused_and_resigned_when_storage_refuses(tmp_path: Pat
             assert (reg.stats.by_kind["read"], reg.stats.by_kind["read_storage"]) == (1, 2)
             # Spoil the cached signature: the real storage listener answers 403 and the
             # client must go back to GitLab for a fresh URL, without a backoff retry.
-            ((key, (url, expiry)),) = reg._signed.items()
-            reg._signed[key] = (url.replace("X-Amz-Signature=", "X-Amz-Signature=0"), expiry)
+            ((key, (url, expiry)),) = reg._transfer.signed.items()
+            spoiled = url.replace("X-Amz-Signature=", "X-Amz-Signature=0")
+            reg._transfer.signed[key] = (spoiled, expiry)
             assert await reg.read_range(owner, blob, 20, 30) == BLOB[20:30]
             assert (reg.stats.by_kind["read"], reg.stats.by_kind["read_storage"]) == (2, 4)
             assert reg.stats.retries == 0

@@ -2,7 +2,8 @@
 
 MockTransport tests for validation and page bounds; a real `mlregfs serve` behind
 tests/hostile.py for deadlines, abandoned threads and poisoned keep-alive connections, each
-run on both ways transfer.py carries a range (`byte_path`: trio-native, worker thread).
+run on both ways the byte transport (registry/http/transport.py) carries a range
+(`byte_path`: trio-native, worker thread).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from registry_fake import SOURCE, TOKEN, FakeGitLab, Sleeps
 
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.errors import ProtocolError, RegistryTimeout
-from mlregfs.registry import gitlab as gitlab_module
 from mlregfs.registry import validate
 from mlregfs.registry.gitlab import GitLabRegistry
+from mlregfs.registry.gitlab.pages import MAX_PAGES
 from mlregfs.registry.retry import RetryPolicy
 from mlregfs.registry.types import ModelVersion, RemoteFile
 from mlregfs.server.testing import ServerProcess
@@ -286,7 +287,7 @@ async def test_endless_offset_pages_stop_at_the_page_cap(
 ) -> None:
     """Item 6: a server that always announces another page: at most MAX_PAGES requests."""
     sent = await _list_endless(gitlab, make_registry(), _endless())
-    assert sent == gitlab_module.MAX_PAGES <= 1000
+    assert sent == MAX_PAGES <= 1000
 
 
 async def test_first_total_pages_is_believed_up_to_the_cap(
@@ -349,7 +350,7 @@ async def test_endless_mlflow_tokens_are_bounded(gitlab: FakeGitLab, make_regist
     with pytest.raises(ProtocolError):
         await make_registry().list_models()
     sent = sum(1 for r in gitlab.requests if "registered-models/search" in r.url.path)
-    assert sent <= gitlab_module.MAX_PAGES
+    assert sent <= MAX_PAGES
 
 
 # --------------------------------------------------------------------------- real server

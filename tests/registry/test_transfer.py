@@ -1,10 +1,13 @@
-"""transfer.py, the one byte transport: the code production runs, tested over real sockets."""
+"""The one byte transport (mlregfs/registry/http/): the code production runs, tested over real
+sockets."""
 
 from __future__ import annotations
 
 import base64
 import http.client
+import importlib
 import inspect
+import pkgutil
 import shutil
 import ssl
 import subprocess
@@ -20,9 +23,9 @@ from registry_fake import TOKEN, FakeGitLab, Sleeps
 from wire import WireServer
 
 from mlregfs.errors import RegistryUnavailable
-from mlregfs.registry import gitlab as gitlab_module
-from mlregfs.registry import transfer
+from mlregfs.registry import gitlab as gitlab_package
 from mlregfs.registry.gitlab import GitLabRegistry
+from mlregfs.registry.http import transport
 from mlregfs.registry.retry import RetryPolicy
 from mlregfs.registry.types import ModelVersion, RemoteFile
 
@@ -46,8 +49,9 @@ def test_the_registry_has_no_byte_path_of_its_own() -> None:
     tests used is gone; httpx carries JSON only."""
     for name in ("_stream_range_get", "_read_body", "_blocking_reads", "_blocking_range_get"):
         assert not hasattr(GitLabRegistry, name), name
-    source = inspect.getsource(gitlab_module)
-    assert "self._client.stream(" not in source and "content=chunks()" not in source
+    for info in pkgutil.iter_modules(gitlab_package.__path__, "mlregfs.registry.gitlab."):
+        source = inspect.getsource(importlib.import_module(info.name))
+        assert "self._client.stream(" not in source and "content=chunks()" not in source
 
 
 async def test_each_read_goes_through_transfer_on_the_path_its_size_picks(
@@ -56,17 +60,17 @@ async def test_each_read_goes_through_transfer_on_the_path_its_size_picks(
     reg = make_registry()
     owner, file = await _setup(gitlab, reg)
     assert await reg.read_range(owner, file, 10, 4106) == DATA[10:4106]
-    assert reg._transfer.sent == {"small": 1}
-    big = transfer.SMALL_FETCH + 1
+    assert reg._api.bytes.sent == {"small": 1}
+    big = transport.SMALL_FETCH + 1
     assert await reg.read_range(owner, file, 5, 5 + big) == DATA[5 : 5 + big]
-    assert reg._transfer.sent == {"small": 1, "thread": 1}
+    assert reg._api.bytes.sent == {"small": 1, "thread": 1}
 
 
 async def test_an_injected_transport_carries_json_not_bytes(
     gitlab: FakeGitLab, sleeps: Sleeps
 ) -> None:
     """A MockTransport given to the registry answers its API calls; its bytes still go over
-    the socket, through transfer.py."""
+    the socket, through the byte transport."""
     async with GitLabRegistry(
         gitlab.source, TOKEN, transport=gitlab.transport(), sleep=sleeps.sleep, clock=sleeps.clock
     ) as reg:
@@ -74,7 +78,7 @@ async def test_an_injected_transport_carries_json_not_bytes(
         before = sum(w.connections for w in gitlab.wires)
         assert before == 0  # listing went through the MockTransport
         assert await reg.read_range(owner, file, 0, 100) == DATA[:100]
-        assert reg._transfer.sent["small"] == 1
+        assert reg._api.bytes.sent["small"] == 1
         assert sum(w.connections for w in gitlab.wires) == 1
 
 
@@ -91,10 +95,10 @@ async def test_small_reads_reuse_one_keep_alive_connection(
         start = i * 4096
         assert await reg.read_range(owner, file, start, start + 4096) == DATA[start : start + 4096]
     assert gitlab.wires[0].connections - before == 1
-    assert reg._transfer.sent["small"] == 20
-    assert reg._transfer._live  # pooled, idle
+    assert reg._api.bytes.sent["small"] == 20
+    assert reg._api.bytes.lean._live  # pooled, idle
     await reg.aclose()
-    assert not reg._transfer._live
+    assert not reg._api.bytes.lean._live
 
 
 @pytest.mark.usefixtures("byte_path")
@@ -116,7 +120,7 @@ async def test_a_200_ignoring_range_falls_back_to_the_thread_path(
     reg = make_registry()
     owner, file = await _setup(gitlab, reg)
     assert await reg.read_range(owner, file, 3000, 7000) == DATA[3000:7000]
-    assert reg._transfer.sent == {"small": 1, "thread": 1}
+    assert reg._api.bytes.sent == {"small": 1, "thread": 1}
     assert reg.stats.retries == 0
 
 
@@ -262,7 +266,7 @@ async def test_http_proxy_carries_the_byte_path_and_no_proxy_bypasses_it(
     owner, file = await _setup(gitlab, direct)
     assert await direct.read_range(owner, file, 0, 100) == DATA[:100]
     assert len(forward_proxy.targets) == seen
-    assert direct._transfer.sent["small"] >= 1
+    assert direct._api.bytes.sent["small"] >= 1
 
 
 # ---------------------------------------------------------------------------- TLS

@@ -1,6 +1,6 @@
 """Serve an httpx-style handler (httpx.Request -> httpx.Response) over real HTTP/1.1 sockets.
 
-The registry's byte path (mlregfs/registry/transfer.py) only talks to sockets, so the fake
+The registry's byte path (mlregfs/registry/http/transport.py) only talks to sockets, so the fake
 GitLab of registry_fake.py is put on the wire here: keep-alive, bodies written chunk by chunk
 as the handler's stream yields them, a body shorter than its declared Content-Length ends
 with the connection (a truncated answer), a handler that raises drops the connection.
