@@ -24,24 +24,16 @@ class Admin:
 
     async def create_model(self, name: str) -> Model:
         """MLflow registered-models/create."""
-        reply = await self._api.json(
-            "create_model",
-            "POST",
-            self._api.mlflow_url("registered-models/create"),
-            route="mlflow",
-            body={"name": name},
+        reply = await self._api.mlflow_json(
+            "create_model", "POST", "registered-models/create", body={"name": name}
         )
         return checked_model(dict_at(reply.data, "registered_model"))
 
     async def create_version(self, model: str, version: str) -> ModelVersion:
         """MLflow model-versions/create; the `gitlab.version` tag sets the semver."""
         body = {"name": model, "tags": [{"key": "gitlab.version", "value": version}]}
-        reply = await self._api.json(
-            "create_version",
-            "POST",
-            self._api.mlflow_url("model-versions/create"),
-            route="mlflow",
-            body=body,
+        reply = await self._api.mlflow_json(
+            "create_version", "POST", "model-versions/create", body=body
         )
         mv = dict_at(reply.data, "model_version")
         aliases = mv.get("aliases") or [version]
@@ -61,12 +53,8 @@ class Admin:
 
     async def delete_model(self, name: str) -> None:
         """MLflow registered-models/delete."""
-        await self._api.json(
-            "delete_model",
-            "DELETE",
-            self._api.mlflow_url("registered-models/delete"),
-            route="mlflow",
-            params={"name": name},
+        await self._api.mlflow_json(
+            "delete_model", "DELETE", "registered-models/delete", params={"name": name}
         )
 
     async def _graphql(self, mutation: str, gid: str, what: str) -> None:

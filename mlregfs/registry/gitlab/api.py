@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 Route = Literal["api", "mlflow", "ml_models", "storage", "graphql"]
 TokenKind = Literal["personal", "job"]
+MlflowPart = Literal["models", "runs"]  # asked for separately: each may be refused
 
 
 class Api:
@@ -58,9 +59,8 @@ class Api:
         self.retrying = Retrying(policy, self.stats, sleep=sleep, clock=clock, refresh=refresh)
         # MLflow is tried once per session; None = not known yet. Job tokens and anonymous
         # callers are always refused there (§6, §7), so do not even ask.
-        mlflow_possible = token is not None and token_kind == "personal"
-        self.mlflow_models: bool | None = None if mlflow_possible else False
-        self.mlflow_runs: bool | None = None if mlflow_possible else False
+        possible: bool | None = None if token is not None and token_kind == "personal" else False
+        self.mlflow: dict[MlflowPart, bool | None] = {"models": possible, "runs": possible}
 
     async def aclose(self) -> None:
         """Release connections, including those of worker threads still blocked on them."""
@@ -90,12 +90,25 @@ class Api:
             text = text.replace(self.token, "[token]")
         return text
 
-    def mlflow_off(self, what: Literal["models", "runs"], why: object) -> None:
+    def mlflow_off(self, what: MlflowPart, why: object) -> None:
         log.info("MLflow API unavailable for %s (%s); using the packages API", what, why)
-        if what == "models":
-            self.mlflow_models = False
-        else:
-            self.mlflow_runs = False
+        self.mlflow[what] = False
+
+    async def mlflow_json(
+        self,
+        kind: str,
+        method: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        passthrough: frozenset[int] = frozenset(),
+    ) -> Reply:
+        """A JSON request to the project's MLflow-compatible API (§6), with retries."""
+        url = self.mlflow_url(endpoint)
+        return await self.json(
+            kind, method, url, route="mlflow", params=params, body=body, passthrough=passthrough
+        )
 
     async def json(
         self,

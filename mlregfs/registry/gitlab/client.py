@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import trio
 
 from mlregfs.buffers import Buffer
+from mlregfs.registry import Candidate, FileOwner, Model, ModelVersion, ProjectInfo, RemoteFile
 from mlregfs.registry.base import RegistryStats
 from mlregfs.registry.gitlab.admin import Admin
 from mlregfs.registry.gitlab.api import Api, TokenKind
@@ -28,17 +29,10 @@ from mlregfs.registry.gitlab.project import Project
 from mlregfs.registry.gitlab.transfer import Transfers
 from mlregfs.registry.http.rest import JsonTransport
 from mlregfs.registry.http.retrying import Clock, Sleep
+from mlregfs.registry.http.wire import Into
 from mlregfs.registry.retry import RetryPolicy
 from mlregfs.registry.source import candidates
-from mlregfs.registry.types import (
-    Candidate,
-    FileOwner,
-    Model,
-    ModelVersion,
-    ProjectInfo,
-    RemoteFile,
-    Run,
-)
+from mlregfs.registry.types import Run
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +146,7 @@ class GitLabRegistry:
         return await self._files.list_files(owner)
 
     async def read_range(
-        self,
-        owner: FileOwner,
-        file: RemoteFile,
-        start: int,
-        end: int,
-        *,
-        into: memoryview | None = None,
+        self, owner: FileOwner, file: RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error. With `into`
         (end-start bytes long) they land there and `into` is returned."""

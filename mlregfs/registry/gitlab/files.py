@@ -143,9 +143,9 @@ class Files:
 
     async def _artifact_files(self, owner: FileOwner, pkg: _Package) -> list[RemoteFile]:
         """List a hidden package through mlflow-artifacts: names and sizes only."""
-        if (
-            isinstance(owner, ModelVersion) and owner.id is None
-        ) or self._api.mlflow_models is False:
+        if (isinstance(owner, ModelVersion) and owner.id is None) or self._api.mlflow[
+            "models"
+        ] is False:
             log.warning(
                 "files of %s are in a hidden package and cannot be listed without MLflow "
                 "access (personal token) and the model-version id",

@@ -9,13 +9,13 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
 from mlregfs.errors import Forbidden, NotFound, ProtocolError, Unauthorized
 from mlregfs.registry import validate
-from mlregfs.registry.gitlab.api import Api
+from mlregfs.registry.gitlab.api import Api, MlflowPart
 from mlregfs.registry.gitlab.decode import dicts, drop, error_code, is_semver, timestamp
 from mlregfs.registry.gitlab.pages import all_packages, mlflow_pages
 from mlregfs.registry.http.errors import status_error
@@ -23,6 +23,8 @@ from mlregfs.registry.runs import run_from_mlflow
 from mlregfs.registry.types import Candidate, Model, ModelVersion, Run
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MLFLOW_CONCURRENCY = 8  # runs/search requests in flight while listing candidates
 
@@ -37,40 +39,47 @@ class Listing:
     def __init__(self, api: Api) -> None:
         self._api = api
 
+    async def _try_mlflow(self, what: MlflowPart, fetch: Callable[[], Awaitable[T]]) -> T | None:
+        """`fetch()` through the MLflow API unless it is known to refuse us; None when it
+        does (once refused, it is not asked again this session)."""
+        if self._api.mlflow[what] is False:
+            return None
+        try:
+            found = await fetch()
+        except (Unauthorized, Forbidden, NotFound) as exc:
+            self._api.mlflow_off(what, exc)
+            return None
+        self._api.mlflow[what] = True
+        return found
+
     # ------------------------------------------------------------------------------ models
 
     async def list_models(self) -> list[Model]:
         """Every model with all its versions (MLflow search, else the packages API)."""
-        if self._api.mlflow_models is not False:
-            try:
-                models = await self._mlflow_list_models()
-            except (Unauthorized, Forbidden, NotFound) as exc:
-                self._api.mlflow_off("models", exc)
-            else:
-                self._api.mlflow_models = True
-                return models
+        models = await self._try_mlflow("models", self._mlflow_list_models)
+        if models is not None:
+            return models
         return models_from_packages(await all_packages(self._api, "list_models"))
 
     async def get_model(self, name: str) -> Model:
         """One model by exact name, with all its versions; NotFound if absent."""
         api = self._api
-        if api.mlflow_models is not False:
-            reply = await api.json(
+        if api.mlflow["models"] is not False:
+            reply = await api.mlflow_json(
                 "get_model",
                 "GET",
-                api.mlflow_url("registered-models/get"),
-                route="mlflow",
+                "registered-models/get",
                 params={"name": name},
                 passthrough=frozenset({401, 403, 404}),
             )
             if reply.status == 200:
-                api.mlflow_models = True
+                api.mlflow["models"] = True
                 rm = reply.data.get("registered_model") if isinstance(reply.data, dict) else None
                 if not isinstance(rm, dict):
                     raise ProtocolError("registered-models/get: answer has no registered_model")
                 return checked_model(rm)
             if reply.status == 404 and error_code(reply.data) == "RESOURCE_DOES_NOT_EXIST":
-                api.mlflow_models = True
+                api.mlflow["models"] = True
                 raise status_error(404, f"model {name!r} not found")
             api.mlflow_off("models", f"registered-models/get answered {reply.status}")
         rows = await all_packages(api, "get_model", {"package_name": name})
@@ -97,14 +106,7 @@ class Listing:
 
     async def list_candidates(self) -> list[Candidate]:
         """Candidates not promoted to a version: MLflow runs merged with candidate_N packages."""
-        runs: dict[int, Candidate] | None = None
-        if self._api.mlflow_runs is not False:
-            try:
-                runs = await self._mlflow_candidates()
-            except (Unauthorized, Forbidden, NotFound) as exc:
-                self._api.mlflow_off("runs", exc)
-            else:
-                self._api.mlflow_runs = True
+        runs = await self._try_mlflow("runs", self._mlflow_candidates)
         merged: dict[int, Candidate] = dict(runs or {})
         for row in await all_packages(self._api, "list_candidates"):
             m = CANDIDATE_VERSION.match(str(row.get("version", "")))
@@ -159,9 +161,7 @@ class Listing:
         except (Forbidden, NotFound):
             # POST needs the `api` scope and older servers lack experiments/search; the
             # unpaginated GET experiments/list works with read_api.
-            reply = await self._api.json(
-                "list_candidates", "GET", self._api.mlflow_url("experiments/list"), route="mlflow"
-            )
+            reply = await self._api.mlflow_json("list_candidates", "GET", "experiments/list")
             data = reply.data
             rows = data.get("experiments") if isinstance(data, dict) else None
             ids = [str(e["experiment_id"]) for e in dicts(rows, "experiments") if _active(e)]
@@ -169,13 +169,8 @@ class Listing:
 
     async def get_run(self, run_id: str) -> Run:
         """What the run logged (`runs/get`): params, metrics with their history, tags."""
-        reply = await self._api.json(
-            "get_run",
-            "GET",
-            self._api.mlflow_url("runs/get"),
-            route="mlflow",
-            params={"run_id": validate.run_id(run_id)},
-        )
+        params = {"run_id": validate.run_id(run_id)}
+        reply = await self._api.mlflow_json("get_run", "GET", "runs/get", params=params)
         try:
             return run_from_mlflow(reply.data)
         except validate.Invalid as exc:

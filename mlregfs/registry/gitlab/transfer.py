@@ -15,7 +15,7 @@ from mlregfs.errors import Forbidden, NotFound
 from mlregfs.registry import validate
 from mlregfs.registry.gitlab.api import Api, Route
 from mlregfs.registry.http.errors import Failure, protocol, status_failure, where_of
-from mlregfs.registry.http.wire import MAX_REDIRECTS, Answer, Redirect
+from mlregfs.registry.http.wire import MAX_REDIRECTS, Answer, Into, Redirect
 from mlregfs.registry.types import Candidate, FileOwner, ModelVersion, RemoteFile, owner_route_id
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Transfers:
     # ------------------------------------------------------------------------------ reads
 
     async def read_range(
-        self, owner: FileOwner, file: RemoteFile, start: int, end: int, into: memoryview | None
+        self, owner: FileOwner, file: RemoteFile, start: int, end: int, into: Into
     ) -> Buffer:
         """Bytes [start, end) of `file` (a non-empty range, checked by the caller)."""
         url, route = self._download_url(owner, file)
@@ -94,7 +94,7 @@ class Transfers:
         start: int,
         end: int,
         file: RemoteFile,
-        into: memoryview | None,
+        into: Into,
         cache_key: SignedKey | None = None,
     ) -> Buffer:
         """One Range GET, following redirects to storage without GitLab credentials."""
@@ -124,7 +124,7 @@ class Transfers:
         start: int,
         end: int,
         file: RemoteFile,
-        into: memoryview | None,
+        into: Into,
     ) -> Buffer | Redirect:
         where = f"GET {where_of(url)}"
         headers = self._api.auth_headers(route)

@@ -25,6 +25,7 @@ from mlregfs.registry.http.wire import (
     REDIRECT_BODY,
     REDIRECTS,
     Answer,
+    Into,
     Redirect,
     Route,
     parse_head,
@@ -164,7 +165,7 @@ class LeanPath:
         start: int,
         end: int,
         size: int,
-        into: memoryview | None,
+        into: Into,
     ) -> Any:
         """One Range GET on a pooled connection: (bytes or Redirect or Answer, body bytes
         received), or FALLBACK for an answer it leaves to the thread path."""
@@ -232,7 +233,7 @@ class LeanPath:
         start: int,
         end: int,
         size: int,
-        into: memoryview | None,
+        into: Into,
     ) -> tuple[Any, int, bool]:
         """(result, body bytes received, keep the connection)."""
         chunked = "transfer-encoding" in headers

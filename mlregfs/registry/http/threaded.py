@@ -9,13 +9,15 @@ the start of the next one (issue 9.7).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import socket
 import ssl
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +39,7 @@ from mlregfs.registry.http.wire import (
     REDIRECTS,
     USER_AGENT,
     Answer,
+    Into,
     Redirect,
     Route,
     range_skip,
@@ -65,6 +68,11 @@ class _Ticket:
             pass
 
 
+def _close(conn: http.client.HTTPConnection | None) -> None:
+    if conn is not None:
+        conn.close()
+
+
 def _shutdown(conn: http.client.HTTPConnection | None) -> None:
     """Make a thread blocked on `conn` return at once (shutdown is safe across threads)."""
     sock = conn.sock if conn is not None else None
@@ -88,6 +96,17 @@ class _Limited:
         if n and not data:
             raise OSError(f"spool ended {self.left} bytes early")
         return data
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request for a worker thread: where its connection goes, its target and headers,
+    and how messages name it."""
+
+    route: Route
+    target: str
+    headers: Mapping[str, str]
+    where: str
 
 
 class ThreadPath:
@@ -180,53 +199,41 @@ class ThreadPath:
             extra["Proxy-Authorization"] = route.proxy_auth
         return conn, extra, reused
 
-    def _abort(
-        self, conn: http.client.HTTPConnection | None, where: str, exc: BaseException
-    ) -> BaseException:
-        """After any failure of a blocking exchange: close its connection (a half-read answer
-        must not be the start of the next one, issue 9.7); the error to raise, a socket or
-        http.client error mapped by `socket_failure`."""
-        if conn is not None:
-            conn.close()
-        if isinstance(exc, (OSError, http.client.HTTPException)):  # TimeoutError is an OSError
-            return self._fail(where, exc)
-        return exc
+    @contextlib.contextmanager
+    def _exchange(self, ticket: _Ticket, where: str) -> Iterator[None]:
+        """Around a blocking exchange: after any failure its connection is closed (a half-read
+        answer must not be the start of the next one, issue 9.7), and a socket or http.client
+        error is raised as errors.socket_failure maps it."""
+        try:
+            yield
+        except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
+            _close(ticket.conn)
+            raise self._fail(where, exc) from exc
+        except BaseException:
+            _close(ticket.conn)
+            raise
 
     def get(
-        self,
-        ticket: _Ticket,
-        route: Route,
-        target: str,
-        headers: Mapping[str, str],
-        where: str,
-        start: int,
-        end: int,
-        size: int,
-        into: memoryview | None,
+        self, ticket: _Ticket, req: Request, start: int, end: int, size: int, into: Into
     ) -> tuple[Buffer | Redirect | Answer, int]:
         """The large-range path, in a worker thread: http.client reads straight into one
         buffer with the GIL released. Any failure after the request was sent closes the
         connection: a half-read answer must not be the start of the next one (issue 9.7)."""
         self._sent["thread"] += 1
-        conn: http.client.HTTPConnection | None = None
-        try:
-            conn, extra, reused = self._open(ticket, route, where)
+        where = req.where
+        with self._exchange(ticket, where):
+            conn, extra, reused = self._open(ticket, req.route, where)
             try:
-                conn.request("GET", target, headers={**headers, **extra})
+                conn.request("GET", req.target, headers={**req.headers, **extra})
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 if not reused or ticket.abandoned:
                     raise
                 conn.close()  # an idle keep-alive connection the server had closed: once more
-                conn, extra, _ = self._open(ticket, route, where)
-                conn.request("GET", target, headers={**headers, **extra})
+                conn, extra, _ = self._open(ticket, req.route, where)
+                conn.request("GET", req.target, headers={**req.headers, **extra})
                 resp = conn.getresponse()
             result = self._range_answer(ticket, conn, resp, where, start, end, size, into)
-        except BaseException as exc:
-            failure = self._abort(conn, where, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
         if ticket.abandoned:
             conn.close()  # its socket may have been shut down under us
         return result
@@ -240,7 +247,7 @@ class ThreadPath:
         start: int,
         end: int,
         size: int,
-        into: memoryview | None,
+        into: Into,
     ) -> tuple[Buffer | Redirect | Answer, int]:
         status = resp.status
         if status in REDIRECTS:
@@ -282,37 +289,22 @@ class ThreadPath:
             conn.close()  # unread rest of a full answer: don't reuse this connection
         return buf, received
 
-    def put(
-        self,
-        ticket: _Ticket,
-        route: Route,
-        target: str,
-        headers: Mapping[str, str],
-        where: str,
-        source: Path,
-        size: int,
-    ) -> Answer:
+    def put(self, ticket: _Ticket, req: Request, source: Path, size: int) -> Answer:
         """On a worker thread: http.client streams the spool file in 1 MiB sends with the GIL
         released. The connection is kept only after a clean 2xx answer read whole."""
         self._sent["upload"] += 1
-        conn: http.client.HTTPConnection | None = None
-        try:
-            conn, extra, _ = self._open(ticket, route, where)
+        with self._exchange(ticket, req.where):
+            conn, extra, _ = self._open(ticket, req.route, req.where)
             with directio.SequentialReader(source, UPLOAD_CHUNK) as f:
                 payload = _Limited(f, size)  # gives memoryviews: http.client sends any buffer
                 conn.request(
                     "PUT",
-                    target,
+                    req.target,
                     body=payload,  # type: ignore[arg-type]
-                    headers={**headers, **extra, "Content-Length": str(size)},
+                    headers={**req.headers, **extra, "Content-Length": str(size)},
                 )
             resp = conn.getresponse()
             body = resp.read(REDIRECT_BODY)
-        except BaseException as exc:
-            failure = self._abort(conn, where, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
         if ticket.abandoned or not resp.isclosed() or not 200 <= resp.status < 300:
             conn.close()
         return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)

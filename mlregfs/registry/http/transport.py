@@ -27,8 +27,8 @@ from mlregfs.buffers import Buffer
 from mlregfs.registry.http import errors
 from mlregfs.registry.http.errors import Scrub, over_deadline
 from mlregfs.registry.http.lean import FALLBACK, LeanPath
-from mlregfs.registry.http.threaded import ThreadPath
-from mlregfs.registry.http.wire import Answer, Redirect, Route, request_head, route
+from mlregfs.registry.http.threaded import Request, ThreadPath
+from mlregfs.registry.http.wire import Answer, Into, Redirect, Route, request_head, route
 
 SMALL_FETCH = 64 << 10  # ranges up to this size take the trio-native path
 ROUTES_KEPT = 1024  # parsed URLs remembered
@@ -71,7 +71,7 @@ class Transport:
         start: int,
         end: int,
         size: int,
-        into: memoryview | None = None,
+        into: Into = None,
     ) -> tuple[Buffer | Redirect | Answer, int]:
         """One Range GET of [start, end) of a `size`-byte file: the bytes (in `into` when
         given), a Redirect or an Answer to map; and the body bytes received."""
@@ -85,13 +85,10 @@ class Transport:
                 raise over_deadline(where, self.timeout)
             if result is not FALLBACK:
                 return result
-        return await self.threads.run(
-            where,
-            deadline - trio.current_time(),
-            self.timeout,
-            self.threads.get,
-            *(found, target, headers, where, start, end, size, into),
-        )
+        req = Request(found, target, headers, where)
+        budget = deadline - trio.current_time()
+        get = self.threads.get
+        return await self.threads.run(where, budget, self.timeout, get, req, start, end, size, into)
 
     async def put_file(
         self,
@@ -105,6 +102,5 @@ class Transport:
         """Raw-body PUT of `size` bytes of the file at `source`, within `budget` seconds."""
         found, target = self._route(url)
         request_head("PUT", target, found, headers)  # the same header checks as a GET
-        return await self.threads.run(
-            where, budget, budget, self.threads.put, found, target, headers, where, source, size
-        )
+        req = Request(found, target, headers, where)
+        return await self.threads.run(where, budget, budget, self.threads.put, req, source, size)

@@ -24,6 +24,9 @@ _CONTENT_RANGE = re.compile(r"\Abytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 _STATUS_LINE = re.compile(r"\AHTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\Z")
 
 
+Into = memoryview | None  # a caller's buffer to fill with the bytes, or None for a new one
+
+
 @dataclass(frozen=True)
 class Redirect:
     location: str
