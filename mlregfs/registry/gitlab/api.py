@@ -43,8 +43,7 @@ class Api:
         refresh: Callable[[], bool] | None,
         listing_deadline: float,
     ) -> None:
-        self.token = token
-        self.token_kind = token_kind
+        self.token, self.token_kind = token, token_kind
         self.timeout = timeout
         self.clock = clock
         self.listing_deadline = listing_deadline

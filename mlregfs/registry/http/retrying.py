@@ -45,8 +45,7 @@ class Retrying:
     ) -> None:
         self.policy = policy
         self._stats = stats
-        self._sleep = sleep
-        self._clock = clock
+        self._sleep, self._clock = sleep, clock
         self._refresh = refresh
         self._down_since: float | None = None  # clock time of the last connection failure
 

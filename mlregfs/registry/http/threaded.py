@@ -117,8 +117,7 @@ class ThreadPath:
     ) -> None:
         self.timeout = timeout
         self._ssl = context
-        self._sent = sent
-        self._fail = fail
+        self._sent, self._fail = sent, fail
         self._closed = False
         self._local = threading.local()
         # every pooled http.client connection of every worker thread, so that aclose() can cut
