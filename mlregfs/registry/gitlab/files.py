@@ -6,6 +6,7 @@ checked here (§2, §8.3)."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -48,7 +49,8 @@ class Files:
         # all ml_model packages by owner key, fetched when lookups come in a sweep
         self._index: dict[tuple[str, str], _Package] = {}
         self._index_at = float("-inf")
-        self._lookups: list[float] = []  # clock times of recent package lookups
+        # clock times of recent package lookups, oldest first (a sweep makes thousands)
+        self._lookups: deque[float] = deque()
 
     async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
         """Files of a version or candidate, newest copy per path; [] if it has no package."""
@@ -89,7 +91,8 @@ class Files:
         version. A single lookup keeps its targeted query; the index is trusted for
         INDEX_TTL, and a name it lacks is still asked for (new since, or hidden)."""
         now = self._api.clock()
-        self._lookups = [t for t in self._lookups if now - t < SWEEP_WINDOW]
+        while self._lookups and now - self._lookups[0] >= SWEEP_WINDOW:
+            self._lookups.popleft()
         self._lookups.append(now)
         if now - self._index_at >= INDEX_TTL:
             if len(self._lookups) < SWEEP_LOOKUPS:
