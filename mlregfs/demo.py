@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,29 +32,22 @@ def run_demo(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="stay mounted until Ctrl-C")
     args = p.parse_args(argv)
 
-    from mlregfs.server.testing import ServerProcess
+    # the demo runs the embedded registry and the mount exactly as the tests do
+    from mlregfs.testing import Mount, ServerProcess
 
     tmp = tempfile.TemporaryDirectory(prefix="mlregfs-demo-")
     data = args.data or Path(tmp.name) / "server"
     mnt = (args.mountpoint or Path("mnt")).absolute()
-    mnt.mkdir(parents=True, exist_ok=True)
     cache = Path(tmp.name) / "cache"
     with ServerProcess(data, extra_args=["--init-demo"]) as server:
         source = f"{server.url}/demo/models"
         print(f"embedded registry: {server.url}  (project demo/models)")
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlregfs",
-            "mount",
-            source,
-            str(mnt),
-            "-o",
-            f"cache_dir={cache}",
-        ]
         print("$ mlregfs mount", source, mnt)
-        env = {k: v for k, v in os.environ.items() if k not in ("GITLAB_TOKEN", "CI_JOB_TOKEN")}
-        if subprocess.call(cmd, env=env) != 0:
+        mount = Mount(source, mnt, cache, daemon=True)
+        try:
+            mount.start(timeout=90)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             return 1
         try:
             print(f"\n$ find {mnt}")
@@ -76,7 +68,7 @@ def run_demo(argv: list[str]) -> int:
                 except KeyboardInterrupt:
                     pass
         finally:
-            subprocess.call(["fusermount3", "-u", str(mnt)])
+            mount.stop()
             print(f"\nunmounted {mnt}")
     tmp.cleanup()
     return 0

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mlregfs.server.testing import ServerProcess
-from tests.integration.helpers import Mount, blob
+from mlregfs.testing import Mount, ServerProcess
+from tests.integration.helpers import blob
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,15 +1,18 @@
-"""Real mounts in subprocesses: start, wait until ready, unmount, and always clean up."""
+"""Helpers of the integration tests: test data, digests, `mlregfs recover`; the mount harness
+itself is mlregfs.testing (re-exported here for the tests that import it from this module)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from mlregfs.testing import Mount, clean_env, unmount
+
+__all__ = ["Mount", "blob", "clean_env", "entries", "file_sha", "recover", "sha", "unmount"]
 
 
 def blob(seed: int, size: int) -> bytes:
@@ -32,95 +35,6 @@ def file_sha(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GITLAB_TOKEN", "CI_JOB_TOKEN")}
-    env.update(extra)
-    return env
-
-
-def unmount(path: Path) -> None:
-    if os.path.ismount(path):
-        subprocess.run(["fusermount3", "-u", str(path)], check=False, capture_output=True)
-    if os.path.ismount(path):
-        subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
-
-
-class Mount:
-    """`mlregfs mount SOURCE MNT -f` as a child process; ready when the mount point is a mount."""
-
-    def __init__(
-        self,
-        source: str,
-        mnt: Path,
-        cache_dir: Path,
-        *,
-        token: str | None = None,
-        job_token: str | None = None,
-        options: list[str] | None = None,
-    ) -> None:
-        self.source, self.path, self.cache_dir = source, mnt, cache_dir
-        self.env = clean_env()
-        if token:
-            self.env["GITLAB_TOKEN"] = token
-        if job_token:
-            self.env["CI_JOB_TOKEN"] = job_token
-        self.options = [f"cache_dir={cache_dir}", *(options or [])]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = cache_dir / "mount-stderr.log"
-
-    def argv(self, foreground: bool = True) -> list[str]:
-        args = [sys.executable, "-m", "mlregfs", "mount", self.source, str(self.path)]
-        if foreground:
-            args.append("-f")
-        for o in self.options:
-            args += ["-o", o]
-        return args
-
-    def start(self, timeout: float = 30) -> Mount:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._err = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            self.argv(), env=self.env, stderr=self._err, stdin=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mount exited with {self.proc.returncode}: {self.stderr()}")
-            if os.path.ismount(self.path):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mount not ready after {timeout}s: {self.stderr()}")
-
-    def stderr(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20) -> int | None:
-        """Unmount like a user would and wait for the daemon to exit; returns its status."""
-        if self.proc is None:
-            return None
-        unmount(self.path)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGKILL)
-            code = self.proc.wait()
-            unmount(self.path)
-        self._err.close()
-        self.proc = None
-        return code
-
-    def __enter__(self) -> Mount:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def recover(cache: Path, token: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.server.helpers import MAX_FILE_SIZE, World, _seed
 
 

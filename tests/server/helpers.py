@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 
 MAX_FILE_SIZE = 1 << 20  # small limit so the size test is cheap
 
