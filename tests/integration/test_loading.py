@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def _real_safetensors() -> bytes:
 
 
 @pytest.fixture
-def mount(loading: Loading, mount_factory: Callable[..., object]) -> Callable[..., Path]:
+def mount(loading: Loading, mount_factory: Callable[..., Any]) -> Callable[..., Path]:
     def make(*options: str) -> Path:
         m = mount_factory(loading.source, token=loading.token, options=["block_size=1M", *options])
         return m.path

@@ -139,7 +139,7 @@ async def test_invalid_file_rows_are_dropped_not_used(
     """Item 3: only entries whose every value is valid are listed; the rest is logged."""
     mv = gitlab.add_version("bert", "1.0.0")
     pkg = gitlab.packages[-1]
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"file_name": "abs.bin", "file_sha256": "/tmp/victim"},
         {"file_name": "rel.bin", "file_sha256": "../../x"},
         {"file_name": "short.bin", "file_sha256": "abc"},
@@ -158,7 +158,7 @@ async def test_invalid_file_rows_are_dropped_not_used(
         {"file_name": "x" * 256},
         {"file_name": 7},
     ]
-    good = [
+    good: list[dict[str, Any]] = [
         {"file_name": "upper.bin", "file_sha256": GOOD.upper()},
         {"file_name": "null.bin", "file_sha256": None},
         {"file_name": "dir%2Fok.bin", "created_at": 1e308},
