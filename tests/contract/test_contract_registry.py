@@ -260,9 +260,9 @@ async def _read_deleted(b: Backend, w: World) -> object:
     return await b.registry.read_range(w.v1, blob, 0, 10)
 
 
-async def _delete_version_twice(b: Backend, w: World) -> object:
+async def _delete_version_twice(b: Backend, w: World) -> None:
     await b.registry.delete_version(w.rc)
-    return await b.registry.delete_version(w.rc)
+    await b.registry.delete_version(w.rc)
 
 
 NOT_FOUND: dict[str, Case] = {
@@ -279,9 +279,9 @@ NOT_FOUND: dict[str, Case] = {
 }
 
 
-async def _delete_version_of_deleted_model(b: Backend, w: World) -> object:
+async def _delete_version_of_deleted_model(b: Backend, w: World) -> None:
     await b.registry.delete_model("bert")
-    return await b.registry.delete_version(w.rc)
+    await b.registry.delete_version(w.rc)
 
 
 NOT_FOUND_DIVERGING = {
