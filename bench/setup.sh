@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what bench/run.py needs (Debian 12, as root or through sudo):
-#   apt: curl, nginx-light (static peer server), rclone and httpdirfs (peer FUSE mounts),
-#        fuse3 (fusermount3);
+#   apt: curl, fio (sequential reads), nginx-light (static peer server), rclone and httpdirfs
+#        (peer FUSE mounts), fuse3 (fusermount3);
 #   pip: the `bench` extra of mlregfs (safetensors, numpy, matplotlib) into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    fuse3 curl nginx-light rclone httpdirfs procps >/dev/null
+    fuse3 curl fio nginx-light rclone httpdirfs procps >/dev/null
 # nginx-light's package starts a system nginx on :80; the bench runs its own instance.
 if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
     $SUDO systemctl stop nginx || true

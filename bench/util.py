@@ -1,16 +1,14 @@
-"""Helpers of the benchmark: processes, timing, test data, measurements, /proc."""
+"""Measurements of the benchmark: commands and timing, test data, loaders, fio, /proc."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-# ----------------------------------------------------------------------------- small helpers
 
 
 def log(msg: str) -> None:
@@ -51,11 +46,6 @@ def timed(cmd: list[str] | str, *, timeout: float = 600, **kw: Any) -> float:
     return time.perf_counter() - t0
 
 
-def dd(path: Path | str, timeout: float) -> float:
-    """Seconds for `dd if=path of=/dev/null bs=1M`."""
-    return timed(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"], timeout=timeout)
-
-
 def drop_caches() -> None:
     os.sync()
     if os.geteuid() == 0:
@@ -77,6 +67,10 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
     return s[k]
+
+
+def cpu_per_gib(cpu_s: float, nbytes: int) -> float:
+    return cpu_s / (nbytes / GiB) if nbytes else float("nan")
 
 
 def io_timeout(nbytes: int) -> float:
@@ -163,37 +157,6 @@ def mmap_touch(path: Path, timeout: float, seed: int = 0) -> tuple[float, int, i
     return float(out[0]), int(out[1]), int(out[2])
 
 
-def curl_sha256(urls: list[str], timeout: float) -> tuple[float, list[str]]:
-    """Seconds for `curl URL | openssl dgst -sha256`, one pipeline per URL, all at once;
-    (wall seconds, digests)."""
-    script = "set -o pipefail\n" + "".join(
-        f"(curl -sSf '{u}' | openssl dgst -sha256 -r) > \"$1.{i}\" &\n" for i, u in enumerate(urls)
-    )
-    script += "fail=0; for j in $(jobs -p); do wait $j || fail=1; done; exit $fail\n"
-    with tempfile.TemporaryDirectory(prefix="mlregfs-bench-") as d:
-        t0 = time.perf_counter()
-        run(["bash", "-c", script, "bash", f"{d}/sum"], timeout=timeout)
-        wall = time.perf_counter() - t0
-        digests = [Path(f"{d}/sum.{i}").read_text().split()[0] for i in range(len(urls))]
-    return wall, digests
-
-
-def read_seq(path: Path, budget: float, bs: int = MiB) -> tuple[int, float]:
-    """read(2) of `bs` bytes until EOF or `budget` seconds (as dd bs=1M); (bytes, seconds)."""
-    buf = bytearray(bs)
-    n = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        while (k := os.readv(fd, [buf])) > 0:
-            n += k
-            if time.perf_counter() - t0 > budget:
-                break
-        return n, time.perf_counter() - t0
-    finally:
-        os.close(fd)
-
-
 def rand_preads(path: Path, offsets: list[int], size: int = 4096) -> list[float]:
     """Latency (s) of each 4 KiB pread, in order, on one open file descriptor."""
     lat = []
@@ -210,53 +173,6 @@ def rand_preads(path: Path, offsets: list[int], size: int = 4096) -> list[float]
     return lat
 
 
-def curl_range_latencies(url: str, offsets: list[int], size: int = 4096) -> list[float]:
-    """curl's time_total for one Range request per offset (a new connection each)."""
-    lat = []
-    for off in offsets:
-        out = run(
-            ["curl", "-sSf", "-o", "/dev/null", "-r", f"{off}-{off + size - 1}", "-w",
-             "%{http_code} %{size_download} %{time_total}", url],
-            timeout=60,
-        ).stdout.split()  # fmt: skip
-        if out[:2] != ["206", str(size)]:
-            raise RuntimeError(f"Range request: {out}")
-        lat.append(float(out[2]))
-    return lat
-
-
-def socket_range_latencies(
-    host: str, port: int, path: str, offsets: list[int], size: int = 4096
-) -> list[float]:
-    """Latency of one 4 KiB Range GET per offset on one raw keep-alive socket: the cheapest
-    way a client can ask for a small range (no HTTP library in the way)."""
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        f = s.makefile("rb")
-
-        def get(off: int) -> float:
-            req = (
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"Range: bytes={off}-{off + size - 1}\r\n\r\n"
-            ).encode()
-            t0 = time.perf_counter()
-            s.sendall(req)
-            status = f.readline()
-            length = -1
-            while (line := f.readline()) not in (b"\r\n", b""):
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            body = f.read(length) if length >= 0 else b""
-            took = time.perf_counter() - t0
-            if b" 206 " not in status or len(body) != size:
-                raise RuntimeError(f"Range request: {status!r}, {len(body)} bytes")
-            return took
-
-        get(0)  # connect and warm up; not measured
-        return [get(off) for off in offsets]
-
-
 def proc_status(pid: int, key: str) -> int:
     """A kB field of /proc/<pid>/status, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -271,34 +187,24 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+FIO_SEQ_READ = Path(__file__).resolve().parent / "fio" / "seq_read.fio"
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+def fio_read(path: Path | str, timeout: float, budget: float | None = None) -> tuple[int, float]:
+    """Sequential 1 MiB reads of `path` by fio (bench/fio/seq_read.fio), to EOF or for `budget`
+    seconds; (bytes read, seconds: fio's own job runtime)."""
+    if ":" in str(path):  # fio splits file names at colons
+        raise ValueError(f"fio cannot read {path}")
+    runtime = math.ceil(budget) if budget else math.ceil(timeout)
+    env = dict(os.environ, FILE=str(path), RUNTIME=str(runtime))
+    argv = ["fio", "--output-format=json", "--readonly", str(FIO_SEQ_READ)]
+    out = run(argv, timeout=timeout + 30, env=env).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio read of {path}: error {job['error']}")
+    return int(job["read"]["io_bytes"]), max(job["read"]["runtime"], 1) / 1e3
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def fio_secs(path: Path | str, timeout: float) -> float:
+    """Seconds fio takes to read `path` to EOF (sequential 1 MiB reads, as `dd bs=1M`)."""
+    return fio_read(path, timeout)[1]
