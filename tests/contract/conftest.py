@@ -2,7 +2,8 @@
 
 - fake:   InMemoryRegistry
 - gitlab: GitLabRegistry against a real `mlregfs serve` (one process per session, one new
-          project and Maintainer token per test)
+          project and Maintainer token per test) that serves file bytes itself
+- gitlab-redirect: the same, the server redirecting downloads to its signed storage URLs
 - faulty: FaultyRegistry around an InMemoryRegistry, with no faults armed
 
 A test that one implementation legitimately fails is marked `@xfail_on("fake", reason=...)`:
@@ -12,7 +13,8 @@ strict xfail on those parameters only, so the day the implementation catches up,
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,9 +48,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path_factory.mktemp("contract-srv")) as s:
-        yield s
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], ServerProcess]]:
+    """`mlregfs serve` by download mode, started on first use (once per session)."""
+    running: dict[str, ServerProcess] = {}
+    with ExitStack() as stack:
+
+        def get(mode: str) -> ServerProcess:
+            if mode not in running:
+                data = tmp_path_factory.mktemp(f"contract-srv-{mode}")
+                running[mode] = stack.enter_context(ServerProcess(data, download_mode=mode))
+            return running[mode]
+
+        yield get
 
 
 def _fake_backend(name: str, fake: InMemoryRegistry, registry: Registry, tmp: Path) -> Backend:
@@ -65,7 +76,7 @@ def _fake_backend(name: str, fake: InMemoryRegistry, registry: Registry, tmp: Pa
 
 @pytest.fixture(params=IMPLEMENTATIONS)
 async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, server: ServerProcess
+    request: pytest.FixtureRequest, tmp_path: Path, servers: Callable[[str], ServerProcess]
 ) -> AsyncIterator[Backend]:
     if request.param == "fake":
         fake = InMemoryRegistry()
@@ -74,6 +85,7 @@ async def backend(
         fake = InMemoryRegistry()
         yield _fake_backend("faulty", fake, FaultyRegistry(fake), tmp_path)
     else:
+        server = servers("redirect" if request.param == "gitlab-redirect" else "local")
         path = f"contract/p{next(_projects)}"
         store = server.store
         pid = store.create_project(path, "private")
@@ -87,6 +99,6 @@ async def backend(
 
         registry = GitLabRegistry(f"{server.url}/{path}", token)
         try:
-            yield Backend("gitlab", registry, path, add_candidate, tmp_path)
+            yield Backend(request.param, registry, path, add_candidate, tmp_path)
         finally:
             await registry.aclose()

@@ -12,7 +12,7 @@ import pytest
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate
 
-IMPLEMENTATIONS = ("fake", "gitlab", "faulty")
+IMPLEMENTATIONS = ("fake", "gitlab", "gitlab-redirect", "faulty")
 _uploads = itertools.count(1)
 
 
