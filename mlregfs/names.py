@@ -17,7 +17,8 @@ from mlregfs.registry.validate import NAME_MAX
 FILE_NAME_RE = re.compile(r"\A[A-Za-z0-9._+\- ]+\Z")
 # GitLab's package_name_regex (model names), reference §2
 MODEL_NAME_RE = re.compile(
-    r"\A@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]+))@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]*))\Z"
+    r"\A@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]+))@?(?>(?:[\w\-.+]*/)*(?:[\w\-.]*))\Z",
+    re.ASCII,  # Ruby's \w: no letters outside ASCII (GitLab refuses `modèle`)
 )
 # a directory name that is meant as a version: starts with a digit, or v + digit
 VERSION_LIKE_RE = re.compile(r"\A[vV]?\d")

@@ -18,6 +18,17 @@ from mlregfs.registry.types import (
 )
 
 
+def check_range(file: RemoteFile, start: int, end: int, into: memoryview | None) -> None:
+    """The Protocol's `read_range` arguments: [start, end) inside `file`, and an `into` of
+    exactly that length. ValueError otherwise (a caller's bug, never a registry's answer)."""
+    if not 0 <= start <= end:
+        raise ValueError(f"invalid range [{start}, {end})")
+    if end > file.size:
+        raise ValueError(f"range end {end} is past the end of {file.path} ({file.size} B)")
+    if into is not None and len(into) != end - start:
+        raise ValueError(f"into is {len(into)} bytes, the range {end - start}")
+
+
 @dataclass
 class RegistryStats:
     """Counters a registry client keeps; read by status/metrics and by tests."""

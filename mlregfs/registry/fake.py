@@ -7,9 +7,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import semver
+
 from mlregfs.buffers import Buffer
 from mlregfs.errors import BadRequest, Conflict, Forbidden, NotFound, RegistryUnavailable
-from mlregfs.registry.base import RegistryStats
+from mlregfs.names import FILE_NAME_RE, MODEL_NAME_RE
+from mlregfs.registry.base import RegistryStats, check_range
 from mlregfs.registry.types import (
     Candidate,
     FileOwner,
@@ -32,6 +35,9 @@ class InMemoryRegistry:
         self._models: dict[str, Model] = {}
         self._candidates: dict[int, Candidate] = {}
         self._files: dict[tuple[str, ...], dict[str, tuple[RemoteFile, bytes]]] = {}
+        # the older copies of a name, by file id: GitLab serves the newest of those left when
+        # the newest copy is deleted
+        self._older: dict[int, tuple[RemoteFile, bytes]] = {}
         self.runs: dict[str, Run] = {}  # run id -> what `get_run` answers
         self._next_id = 1000
         self.corrupt: set[str] = set()  # paths whose served bytes differ from their sha256
@@ -77,6 +83,8 @@ class InMemoryRegistry:
             pkg,
             older_ids=(*old[0].older_ids, old[0].file_id) if old else (),
         )
+        if old:
+            self._older[old[0].file_id] = old
         self._files[key][path] = (f, data)
         return f
 
@@ -124,6 +132,7 @@ class InMemoryRegistry:
         into: memoryview | None = None,
     ) -> Buffer:
         self._check("read_range")
+        check_range(file, start, end, into)
         entry = self._files.get(self._key(owner), {}).get(file.path)
         if entry is None:
             raise NotFound(f"file {file.path!r} not found")
@@ -147,16 +156,19 @@ class InMemoryRegistry:
             raise NotFound("404 Not Found")
 
     async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+        # GitLab's /authorize checks the project and the role only: a missing owner is
+        # refused by the upload itself
         self._check("authorize")
         if self.role < 30:
             raise Forbidden("403 Forbidden")
-        self._owner_exists(owner)
 
     async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
         self._check("upload")
         if self.role < 30:
             raise Forbidden("403 Forbidden")
         self._owner_exists(owner)
+        if not FILE_NAME_RE.match(path.rpartition("/")[2]):  # the last segment only (§8.4)
+            raise BadRequest("file_name is invalid")
         data = source.read_bytes()  # noqa: ASYNC240 - test double, small files
         if len(data) != size:
             raise BadRequest("size mismatch")
@@ -167,18 +179,25 @@ class InMemoryRegistry:
         if self.role < 40:
             raise Forbidden("403 Forbidden")
         for files in self._files.values():
-            for p, (f, _) in list(files.items()):
+            for p, (f, data) in list(files.items()):
                 if f.file_id == file.file_id:
-                    del files[p]
+                    if f.older_ids:  # the next older copy is served again
+                        prev, prev_data = self._older.pop(f.older_ids[-1])
+                        files[p] = (replace(prev, older_ids=f.older_ids[:-1]), prev_data)
+                    else:
+                        del files[p]
                 elif file.file_id in f.older_ids:
                     older = tuple(i for i in f.older_ids if i != file.file_id)
-                    files[p] = (replace(f, older_ids=older), files[p][1])
+                    files[p] = (replace(f, older_ids=older), data)
+                    self._older.pop(file.file_id, None)
 
     async def may_delete_files(self) -> bool:
         return self.role >= 40
 
     async def create_model(self, name: str) -> Model:
         self._check("create_model")
+        if len(name) > 255 or not MODEL_NAME_RE.match(name):
+            raise BadRequest("name is invalid")
         if name in self._models:
             raise Conflict("RESOURCE_ALREADY_EXISTS")
         m = self._models[name] = Model(name, self._id(), time.time())
@@ -188,11 +207,19 @@ class InMemoryRegistry:
         self._check("create_version")
         if model not in self._models:
             raise NotFound("RESOURCE_DOES_NOT_EXIST")
+        try:
+            semver.Version.parse(version)
+        except ValueError:
+            raise BadRequest("Version must be semantic version") from None
+        if any(v.version == version for v in self._models[model].versions):
+            raise BadRequest("Version has already been taken")
         return self.add_version(model, version)
 
     async def delete_version(self, version: ModelVersion) -> None:
         self._check("delete_version")
-        m = self._models[version.model]
+        m = self._models.get(version.model)
+        if m is None or all(v.version != version.version for v in m.versions):
+            raise NotFound("404 Model version not found")
         vs = tuple(v for v in m.versions if v.version != version.version)
         self._models[version.model] = replace(m, versions=vs)
         self._files.pop(("v", version.model, version.version), None)

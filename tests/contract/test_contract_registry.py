@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import pytest
-from contract_backends import Backend, xfail_on
+from contract_backends import Backend
 
 from mlregfs.errors import BadRequest, Conflict, NotFound
 from mlregfs.registry.types import Candidate, FileOwner, ModelVersion, RemoteFile
@@ -20,7 +20,6 @@ CONFIG = b'{"hidden_size": 768}\n'
 # GitLab checks only the last segment of a path against its file-name regex
 # ([A-Za-z0-9._+- ]): spaces and '+' are allowed there, unicode only in directories
 UNICODE_PATH = "données été/my model+v2.bin"
-FAKE_ONLY = ("fake", "faulty")  # FaultyRegistry here wraps the fake
 
 
 @dataclass
@@ -142,11 +141,6 @@ async def test_read_empty_range(backend: Backend, world: World) -> None:
     assert bytes(await backend.registry.read_range(world.v1, blob, 5, 5)) == b""
 
 
-@xfail_on(
-    *FAKE_ONLY,
-    reason="InMemoryRegistry slices data[start:end]: a range past EOF comes back short "
-    "instead of raising, against the Protocol's 'exactly end-start bytes or an error'",
-)
 @pytest.mark.parametrize("past", [1, 4096])
 async def test_read_past_eof_raises(backend: Backend, world: World, past: int) -> None:
     blob = (await files_of(backend, world.v1))["model.bin"]
@@ -154,7 +148,6 @@ async def test_read_past_eof_raises(backend: Backend, world: World, past: int) -
         await backend.registry.read_range(world.v1, blob, blob.size - 10, blob.size + past)
 
 
-@xfail_on(*FAKE_ONLY, reason="InMemoryRegistry returns b'' for start > end instead of raising")
 async def test_read_inverted_range_raises(backend: Backend, world: World) -> None:
     blob = (await files_of(backend, world.v1))["model.bin"]
     with pytest.raises(ValueError):
@@ -200,11 +193,6 @@ async def test_delete_an_older_copy(backend: Backend, world: World) -> None:
     assert (after.file_id, after.size, after.older_ids) == (conf.file_id, 5, ())
 
 
-@xfail_on(
-    *FAKE_ONLY,
-    reason="InMemoryRegistry.delete_file drops the whole path when the newest copy goes; "
-    "GitLab then serves the next older copy of that name",
-)
 async def test_delete_the_newest_copy_reveals_the_older(backend: Backend, world: World) -> None:
     await upload(backend, world.v1, "conf/my config.json", b"newer")
     conf = (await files_of(backend, world.v1))["conf/my config.json"]
@@ -241,7 +229,6 @@ async def test_create_an_existing_model_conflicts(backend: Backend, world: World
         await backend.registry.create_model("bert")
 
 
-@xfail_on(*FAKE_ONLY, reason="InMemoryRegistry.create_version appends a duplicate version")
 async def test_create_an_existing_version_is_refused(backend: Backend, world: World) -> None:
     """GitLab answers 400 INVALID_PARAMETER_VALUE "Version has already been taken" (not
     RESOURCE_ALREADY_EXISTS, as for a model), so this is BadRequest, not Conflict."""
@@ -286,40 +273,16 @@ async def _delete_version_of_deleted_model(b: Backend, w: World) -> None:
     await b.registry.delete_version(w.rc)
 
 
-NOT_FOUND_DIVERGING = {
-    "delete a deleted version": (
-        _delete_version_twice,
-        "InMemoryRegistry.delete_version of an absent version of a present model succeeds",
-    ),
-    "delete a version of a deleted model": (
-        _delete_version_of_deleted_model,
-        "InMemoryRegistry.delete_version raises KeyError when the model is absent",
-    ),
-}
+NOT_FOUND["delete a deleted version"] = _delete_version_twice
+NOT_FOUND["delete a version of a deleted model"] = _delete_version_of_deleted_model
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        *NOT_FOUND,
-        *(
-            pytest.param(k, marks=xfail_on(*FAKE_ONLY, reason=r))
-            for k, (_, r) in NOT_FOUND_DIVERGING.items()
-        ),
-    ],
-)
+@pytest.mark.parametrize("case", NOT_FOUND)
 async def test_not_found(backend: Backend, world: World, case: str) -> None:
-    action = NOT_FOUND[case] if case in NOT_FOUND else NOT_FOUND_DIVERGING[case][0]
     with pytest.raises(NotFound):
-        await action(backend, world)
+        await NOT_FOUND[case](backend, world)
 
 
-@xfail_on(
-    *FAKE_ONLY,
-    reason="InMemoryRegistry.authorize_upload raises NotFound for a missing owner; GitLab's "
-    "/authorize checks only the project and role (authorize_workhorse!), so a missing "
-    "owner is refused by the upload itself",
-)
 async def test_authorize_checks_role_not_owner(backend: Backend, world: World) -> None:
     missing = Candidate(999_999, 0.0)
     await backend.registry.authorize_upload(missing, "x.bin")
@@ -336,7 +299,6 @@ BAD_NAMES: dict[str, Case] = {
 }
 
 
-@xfail_on(*FAKE_ONLY, reason="InMemoryRegistry applies none of GitLab's name rules")
 @pytest.mark.parametrize("case", BAD_NAMES)
 async def test_names_gitlab_refuses(backend: Backend, world: World, case: str) -> None:
     with pytest.raises(BadRequest):

@@ -19,7 +19,7 @@ import trio
 
 from mlregfs.buffers import Buffer
 from mlregfs.registry import Candidate, FileOwner, Model, ModelVersion, ProjectInfo, RemoteFile
-from mlregfs.registry.base import RegistryStats
+from mlregfs.registry.base import RegistryStats, check_range
 from mlregfs.registry.gitlab.admin import Admin
 from mlregfs.registry.gitlab.api import Api, TokenKind
 from mlregfs.registry.gitlab.files import Files
@@ -150,12 +150,7 @@ class GitLabRegistry:
     ) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error. With `into`
         (end-start bytes long) they land there and `into` is returned."""
-        if not 0 <= start <= end:
-            raise ValueError(f"invalid range [{start}, {end})")
-        if end > file.size:
-            raise ValueError(f"range end {end} is past the end of {file.path} ({file.size} B)")
-        if into is not None and len(into) != end - start:
-            raise ValueError(f"into is {len(into)} bytes, the range {end - start}")
+        check_range(file, start, end, into)
         if start == end:
             return into if into is not None else b""
         if self._project.info is None:  # the lock is a trip through trio's scheduler per read
