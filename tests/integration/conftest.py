@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +111,7 @@ def world(server: ServerProcess) -> World:
 
 
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[object]:
+def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """`mount_factory(source, token=..., options=[...])`: a started Mount, stopped afterwards."""
     mounts: list[Mount] = []
 
@@ -127,6 +127,6 @@ def mount_factory(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def mnt(world: World, mount_factory) -> Path:  # type: ignore[no-untyped-def]
+def mnt(world: World, mount_factory: Callable[..., Mount]) -> Path:
     """The private project mounted with a developer token."""
     return mount_factory(world.private, token=world.tokens["developer"]).path

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.hostile import HostileProxy
 from tests.integration.conftest import World
 from tests.integration.helpers import Mount, file_sha, sha

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.conftest import World
 from tests.integration.helpers import blob, file_sha, sha
 

@@ -24,7 +24,7 @@ from helpers import blob, clean_env, file_sha, sha
 from safetensors import safe_open
 from safetensors.numpy import load, save
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 
 MiB = 1 << 20
 SIZE = 24 * MiB + 321  # 25 blocks of 1 MiB

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.helpers import Mount, blob, clean_env, sha
 
 PROJECT = "acme/deploy"

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlregfs.server.testing import ServerProcess, free_port
+from mlregfs.testing import ServerProcess, free_port
 from tests.integration.conftest import World
 from tests.integration.helpers import Mount, clean_env, entries, file_sha, sha, unmount
 

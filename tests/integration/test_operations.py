@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.helpers import clean_env, sha
 
 

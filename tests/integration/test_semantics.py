@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.conftest import BIG, World
 from tests.integration.helpers import entries, file_sha, sha
 

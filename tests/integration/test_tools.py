@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 import httpx
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.helpers import Mount, blob, clean_env, recover, sha, unmount
 
 PROJECT = "team/tools"

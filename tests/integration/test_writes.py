@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.integration.helpers import Mount, entries, file_sha, recover, unmount
 
 

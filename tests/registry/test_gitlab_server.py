@@ -1,4 +1,4 @@
-"""GitLabRegistry against the real embedded registry server (mlregfs.server.testing)."""
+"""GitLabRegistry against the real embedded registry server (mlregfs.testing)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
+from mlregfs import testing
 from mlregfs.errors import NotFound, Unauthorized
 from mlregfs.registry.gitlab import GitLabRegistry
 from mlregfs.registry.types import Candidate, ModelVersion
-
-testing = pytest.importorskip("mlregfs.server.testing")
 
 PROJECT = "team/vision"
 BLOB = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes

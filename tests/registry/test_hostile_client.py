@@ -26,7 +26,7 @@ from mlregfs.registry.gitlab import GitLabRegistry
 from mlregfs.registry.gitlab.pages import MAX_PAGES
 from mlregfs.registry.retry import RetryPolicy
 from mlregfs.registry.types import ModelVersion, RemoteFile
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.hostile import HostileProxy
 
 Make = Callable[..., GitLabRegistry]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from mlregfs.server.storage import Signer
-from mlregfs.server.testing import ServerProcess
+from mlregfs.testing import ServerProcess
 from tests.server.helpers import World, bearer, files_url
 
 

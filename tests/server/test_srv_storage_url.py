@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from mlregfs.server.storage import BUCKET
-from mlregfs.server.testing import ServerProcess, free_port
+from mlregfs.testing import ServerProcess, free_port
 from tests.server.helpers import bearer
 
 PAYLOAD = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB, not one repeated byte

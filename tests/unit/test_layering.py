@@ -39,6 +39,11 @@ RULES: dict[str, tuple[str, ...]] = {
     ),
     # GitLab's operations speak HTTP only through registry/http (bytes, JSON, error mapping)
     "mlregfs.registry.gitlab": ("httpx", "httpcore", "http.client", "socket"),
+    # the harness starts real processes (serve, mounts): it needs none of the client's code
+    "mlregfs.testing": (
+        "pyfuse3", "httpx", "mlregfs.fs", "mlregfs.cache", "mlregfs.registry",
+        "mlregfs.fuse_ops", "mlregfs.mount",
+    ),
     # the embedded server is an independent oracle: nothing of the client
     "mlregfs.server": (
         "pyfuse3", "mlregfs.fs", "mlregfs.cache", "mlregfs.registry", "mlregfs.fuse_ops",
