@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ async def test_single_flight_shares_one_fetch() -> None:
     assert results == [42] * 5 and calls == 1
 
 
-async def _append(out: list[int], aw) -> None:  # type: ignore[no-untyped-def]
+async def _append(out: list[int], aw: Awaitable[int]) -> None:
     out.append(await aw)
 
 
@@ -137,10 +138,12 @@ async def test_out_of_order_blocks_are_verified_without_rehashing_the_file(
     loads = 0
     real_get = store.get
 
-    def counting_get(key: str, idx: int, expect: str | None = None, into=None):  # type: ignore[no-untyped-def]
+    def counting_get(
+        key: str, index: int, expect: str | None = None, into: mmap.mmap | bytearray | None = None
+    ) -> mmap.mmap | bytearray | None:
         nonlocal loads
         loads += into is None  # the hash's own loads (a reader's lease a buffer: `into`)
-        return real_get(key, idx, expect, into)
+        return real_get(key, index, expect, into)
 
     store.get = counting_get  # type: ignore[method-assign]
     dc = DataCache(store, block_size=bs, memory_bytes=8 * bs, readahead=4)  # the defaults
@@ -297,7 +300,7 @@ async def test_verified_file_checks_blocks_from_disk_and_refetched(tmp_path: Pat
     assert not store.is_verified(spec.key) and store.count(spec.key) == 0
 
 
-def _rewrite_block(store: BlockStore, key: str, idx: int, change) -> None:  # type: ignore[no-untyped-def]
+def _rewrite_block(store: BlockStore, key: str, idx: int, change: Callable[[bytes], bytes]) -> None:
     """Change a block's payload on disk and recompute its header checksum (xxh3-64)."""
     import struct
 
@@ -364,7 +367,7 @@ async def test_small_reads_covering_a_file_end_in_eio(tmp_path: Path) -> None:
         assert bytes(got) == data[o : o + (48 << 10)]
     assert failed and dc.stats.small_reads > 0
     dc.close(cf)
-    assert not any(k[0] == spec.key for k in dc._small)
+    assert not any(k[0] == spec.key for k in dc._mem.windows)
 
 
 async def test_reader_bytes_are_the_checked_bytes(tmp_path: Path) -> None:
