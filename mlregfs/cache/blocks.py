@@ -14,7 +14,10 @@ Blocks are written with O_DIRECT where the filesystem allows it (the 4 KiB heade
 payload aligned; see `directio` for why, and for the buffered fallback) and read buffered, then
 dropped from the page cache: the cache never holds a second page-cache copy of its bytes.
 
-All methods are synchronous and thread-safe: callers run them in worker threads.
+All methods are synchronous and thread-safe. Those that touch the disk (`get`, `put`, `drop`,
+`pin`, the marker methods) are run in worker threads by async callers; `has`, `count`,
+`stored_bytes`, `pinned_bytes`, `forget` and `digest` work on memory only (the digest seed is
+read when the store is made), so the event loop may call them.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class BlockStore:
         self._lock = threading.Lock()
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # -> payload size
         self._by_key: dict[str, set[int]] = {}
+        self._marked: set[str] = set()  # keys with a verified marker on disk
         # private (0700) whatever the umask; a file where a directory belongs is set aside
         self._damaged = Path(root) / "damaged"  # outside the layout: never scanned
         private_dir(Path(root), repair=True)
@@ -99,6 +103,7 @@ class BlockStore:
         self._pins_file = self.root / "pins.json"
         self.pins: set[str] = self._load_pins()
         self._scan()
+        self._secret()  # now, not at the first digest (which may be on the event loop)
 
     def _load_pins(self) -> set[str]:
         """pins.json: a list of cache keys. Anything else is set aside and no file is pinned."""
@@ -177,6 +182,7 @@ class BlockStore:
         belongs or the reverse, a symlink, a foreign name, an unreadable directory) is set
         aside under `damaged/` with a warning; a block too short for its header is dropped."""
         found: list[tuple[float, str, int, int]] = []
+        marked: set[str] = set()
         for sub, sst in self._entries(self.root):
             if sub.name.endswith(".tmp") and stat.S_ISREG(sst.st_mode):
                 _unlink(sub.path)  # pins or seed of an interrupted write
@@ -205,12 +211,15 @@ class BlockStore:
                             _unlink(f.path)
                             continue
                         found.append((st.st_mtime, key, int(stem), st.st_size - _HDR_SPACE))
-                    elif not (regular and f.name == "verified"):
+                    elif regular and f.name == "verified":
+                        marked.add(key)
+                    else:
                         self._aside(Path(f.path), "not a cache block")
         found.sort()
         with self._lock:
             for _, key, idx, size in found:
                 self._remember(key, idx, size)
+            self._marked = marked
         self._evict()
 
     # -- operations ---------------------------------------------------------------------
@@ -430,12 +439,18 @@ class BlockStore:
             self._path(key, idx).unlink(missing_ok=True)
             self.unverify(key)
 
-    def drop(self, key: str) -> None:
-        """Remove every block of `key` (e.g. after a sha256 mismatch)."""
-        d = self._dir(self.check_key(key))  # never anything but <root>/<key[:2]>/<key>
+    def forget(self, key: str) -> None:
+        """Stop finding any block of `key` (no I/O: `drop` removes the files)."""
+        self.check_key(key)
         with self._lock:
             for idx in list(self._by_key.get(key, ())):
                 self._forget(key, idx)
+            self._marked.discard(key)
+
+    def drop(self, key: str) -> None:
+        """Remove every block of `key` (e.g. after a sha256 mismatch)."""
+        d = self._dir(self.check_key(key))  # never anything but <root>/<key[:2]>/<key>
+        self.forget(key)
         shutil.rmtree(d, ignore_errors=True)
 
     # -- verified marker ----------------------------------------------------------------
@@ -471,6 +486,8 @@ class BlockStore:
             {"seed": self._seed_id(), "block_size": block_size, "size": size, "digests": digests}
         ).encode()
         write_private(d / "verified", text)
+        with self._lock:
+            self._marked.add(key)
 
     def verified_digests(
         self, key: str, block_size: int | None = None, *, size: int | None = None
@@ -495,7 +512,15 @@ class BlockStore:
         return digests if ok and digests else None
 
     def unverify(self, key: str) -> None:
+        with self._lock:
+            self._marked.discard(key)
         (self._dir(self.check_key(key)) / "verified").unlink(missing_ok=True)
+
+    def marked(self, key: str) -> bool:
+        """Has `key` a verified marker (as far as this store wrote, removed or found it)? No
+        I/O: a False spares reading a marker that is not there."""
+        with self._lock:
+            return key in self._marked
 
     def is_verified(self, key: str, *, size: int | None = None) -> bool:
         return self.verified_digests(key, size=size) is not None

@@ -81,6 +81,9 @@ class DataCache:
         self._loads = trio.CapacityLimiter(self.max_parallel)
         self._limiter = FairLimiter(total=max_parallel, per_file=max_parallel)
         self._files: dict[str, CachedFile] = {}
+        # block digests of files verified while this mount had them open: key -> (size,
+        # digests), so that reopening one reads no marker on the event loop
+        self._verified: dict[str, tuple[int, list[str]]] = {}
         self._nursery: trio.Nursery | None = None
         shared = Shared(
             store,
@@ -141,7 +144,7 @@ class DataCache:
             nblocks = max(1, -(-spec.size // self.block_size))
             cf = CachedFile(spec, fetch, nblocks)
             if spec.sha256 is not None:
-                digests = self.store.verified_digests(spec.key, self.block_size, size=spec.size)
+                digests = self._verified_digests(spec)
                 if digests is not None and len(digests) == nblocks:
                     cf.digests = digests
             cf.verified = spec.sha256 is None or cf.digests is not None
@@ -154,6 +157,20 @@ class DataCache:
         cf.fetch_into = into
         cf.refs += 1
         return cf
+
+    def _verified_digests(self, spec: FileSpec) -> list[str] | None:
+        """The block digests in `spec`'s verified marker: from memory if this mount verified
+        or read it, from disk (once) otherwise; none without a marker (no I/O then)."""
+        if not self.store.marked(spec.key):
+            self._verified.pop(spec.key, None)  # evicted or discarded since
+            return None
+        known = self._verified.get(spec.key)
+        if known is not None and known[0] == spec.size:
+            return known[1]
+        digests = self.store.verified_digests(spec.key, self.block_size, size=spec.size)
+        if digests is not None:
+            self._verified[spec.key] = (spec.size, digests)
+        return digests
 
     def may_keep_pages(self, cf: CachedFile) -> bool:
         """May the kernel keep the file's cached pages at this open of `cf`? Only if it is
@@ -179,6 +196,8 @@ class DataCache:
         if cf.refs > 0 or cf.inflight or cf.streaming or self._files.get(cf.spec.key) is not cf:
             return
         del self._files[cf.spec.key]
+        if cf.verified and cf.digests is not None and not cf.poisoned:
+            self._verified[cf.spec.key] = (cf.spec.size, cf.digests)
         cf.unhashed.clear()
         cf.refill.clear()
         cf.hashed_digests.clear()
@@ -187,13 +206,6 @@ class DataCache:
         cf.partial.clear()
         cf.covered.clear()
         cf.served.clear()
-
-    def is_complete(self, spec: FileSpec) -> bool:
-        """All blocks on disk and (if a sha256 is known) verified."""
-        nblocks = max(1, -(-spec.size // self.block_size))
-        return self.store.count(spec.key) >= nblocks and (
-            spec.sha256 is None or self.store.is_verified(spec.key, size=spec.size)
-        )
 
     # -- reads --------------------------------------------------------------------------
     async def read(
@@ -379,7 +391,7 @@ class DataCache:
             data, digest = await trio.to_thread.run_sync(load, buf)
         del buf
         if digest is not None:
-            self._verifier.note(cf, idx, digest)
+            await self._verifier.note(cf, idx, digest)
         return data
 
     async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> Block:
@@ -406,7 +418,7 @@ class DataCache:
                 # must be the block that was verified, before anyone sees it
                 known = cf.digests
                 if await trio.to_thread.run_sync(self.store.digest, data) != known[idx]:
-                    self._verifier.corrupt(cf)
+                    await self._verifier.corrupt(cf)
                     raise IntegrityError(f"{spec.key}: block {idx} differs from the verified one")
                 await trio.to_thread.run_sync(self._verifier.store_verified, spec, idx, data, known)
                 self._mem.remember(key, data)
@@ -419,7 +431,7 @@ class DataCache:
 
                 sha, digest = await trio.to_thread.run_sync(check)
                 if sha != spec.sha256:
-                    self._verifier.corrupt(cf)
+                    await self._verifier.corrupt(cf)
                     raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256")
                 await trio.to_thread.run_sync(
                     self._verifier.store_verified, spec, idx, data, [digest]
@@ -429,7 +441,9 @@ class DataCache:
                 return data
             if spec.sha256 is not None:
                 # what readers get is what the check compares (`Verifier.note`)
-                self._verifier.note(cf, idx, await trio.to_thread.run_sync(self.store.digest, data))
+                await self._verifier.note(
+                    cf, idx, await trio.to_thread.run_sync(self.store.digest, data)
+                )
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed; the end of the file waits for the sha256 check (`Verifier.settle`).
             if self._mem.remember(key, data):

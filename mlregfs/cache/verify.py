@@ -122,17 +122,18 @@ class Verifier:
         if cf.poisoned:
             raise IntegrityError(f"{cf.spec.key} did not match its sha256; reopen to refetch")
 
-    def note(self, cf: CachedFile, idx: int, digest: str) -> None:
+    async def note(self, cf: CachedFile, idx: int, digest: str) -> None:
         """A copy of block `idx` with `digest` is about to be served: compare it with the
         checked bytes of that block if they are known, else record it for when the running
-        hash reaches the block. Synchronous: nothing may hash `idx` between the two."""
+        hash reaches the block. No await before either: nothing may hash `idx` between the
+        two."""
         known = cf.digests
         if known is None and idx < cf.hashed_upto:
             known = cf.hashed_digests
         if known is None:
             cf.seen.setdefault(idx, set()).add(digest)
         elif known[idx] != digest:
-            self.corrupt(cf)
+            await self.corrupt(cf)
             raise IntegrityError(f"{cf.spec.key}: block {idx} differs from the one checked")
 
     def store_verified(self, spec: FileSpec, idx: int, data: Block, digests: list[str]) -> None:
@@ -268,7 +269,7 @@ class Verifier:
             cf.hashed_upto = start + len(digests)
             cf.hash_moved.unpark_all()
             if mismatch:
-                self.corrupt(cf)
+                await self.corrupt(cf)
                 raise IntegrityError(f"{key}: bytes served differ from the ones checked")
             if len(digests) < wanted:
                 return
@@ -348,10 +349,14 @@ class Verifier:
             cf.refill.clear()
             log.debug("%s verified against sha256", spec.key)
             return
-        self.corrupt(cf)
+        await self.corrupt(cf)
         raise IntegrityError(f"{spec.key}: downloaded bytes do not match sha256; discarded")
 
-    def corrupt(self, cf: CachedFile) -> None:
+    async def corrupt(self, cf: CachedFile) -> None:
+        """Poison `cf`: every read fails until its last handle closes, and its blocks and
+        windows are discarded. All but the removal of its files happens before the first
+        await, so no one serves or hashes the discarded bytes meanwhile, and the mount drops
+        the kernel's pages of it even if the removal is cancelled."""
         key = cf.spec.key
         cf.poisoned = True
         cf.verified, cf.digests = False, None
@@ -368,6 +373,7 @@ class Verifier:
         cf.hash_moved.unpark_all()
         log.error("sha256 mismatch for %s: cached blocks discarded", key)
         self._mem.drop_blocks(key)
-        self.store.drop(key)
+        self.store.forget(key)
         if self.on_corrupt is not None:
             self.on_corrupt(key)
+        await trio.to_thread.run_sync(self.store.drop, key)

@@ -58,7 +58,7 @@ class Windows:
             for w, part in zip(starts, parts, strict=True):
                 digest = self.store.digest(part)
                 if wins.setdefault(w, digest) != digest:  # two downloads of it differ
-                    self._verifier.corrupt(cf)
+                    await self._verifier.corrupt(cf)
                     raise IntegrityError(f"{key}: two downloads of bytes {w}-{w + sw} differ")
             whole = False
             for w in starts:
