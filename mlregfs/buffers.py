@@ -15,19 +15,19 @@ lease that cannot be met within `OVER_BUDGET_AFTER` seconds may overshoot the bu
 `OVERSHOOT` of it, and any lease is granted after `STUCK_AFTER`; both are counted
 (`over_budget`): a bounded overshoot is better than a stalled read.
 
-A buffer is reused only if nothing else refers to it: CPython counts every reference, and every
-memoryview of a bytearray holds one, so `sys.getrefcount` proves that no reader, hasher or
-writer still sees the old bytes before they are overwritten (a FUSE reply may still be copying
-a block a moment after the read handler returned).
+Ownership is explicit: `lease` (and `adopt`, for a buffer made elsewhere) hands out a `Lease`;
+each holder of the bytes (the memory cache, a download, the hash, a reply) has its own lease
+(`share`) and releases it exactly once when it no longer reads or writes them. A buffer goes
+back to the ring when its last lease is released, and only then can it be overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
-import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # Anything the byte paths hand around: the buffer protocol, len() in bytes, never mutated once
 # filled.
@@ -36,7 +36,55 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 OVER_BUDGET_AFTER = 2.0  # seconds a lease waits for the budget before it may overshoot...
 OVERSHOOT = 0.25  # ...by at most this share of the budget; past that it waits on (bounded)
 STUCK_AFTER = 30.0  # ...and is granted anyway after this long (a stall is worse than RSS)
-_POLL = 0.005  # buffers come back when their last reference goes: poll for that
+_POLL = 0.005  # buffers come back when their last lease is released: poll for that
+
+
+class _Claim:
+    """The holders of one buffer."""
+
+    __slots__ = ("holders", "ring")
+
+    def __init__(self, ring: BufferRing) -> None:
+        self.ring = ring
+        self.holders = 0
+
+
+class Lease:
+    """One holder's claim on a buffer: `buf` is the holder's to read (and, if it is the only
+    holder, to fill) until `release()`, which must be called exactly once. Leases are shared
+    and released on the event loop only; worker threads use `buf` while a lease is held."""
+
+    __slots__ = ("_claim", "_released", "buf")
+
+    def __init__(self, buf: Buffer, claim: _Claim) -> None:
+        self.buf = buf
+        self._claim = claim
+        claim.holders += 1
+        self._released = False
+
+    def share(self) -> Lease:
+        """Another holder's lease on the same buffer."""
+        if self._released:
+            raise RuntimeError("share of a released lease")
+        return Lease(self.buf, self._claim)
+
+    @contextlib.contextmanager
+    def released_on_error(self) -> Iterator[Lease]:
+        """Release this lease if the block raises: its holder would not hand it on."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> bool:
+        """Let the buffer go; True if it went back to the ring (this was its last lease)."""
+        if self._released:
+            raise RuntimeError("lease released twice")
+        self._released = True
+        claim = self._claim
+        claim.holders -= 1
+        return claim.holders == 0 and claim.ring._give(self.buf)
 
 
 class BufferRing:
@@ -87,10 +135,18 @@ class BufferRing:
                 return self._free.pop()
         return self._new()
 
-    async def lease(self, n: int, evict: Callable[[], bool] | None = None) -> mmap.mmap | bytearray:
-        """`take`, but within the budget: while `limit` buffers are alive and none is free,
-        `evict()` (which lets one cached block go, False when it has none) is asked, then the
-        lease waits for a buffer to come back."""
+    def adopt(self, buf: Buffer) -> Lease:
+        """A lease on a buffer from `take` (or made elsewhere): at its last release it joins
+        the ring if it is a ring buffer."""
+        return Lease(buf, _Claim(self))
+
+    async def lease(self, n: int, evict: Callable[[], bool] | None = None) -> Lease:
+        """`take` under a lease, within the budget: while `limit` buffers are alive and none
+        is free, `evict()` (which lets one cached block go, False when it has none) is asked,
+        then the lease waits for a buffer to come back."""
+        return self.adopt(await self._budgeted(n, evict))
+
+    async def _budgeted(self, n: int, evict: Callable[[], bool] | None) -> mmap.mmap | bytearray:
         import trio  # not at module level: the mount helper imports this module's types only
 
         if n != self.size or n == 0:
@@ -119,16 +175,9 @@ class BufferRing:
                 return self._new()
             await trio.sleep(_POLL)
 
-    def give(self, buf: object, refs: int) -> bool:
-        """Take `buf` back if the caller's `refs` references are all there are.
-
-        `refs` counts the caller's own references, e.g. 1 for a local variable; the argument
-        and getrefcount's own are added here."""
-        if (
-            not isinstance(buf, mmap.mmap)
-            or len(buf) != self.size
-            or sys.getrefcount(buf) != refs + 2
-        ):
+    def _give(self, buf: object) -> bool:
+        """Take back a buffer whose last lease was released (if it is one of the ring's)."""
+        if not isinstance(buf, mmap.mmap) or len(buf) != self.size:
             return False
         with self._lock:
             if len(self._free) >= self.limit:

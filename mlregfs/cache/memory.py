@@ -1,34 +1,37 @@
-"""The memory cache: whole blocks in ring buffers (LRU) and small-read windows (plain bytes,
-outside the ring). An evicted block's buffer goes back to the ring for the next download."""
+"""The memory cache: whole blocks in ring buffers, each held under a lease (LRU), and
+small-read windows (plain bytes, outside the ring). An evicted block's lease is released, so
+its buffer goes back to the ring for the next download once no one else holds it."""
 
 from __future__ import annotations
 
 from cachetools import LRUCache
 
-from mlregfs.buffers import POOL
+from mlregfs.buffers import Lease
 from mlregfs.cache.state import Block
-
-_GIVEN = b""  # what `_BlockLRU.popitem` returns for a block whose buffer went back to the ring
 
 Key = tuple[str, int]  # (file key, block index); a window's index is -1 - its offset
 
 
-class _BlockLRU(LRUCache[Key, Block]):
-    """An evicted block's buffer goes back to the pool if no one else still holds it (a
-    reader's view, a hash or a disk write in progress)."""
+def _size(lease: Lease) -> int:
+    return len(lease.buf)
 
-    def popitem(self) -> tuple[Key, Block]:
-        key, value = super().popitem()
-        if POOL.give(value, refs=1):
-            return key, _GIVEN  # the caller must not use a recycled buffer
-        return key, value
+
+class _BlockLRU(LRUCache[Key, Lease]):
+    """Releases the lease of each block it lets go (`released`: whether that freed a buffer)."""
+
+    released = False
+
+    def popitem(self) -> tuple[Key, Lease]:
+        key, lease = super().popitem()
+        self.released = lease.release()
+        return key, lease
 
 
 class MemoryCache:
     """Blocks of at most `capacity` bytes; windows of at most `windows` bytes."""
 
     def __init__(self, capacity: int, windows: int) -> None:
-        self._blocks = _BlockLRU(max(capacity, 1), getsizeof=len)
+        self._blocks = _BlockLRU(max(capacity, 1), getsizeof=_size)
         self.windows: LRUCache[Key, Block] = LRUCache(windows, getsizeof=len)
 
     @property
@@ -39,21 +42,32 @@ class MemoryCache:
         return key in self._blocks
 
     def get(self, key: Key) -> Block | None:
-        return self._blocks.get(key)
+        """Block `key`'s bytes, to look at now (a holder takes a `share`)."""
+        lease = self._blocks.get(key)
+        return None if lease is None else lease.buf
 
-    def pop(self, key: Key, default: Block | None = None) -> Block | None:
-        return self._blocks.pop(key, default)
+    def share(self, key: Key) -> Lease | None:
+        """A lease of the caller's own on block `key`, if it is in memory."""
+        lease = self._blocks.get(key)
+        return None if lease is None else lease.share()
 
-    def remember(self, key: Key, data: Block) -> bool:
-        """Keep block `key`; False if it is larger than the whole memory budget (not kept)."""
-        if len(data) <= self._blocks.maxsize:
-            self._blocks[key] = data
-            return True
-        return False
+    def pop(self, key: Key) -> None:
+        lease = self._blocks.pop(key, None)
+        if lease is not None:
+            lease.release()
+
+    def remember(self, key: Key, lease: Lease) -> bool:
+        """Keep (a share of) block `key`; False if it is larger than the whole memory budget
+        (not kept)."""
+        if len(lease.buf) > self._blocks.maxsize:
+            return False
+        self.pop(key)
+        self._blocks[key] = lease.share()
+        return True
 
     def drop_blocks(self, file_key: str) -> None:
         for k in [k for k in self._blocks if k[0] == file_key]:
-            self._blocks.pop(k, None)
+            self.pop(k)
 
     def drop_windows(self, file_key: str) -> None:
         for k in [k for k in self.windows if k[0] == file_key]:
@@ -66,6 +80,7 @@ class MemoryCache:
         for _ in range(4):
             if not self._blocks:
                 return False
-            if self._blocks.popitem()[1] is _GIVEN:
+            self._blocks.popitem()
+            if self._blocks.released:
                 return True
         return False

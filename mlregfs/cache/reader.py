@@ -14,10 +14,11 @@ import hashlib
 import logging
 import mmap
 from collections.abc import Callable
+from typing import cast
 
 import trio
 
-from mlregfs.buffers import POOL
+from mlregfs.buffers import POOL, Lease
 from mlregfs.cache.blocks import BlockStore
 from mlregfs.cache.memory import MemoryCache
 from mlregfs.cache.prefetch import wants_prefetch
@@ -105,7 +106,8 @@ class DataCache:
         self._streams = Streams(
             shared, self._verifier, prefetch=self._prefetch, forget_unused=self._forget_unused
         )
-        self._windows = Windows(shared, self._verifier, download=self._download)
+        self._windows = Windows(shared, self._verifier, download=self._fetch_range)
+        self._replying: list[Lease] = []  # leases on blocks whose reply is being sent
 
     @property
     def on_corrupt(self) -> Callable[[str], None] | None:
@@ -198,8 +200,8 @@ class DataCache:
         del self._files[cf.spec.key]
         if cf.verified and cf.digests is not None and not cf.poisoned:
             self._verified[cf.spec.key] = (cf.spec.size, cf.digests)
-        cf.unhashed.clear()
-        cf.refill.clear()
+        cf.unhashed.let_go_all()
+        cf.refill.let_go_all()
         cf.hashed_digests.clear()
         cf.seen.clear()
         cf.windows.clear()
@@ -241,25 +243,46 @@ class DataCache:
                 small = await self._windows.read(cf, off, end)
                 if small is not None:
                     return small
+        held = None  # the block a one-block read returns a view of
         if first == last:
-            block = await self._block(cf, first)
-            out: bytearray | memoryview = memoryview(block)[off - first * bs : end - first * bs]
+            held = await self._block(cf, first)
+            out: bytearray | memoryview = memoryview(held.buf)[off - first * bs : end - first * bs]
         else:
             out = bytearray()
             for idx in range(first, last + 1):
                 block = await self._block(cf, idx)
                 lo = max(off, idx * bs) - idx * bs
                 hi = min(end, (idx + 1) * bs) - idx * bs
-                out += memoryview(block)[lo:hi]
-                del block  # copied: never hold a buffer while waiting for the next one
-        if not cf.verified:
-            cf.served.update(range(first, last + 1))
-            whole = len(cf.served) >= cf.nblocks
-            if whole or last == cf.nblocks - 1:
-                await self._verifier.settle(cf, whole)
-        still_good(cf)
+                out += memoryview(block.buf)[lo:hi]
+                block.release()  # copied: never hold a buffer while waiting for the next one
+        try:
+            if not cf.verified:
+                cf.served.update(range(first, last + 1))
+                whole = len(cf.served) >= cf.nblocks
+                if whole or last == cf.nblocks - 1:
+                    await self._verifier.settle(cf, whole)
+            still_good(cf)
+        except BaseException:
+            if held is not None:
+                del out
+                held.release()
+            raise
         self.stats.bytes_served += len(out)
+        if held is not None:
+            self._release_after_reply(held)
         return out
+
+    def _release_after_reply(self, lease: Lease) -> None:
+        """Release `lease` at the event loop's next turn: the FUSE reply copies the view this
+        read returns right after the read returns, without yielding in between."""
+        self._replying.append(lease)
+        if len(self._replying) == 1:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._replied)
+
+    def _replied(self) -> None:
+        replied, self._replying = self._replying, []
+        for lease in replied:
+            lease.release()
 
     def _have(self, cf: CachedFile, idx: int) -> bool:
         key = (cf.spec.key, idx)
@@ -309,12 +332,14 @@ class DataCache:
     async def _preload(self, cf: CachedFile, idx: int) -> None:
         flight = cf.inflight[idx]
         try:
-            data = await self._load(cf, idx)
-            if data is not None:
-                self.stats.disk_hits += 1
-                self._mem.remember((cf.spec.key, idx), data)
-                await self._verifier.advance_hash(cf, idx, data)
-                self._recycle(cf, idx, data)
+            lease = await self._load(cf, idx)
+            if lease is not None:
+                try:
+                    self.stats.disk_hits += 1
+                    self._mem.remember((cf.spec.key, idx), lease)
+                    await self._verifier.advance_hash(cf, idx, lease)
+                finally:
+                    lease.release()
         except Exception as e:  # the foreground read will try again and report
             log.debug("read-ahead of %s block %d from disk failed: %s", cf.spec.key, idx, e)
         finally:
@@ -326,9 +351,8 @@ class DataCache:
     async def _prefetch(self, cf: CachedFile, idx: int) -> bool:
         """Fetch block `idx` (claimed by the caller) in the background; False if it failed."""
         try:
-            data = await self._fetch(cf, idx, claimed=True)
+            (await self._fetch(cf, idx, claimed=True)).release()
             self.stats.prefetched_blocks += 1
-            self._recycle(cf, idx, data)
             return True
         except IntegrityError:
             cf.poisoned = True
@@ -336,15 +360,16 @@ class DataCache:
             log.debug("read-ahead of %s block %d failed: %s", cf.spec.key, idx, e)
         return False
 
-    async def _block(self, cf: CachedFile, idx: int) -> Block:
+    async def _block(self, cf: CachedFile, idx: int) -> Lease:
+        """Block `idx` under a lease of the caller's own."""
         key = (cf.spec.key, idx)
         while True:
-            data = self._mem.get(key)
-            if data is None:
-                data = cf.unhashed.get(idx)  # held for the hash (noted when it arrived)
-            if data is not None:
+            lease = self._mem.share(key)
+            if lease is None and idx in cf.unhashed:
+                lease = cf.unhashed[idx].share()  # held for the hash (noted when it arrived)
+            if lease is not None:
                 self.stats.memory_hits += 1
-                return data
+                return lease
             flight = cf.inflight.get(idx)
             if flight is not None:
                 await flight.ready.wait()
@@ -359,13 +384,14 @@ class DataCache:
                 # bursts of 1 MiB reads of the same block)
                 flight = cf.inflight[idx] = BlockFetch()
                 try:
-                    data = await self._load(cf, idx)
-                    if data is not None:
+                    lease = await self._load(cf, idx)
+                    if lease is not None:
                         self.stats.disk_hits += 1
-                        self._mem.remember(key, data)
+                        self._mem.remember(key, lease)
                         flight.ready.set()
-                        await self._verifier.advance_hash(cf, idx, data)
-                        return data
+                        with lease.released_on_error():
+                            await self._verifier.advance_hash(cf, idx, lease)
+                        return lease
                 except Exception as e:
                     flight.error = e
                     raise
@@ -376,7 +402,7 @@ class DataCache:
                     self._forget_unused(cf)
             return await self._fetch(cf, idx, claimed=False)
 
-    async def _load(self, cf: CachedFile, idx: int) -> Block | None:
+    async def _load(self, cf: CachedFile, idx: int) -> Lease | None:
         """Block `idx` from disk, checked against the verified digests if there are any, or
         else noted for the comparison with the hashed bytes (`Verifier.note`)."""
         expect = self._verifier.expected(cf, idx)
@@ -387,14 +413,22 @@ class DataCache:
             return data, (self.store.digest(data) if note and data is not None else None)
 
         async with self._loads:  # a bounded number of buffers filling from disk at once
-            buf = await self._lease(cf, idx)
-            data, digest = await trio.to_thread.run_sync(load, buf)
-        del buf
+            lease = await self._lease(cf, idx)
+            buf = cast("mmap.mmap | bytearray", lease.buf)  # from the ring: never bytes
+            with lease.released_on_error():
+                data, digest = await trio.to_thread.run_sync(load, buf)
+        if data is not buf:  # missing, or of another size than expected
+            lease.release()
+            if data is None:
+                return None
+            lease = POOL.adopt(data)
         if digest is not None:
-            await self._verifier.note(cf, idx, digest)
-        return data
+            with lease.released_on_error():
+                await self._verifier.note(cf, idx, digest)
+        return lease
 
-    async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> Block:
+    async def _fetch(self, cf: CachedFile, idx: int, *, claimed: bool) -> Lease:
+        """Download block `idx`; returned under a lease of the caller's own."""
         spec = cf.spec
         flight = cf.inflight.get(idx) if claimed else None
         if flight is None:
@@ -407,10 +441,10 @@ class DataCache:
             flight.finish()
             self._forget_unused(cf)
 
+        lease = None
         try:
-            start = idx * self.block_size
-            end = min(start + self.block_size, spec.size)
-            data = await self._download(cf, start, end, block=idx)
+            lease = await self._download(cf, idx)
+            data = lease.buf
             self.stats.fetched_blocks += 1
             self.stats.fetched_bytes += len(data)
             if cf.digests is not None:
@@ -421,8 +455,8 @@ class DataCache:
                     await self._verifier.corrupt(cf)
                     raise IntegrityError(f"{spec.key}: block {idx} differs from the verified one")
                 await trio.to_thread.run_sync(self._verifier.store_verified, spec, idx, data, known)
-                self._mem.remember(key, data)
-                return data
+                self._mem.remember(key, lease)
+                return lease
             if cf.nblocks == 1 and spec.sha256 is not None:
                 # a one-block file is checked before anyone sees it
 
@@ -437,8 +471,8 @@ class DataCache:
                     self._verifier.store_verified, spec, idx, data, [digest]
                 )
                 cf.digests, cf.verified = [digest], True
-                self._mem.remember(key, data)
-                return data
+                self._mem.remember(key, lease)
+                return lease
             if spec.sha256 is not None:
                 # what readers get is what the check compares (`Verifier.note`)
                 await self._verifier.note(
@@ -446,11 +480,11 @@ class DataCache:
                 )
             # Readers may have the block as soon as it is in memory, while it is written to
             # disk and hashed; the end of the file waits for the sha256 check (`Verifier.settle`).
-            if self._mem.remember(key, data):
+            if self._mem.remember(key, lease):
                 flight.ready.set()
             # hashed as it arrives (arrival order is nearly file order; the disk write can finish
             # in any order); `Verifier.verify` finds whatever the running hash had to skip on disk
-            await self._verifier.advance_hash(cf, idx, data)
+            await self._verifier.advance_hash(cf, idx, lease)
             await trio.to_thread.run_sync(self.store.put, spec.key, idx, data)
             if cf.poisoned:  # the check failed while this block was being stored
                 await trio.to_thread.run_sync(self.store.drop, spec.key)
@@ -462,43 +496,48 @@ class DataCache:
             ):
                 async with cf.hash_lock:
                     await self._verifier.verify(cf)
-            return data
-        except Exception as e:
-            flight.error = e
+            return lease
+        except BaseException as e:
+            if lease is not None:
+                lease.release()
+            if isinstance(e, Exception):
+                flight.error = e
             raise
         finally:
             release()
 
-    def _recycle(self, cf: CachedFile, idx: int, data: Block) -> None:
-        """A read-ahead task is done with `data`: if the memory cache already let it go (it
-        was evicted while being stored or hashed) and no one else holds it, reuse it."""
-        if self._mem.get((cf.spec.key, idx)) is not data and idx not in cf.unhashed:
-            POOL.give(data, refs=2)  # this frame's `data` and the caller's
-
-    async def _download(
-        self, cf: CachedFile, start: int, end: int, *, block: int | None = None
-    ) -> Block:
-        """Bytes [start, end) of `cf` in one fetch under the fair limiter, exactly that many.
-        Block `block` lands in a buffer leased from the ring inside the fetch slot (at most
-        one buffer per slot)."""
-        key = cf.spec.key
-        async with self._limiter.slot(key):
-            if block is None or not cf.fetch_into:
-                data: Block = await cf.fetch(start, end)
-                n = len(data)
+    async def _download(self, cf: CachedFile, idx: int) -> Lease:
+        """Block `idx` of `cf` in one fetch under the fair limiter, into a buffer leased from
+        the ring inside the fetch slot (at most one buffer per slot)."""
+        start = idx * self.block_size
+        end = min(start + self.block_size, cf.spec.size)
+        async with self._limiter.slot(cf.spec.key):
+            if not cf.fetch_into:
+                lease = POOL.adopt(await cf.fetch(start, end))
+                n = len(lease.buf)
             else:
-                data = await self._lease(cf, block)
-                view = memoryview(data)
-                got = await cf.fetch(start, end, into=view)
-                n = len(got)
-                if got is not view and n == len(view):  # it ignored `into`: no stale bytes
-                    view[:] = got
-                del got, view  # views into the buffer: it must stay recyclable
+                lease = await self._lease(cf, idx)
+                with lease.released_on_error():
+                    view = memoryview(lease.buf)
+                    got = await cf.fetch(start, end, into=view)
+                    n = len(got)
+                    if got is not view and n == len(view):  # it ignored `into`: no stale bytes
+                        view[:] = got
+                    del got, view
         if n != end - start:
-            raise ProtocolError(f"expected {end - start} bytes of {key}, got {n}")
+            lease.release()
+            raise ProtocolError(f"expected {end - start} bytes of {cf.spec.key}, got {n}")
+        return lease
+
+    async def _fetch_range(self, cf: CachedFile, start: int, end: int) -> Block:
+        """Bytes [start, end) of `cf` in one fetch under the fair limiter (a window)."""
+        async with self._limiter.slot(cf.spec.key):
+            data: Block = await cf.fetch(start, end)
+        if len(data) != end - start:
+            raise ProtocolError(f"expected {end - start} bytes of {cf.spec.key}, got {len(data)}")
         return data
 
-    async def _lease(self, cf: CachedFile, idx: int) -> mmap.mmap | bytearray:
+    async def _lease(self, cf: CachedFile, idx: int) -> Lease:
         """A buffer for block `idx`, within the memory budget (waits while it is spent)."""
         n = min(self.block_size, cf.spec.size - idx * self.block_size)
         return await POOL.lease(n, self._mem.evict_one)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mlregfs.buffers import Buffer
+from mlregfs.buffers import Buffer, Lease
 
 if TYPE_CHECKING:
     from mlregfs.cache.blocks import BlockStore
@@ -20,6 +20,33 @@ if TYPE_CHECKING:
 
 Block = Buffer  # a block's bytes: whatever the fetcher or the disk filled
 Fetcher = Callable[..., Awaitable[Block]]  # (start, end) or (start, end, into=buffer)
+
+
+class Held(dict[int, Lease]):
+    """Blocks held by index, each under its own lease (released when it leaves)."""
+
+    def keep(self, idx: int, lease: Lease) -> None:
+        """Hold a share of `lease` as block `idx`, unless a copy is held already."""
+        if idx not in self:
+            self[idx] = lease.share()
+
+    def own(self, idx: int, lease: Lease) -> None:
+        """Hold `lease` itself as block `idx` (it is this map's to release now)."""
+        old = self.get(idx)
+        self[idx] = lease
+        if old is not None:
+            old.release()
+
+    def let_go(self, idx: int) -> None:
+        lease = self.pop(idx, None)
+        if lease is not None:
+            lease.release()
+
+    def let_go_all(self) -> None:
+        for lease in self.values():
+            lease.release()
+        self.clear()
+
 
 SMALL_WINDOW = 64 << 10  # a small read fetches this aligned window of a block only (`windows`)
 
@@ -53,9 +80,9 @@ class CachedFile:
     hashed_upto: int = 0  # blocks [0, hashed_upto) are in `hasher`
     # blocks that arrived ahead of `hashed_upto` (parallel fetches finish out of order); held
     # here, not in the memory LRU, so the last blocks of a file need no re-read from disk
-    unhashed: dict[int, Block] = field(default_factory=dict)
+    unhashed: Held = field(default_factory=Held)
     # blocks fetched again only for the check (`Verifier.fill`): hashed, never served
-    refill: dict[int, Block] = field(default_factory=dict)
+    refill: Held = field(default_factory=Held)
     hash_lock: trio.Lock = field(default_factory=trio.Lock)
     # digests of blocks [0, hashed_upto), for the verified marker
     hashed_digests: list[str] = field(default_factory=list)

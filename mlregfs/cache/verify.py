@@ -27,12 +27,13 @@ from typing import Any
 
 import trio
 
-from mlregfs.buffers import POOL
+from mlregfs.buffers import POOL, Lease
 from mlregfs.cache.state import (
     SMALL_WINDOW,
     Block,
     CachedFile,
     FileSpec,
+    Held,
     Shared,
 )
 from mlregfs.errors import IntegrityError, RegistryTimeout
@@ -42,7 +43,7 @@ log = logging.getLogger("mlregfs.cache")
 HASH_BATCH = 16  # blocks hashed per worker-thread call
 CHECK_DEADLINE = 120.0  # seconds one read may spend fetching blocks again for the sha256 check
 
-Download = Callable[..., Awaitable[Block]]  # (cf, start, end, block=i): one fetch, exact length
+Download = Callable[[CachedFile, int], Awaitable[Lease]]  # block i in one fetch, under a lease
 
 
 def still_good(cf: CachedFile) -> None:
@@ -146,7 +147,7 @@ class Verifier:
     def expected(cf: CachedFile, idx: int) -> str | None:
         return cf.digests[idx] if cf.digests is not None else None
 
-    async def advance_hash(self, cf: CachedFile, idx: int, data: Block) -> None:
+    async def advance_hash(self, cf: CachedFile, idx: int, lease: Lease) -> None:
         """Feed blocks to the running sha256 in file order, off the FUSE thread.
 
         Parallel fetches finish out of order: a block ahead of the hash waits in `cf.unhashed`;
@@ -156,7 +157,7 @@ class Verifier:
         if cf.verified or idx < cf.hashed_upto:
             return
         if idx > cf.hashed_upto and self.may_hold(cf):
-            cf.unhashed.setdefault(idx, data)  # a held copy may have been served: keep it
+            cf.unhashed.keep(idx, lease)  # a held copy may have been served: keep it
         if idx > cf.hashed_upto and not self.at_hand(cf, cf.hashed_upto):
             return  # the hash continues when the block it needs arrives
         try:
@@ -167,16 +168,16 @@ class Verifier:
             # looks here first (one such block at most: the hash is not past it), or for the
             # next arrival that finds the lock free.
             if idx == cf.hashed_upto:
-                cf.unhashed.setdefault(idx, data)
+                cf.unhashed.keep(idx, lease)
             return
         try:
-            await self.hash_forward(cf, idx, data)
+            await self.hash_forward(cf, idx, lease)
             if cf.hashed_upto >= cf.nblocks:  # complete, whatever is still on disk
                 await self.conclude(cf)
         finally:
             cf.hash_lock.release()
 
-    async def hash_forward(self, cf: CachedFile, idx: int = -1, data: Block | None = None) -> None:
+    async def hash_forward(self, cf: CachedFile, idx: int = -1, lease: Lease | None = None) -> None:
         """Hash as far as blocks are at hand (queue, memory, disk), in one worker-thread call
         per run of blocks, and compare what readers were served of those blocks (`note`,
         `windows`) with the hashed bytes. Call with `cf.hash_lock` held."""
@@ -201,16 +202,15 @@ class Verifier:
                 if cf.verified or cf.poisoned or cf.hashed_upto != span.start:
                     self._scratch_lock.release()
                     continue
-            batch: list[Block | None] = []  # None: on disk, loaded by the worker
+            # each block under a lease of the batch's own while the worker hashes it (the
+            # memory cache may let it go meanwhile); None: on disk, loaded by the worker
+            batch: list[Lease | None] = []
             for i in span:
-                block = data if i == idx else cf.unhashed.get(i)
-                if block is None:
-                    block = cf.refill.get(i)
-                if block is None:
-                    block = self._mem.get((key, i))
-                if block is None and not self.store.has(key, i):
+                held = lease if i == idx else cf.unhashed.get(i) or cf.refill.get(i)
+                share = held.share() if held is not None else self._mem.share((key, i))
+                if share is None and not self.store.has(key, i):
                     break  # not fetched yet: its own advance_hash continues from here
-                batch.append(block)
+                batch.append(share)
             if not batch:
                 if scratch is not None:
                     self._scratch_lock.release()
@@ -223,22 +223,19 @@ class Verifier:
                 i: dict(cf.windows[i]) for i in range(start, start + len(batch)) if i in cf.windows
             }
 
-            block = data = None  # the batch holds what it needs, no longer than it
-
             def work(
-                batch: list[Block | None] = batch,
+                batch: list[Lease | None] = batch,
                 start: int = start,
                 windows: dict[int, dict[int, str]] = windows,
                 hasher: Any = hasher,
                 scratch: mmap.mmap | bytearray | None = scratch,
             ) -> tuple[list[str], bool]:
                 digests: list[str] = []
-                for n, block in enumerate(batch):
+                for n, share in enumerate(batch):
                     i = start + n
+                    block = share.buf if share is not None else self.store.get(key, i, into=scratch)
                     if block is None:
-                        block = self.store.get(key, i, into=scratch)
-                        if block is None:  # evicted or damaged meanwhile
-                            return digests, False
+                        return digests, False  # evicted or damaged meanwhile
                     view = memoryview(block)
                     for w0, digest in windows.get(i, {}).items():
                         lo = w0 - i * bs
@@ -254,14 +251,16 @@ class Verifier:
                 digests, mismatch = await trio.to_thread.run_sync(work)
             finally:
                 cf.hashing_to = 0
-                del batch
+                for share in batch:
+                    if share is not None:
+                        share.release()
                 if scratch is not None:
                     self._scratch_lock.release()
             if cf.poisoned or cf.hasher is not hasher:
                 return  # discarded meanwhile
             for n, digest in enumerate(digests):
-                cf.unhashed.pop(start + n, None)
-                cf.refill.pop(start + n, None)
+                cf.unhashed.let_go(start + n)
+                cf.refill.let_go(start + n)
                 cf.windows.pop(start + n, None)
                 if any(d != digest for d in cf.seen.pop(start + n, ())):
                     mismatch = True  # a reader got other bytes than the ones hashed
@@ -292,7 +291,6 @@ class Verifier:
     async def fill(self, cf: CachedFile) -> None:
         """Fetch the blocks the running hash is missing, up to the limiter's per-file share
         in parallel, and hash them in order."""
-        bs = self.block_size
         while cf.hashed_upto < cf.nblocks and not cf.verified and not cf.poisoned:
             start = cf.hashed_upto
             span = range(start, min(cf.nblocks, start + HASH_BATCH))
@@ -304,30 +302,35 @@ class Verifier:
                 continue
             want = [i for i in span if i == start or not self.at_hand(cf, i)]
             want = want[: self._limiter.per_file]
-            got: dict[int, Block] = {}
+            got = Held()  # where the running hash looks first (`refill`): popped as hashed
             errors: list[Exception] = []
 
             async def one(
-                i: int, nursery: trio.Nursery, got: dict[int, Block], errors: list[Exception]
+                i: int, nursery: trio.Nursery, got: Held, errors: list[Exception]
             ) -> None:
-                lo, hi = i * bs, min((i + 1) * bs, cf.spec.size)
                 try:
-                    block = await self._download(cf, lo, hi, block=i)
+                    block = await self._download(cf, i)
                 except Exception as e:
                     errors.append(e)
                     nursery.cancel_scope.cancel()
                     return
-                self.stats.fetched_bytes += len(block)
-                got[i] = block
+                self.stats.fetched_bytes += len(block.buf)
+                got.own(i, block)
 
-            async with trio.open_nursery() as nursery:
-                for i in want:
-                    nursery.start_soon(one, i, nursery, got, errors)
-            if errors:
-                raise errors[0]
-            if cf.poisoned or cf.verified:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in want:
+                        nursery.start_soon(one, i, nursery, got, errors)
+            except BaseException:
+                got.let_go_all()
+                raise
+            if errors or cf.poisoned or cf.verified:
+                got.let_go_all()
+                if errors:
+                    raise errors[0]
                 return
-            cf.refill.update(got)  # where the running hash looks first; popped as hashed
+            for i, block in got.items():
+                cf.refill.own(i, block)
             await self.hash_forward(cf)
             if cf.hashed_upto == start:
                 return  # no progress (cannot happen with block `start` at hand): give up
@@ -345,8 +348,8 @@ class Verifier:
                 )
             )
             cf.digests, cf.verified = digests, True
-            cf.unhashed.clear()
-            cf.refill.clear()
+            cf.unhashed.let_go_all()
+            cf.refill.let_go_all()
             log.debug("%s verified against sha256", spec.key)
             return
         await self.corrupt(cf)
@@ -362,8 +365,8 @@ class Verifier:
         cf.verified, cf.digests = False, None
         cf.hasher, cf.hashed_upto = hashlib.sha256(), 0
         cf.hashed_digests.clear()
-        cf.unhashed.clear()
-        cf.refill.clear()
+        cf.unhashed.let_go_all()
+        cf.refill.let_go_all()
         cf.seen.clear()
         cf.windows.clear()
         cf.partial.clear()

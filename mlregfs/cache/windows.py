@@ -3,15 +3,23 @@ fetched (one short range request), kept in memory and joined to the file's sha25
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from mlregfs.cache.state import SMALL_WINDOW, Block, CachedFile, Shared
-from mlregfs.cache.verify import Download, Verifier, still_good
+from mlregfs.cache.verify import Verifier, still_good
 from mlregfs.errors import IntegrityError
 
 
 class Windows:
     """Small reads served by windows of SMALL_WINDOW bytes."""
 
-    def __init__(self, shared: Shared, verifier: Verifier, *, download: Download) -> None:
+    def __init__(
+        self,
+        shared: Shared,
+        verifier: Verifier,
+        *,
+        download: Callable[[CachedFile, int, int], Awaitable[Block]],
+    ) -> None:
         self.store, self._mem, self.stats = shared.store, shared.mem, shared.stats
         self.block_size = shared.block_size
         self._verifier = verifier

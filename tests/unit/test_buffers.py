@@ -1,10 +1,12 @@
-"""Block buffers: recycled only when provably unreferenced; direct I/O helpers."""
+"""Block buffers: recycled only when their last lease is released; direct I/O helpers."""
 
 from __future__ import annotations
 
 import mmap
 import os
 from pathlib import Path
+
+import pytest
 
 from mlregfs import directio
 from mlregfs.buffers import BufferRing
@@ -17,38 +19,39 @@ def test_pool_hands_out_aligned_buffers_of_its_size_only() -> None:
     assert directio.address(buf) % directio.ALIGN == 0
     other = pool.take(1000)
     assert isinstance(other, bytearray) and len(other) == 1000
-    assert not pool.give(other, refs=1)  # not of the pool's size: never pooled
+    assert not pool.adopt(other).release()  # not of the pool's size: never pooled
 
 
-def test_buffer_with_a_live_view_is_not_reused() -> None:
+def test_buffer_with_a_live_lease_is_not_reused() -> None:
     pool = BufferRing(4096)
     buf = pool.take(4096)
     buf[:5] = b"hello"
-    view = memoryview(buf)[1:3]
-    view2 = memoryview(view)[0:1]  # a view of a view still pins the buffer
-    del view
-    assert not pool.give(buf, refs=1)
+    owner = pool.adopt(buf)
+    reader = owner.share()  # a reader's own lease on the same bytes
+    assert not owner.release()
     assert pool.take(4096) is not buf  # a new buffer: the reader's bytes stay intact
-    assert bytes(view2) == b"e"
-    del view2
-    assert pool.give(buf, refs=1)
+    assert bytes(reader.buf[1:2]) == b"e"
+    assert reader.release()  # the last lease: back to the ring
     assert pool.take(4096) is buf and pool.reused == 1
 
 
-def test_buffer_held_elsewhere_is_not_reused() -> None:
+def test_a_lease_is_released_exactly_once() -> None:
     pool = BufferRing(4096)
-    buf = pool.take(4096)
-    holders = {"cache": buf}
-    assert not pool.give(buf, refs=1)
-    holders.clear()
-    assert pool.give(buf, refs=1)
+    lease = pool.adopt(pool.take(4096))
+    other = lease.share()
+    assert not lease.release()
+    with pytest.raises(RuntimeError):
+        lease.release()  # would free the buffer under `other`
+    with pytest.raises(RuntimeError):
+        lease.share()
+    assert other.release()
 
 
 def test_ring_keeps_a_bounded_number_of_free_buffers() -> None:
     pool = BufferRing(4096, limit=2)
     bufs = [pool.take(4096) for _ in range(3)]
     # a temporary holds no reference of the caller: refs=0
-    assert [pool.give(bufs.pop(), refs=0) for _ in range(3)] == [True, True, False]
+    assert [pool.adopt(bufs.pop()).release() for _ in range(3)] == [True, True, False]
 
 
 def test_write_all_spans_several_buffers(tmp_path: Path) -> None:
@@ -66,13 +69,13 @@ def test_reconfiguring_with_free_buffers_does_not_deadlock() -> None:
     must not run while `configure` or `trim` holds it."""
     ring = BufferRing(4096, limit=4)
     buf = ring.take(4096)
-    given = ring.give(buf, refs=1)
+    given = ring.adopt(buf).release()
     del buf
     assert given
     ring.configure(8192, 4)  # used to hang here
     assert ring.alive == 0
     buf = ring.take(8192)
-    given = ring.give(buf, refs=1)
+    given = ring.adopt(buf).release()
     del buf
     assert given
     ring.trim()
@@ -92,7 +95,7 @@ async def test_lease_waits_for_the_budget_then_overshoots_by_a_bounded_share() -
 
     async def give_back_soon() -> None:
         await trio.sleep(0.05)
-        assert ring.give(held.pop(), refs=1)
+        assert held.pop().release()
 
     async with trio.open_nursery() as n:
         n.start_soon(give_back_soon)

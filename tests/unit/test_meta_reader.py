@@ -316,7 +316,7 @@ def _rewrite_block(store: BlockStore, key: str, idx: int, change: Callable[[byte
 
 def _evict(dc: DataCache, key: str, idx: int) -> None:
     """Block `idx` of `key` leaves memory and disk (as LRU eviction would)."""
-    dc._mem.pop((key, idx), None)
+    dc._mem.pop((key, idx))
     store = dc.store
     store._forget(key, idx)
     store._path(key, idx).unlink(missing_ok=True)
