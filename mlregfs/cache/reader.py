@@ -10,6 +10,7 @@ served joins the file's sha256 check (`verify`); small random reads fetch a wind
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import mmap
@@ -159,6 +160,22 @@ class DataCache:
         cf.fetch_into = into
         cf.refs += 1
         return cf
+
+    async def load_marker(self, spec: FileSpec) -> None:
+        """Read `spec`'s verified marker in a worker thread if `open` would read it from
+        disk: the caller awaits this first, so `open` itself never touches the disk."""
+        known = self._verified.get(spec.key)
+        if spec.sha256 is None or not self.store.marked(spec.key):
+            return
+        if known is not None and known[0] == spec.size:
+            return
+        digests = await trio.to_thread.run_sync(
+            functools.partial(
+                self.store.verified_digests, spec.key, self.block_size, size=spec.size
+            )
+        )
+        if digests is not None:
+            self._verified[spec.key] = (spec.size, digests)
 
     def _verified_digests(self, spec: FileSpec) -> list[str] | None:
         """The block digests in `spec`'s verified marker: from memory if this mount verified

@@ -422,6 +422,7 @@ class Namespace:
         async def fetch(start: int, end: int, into: memoryview | None = None) -> Buffer:
             return await registry.read_range(owner, f, start, end, into=into)
 
+        await self.data.load_marker(spec)  # its disk read, off the event loop
         return self.data.open(spec, fetch, into=True, name=f.path)
 
     def _keep_pages(self, ino: int, cached: CachedFile | None) -> bool:

@@ -460,3 +460,30 @@ async def test_listing_a_model_fetches_its_versions_file_lists_ahead(
         await names(fs, "models/llama/1.2.0")  # the walk's own listing: already there
         assert reg.stats.by_kind["list_files"] == 5
         nursery.cancel_scope.cancel()
+
+
+async def test_an_open_reads_the_verified_marker_off_the_event_loop(
+    reg: InMemoryRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file verified by an earlier mount: its marker is read from disk in a worker thread
+    (blocking disk calls never run on the FUSE loop)."""
+    import threading
+
+    def mount() -> Filesystem:
+        data = DataCache(BlockStore(tmp_path / "blocks", 64 * BS), block_size=BS, readahead=0)
+        return Filesystem(reg, data, source_id="test")
+
+    path = "models/llama/1.0.0/weights/model.bin"
+    await read_all(mount(), path)  # read whole: verified, its marker written
+    readers: list[bool] = []
+    real = BlockStore.verified_digests
+
+    def spy(self: BlockStore, *args: object, **kw: object) -> object:
+        readers.append(threading.current_thread() is threading.main_thread())
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BlockStore, "verified_digests", spy)
+    fs = mount()  # a new mount over the same cache
+    opened = await fs.open(await walk(fs, path), os.O_RDONLY)
+    await fs.release(opened.fh)
+    assert readers == [False]  # read once, and not on the event loop's thread
