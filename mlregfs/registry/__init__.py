@@ -1,22 +1,4 @@
-"""Remote layer: knows GitLab and HTTP, knows nothing about inodes or FUSE."""
+"""Remote layer: knows GitLab and HTTP, knows nothing about inodes or FUSE.
 
-from mlregfs.registry.base import Registry, RegistryStats
-from mlregfs.registry.types import (
-    Candidate,
-    FileOwner,
-    Model,
-    ModelVersion,
-    ProjectInfo,
-    RemoteFile,
-)
-
-__all__ = [
-    "Candidate",
-    "FileOwner",
-    "Model",
-    "ModelVersion",
-    "ProjectInfo",
-    "Registry",
-    "RegistryStats",
-    "RemoteFile",
-]
+The Protocol is `base.Registry`; the value types are in `types`.
+"""

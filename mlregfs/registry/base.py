@@ -7,18 +7,12 @@ from pathlib import Path
 from typing import Protocol
 
 from mlregfs.buffers import Buffer
-from mlregfs.registry.types import (
-    Candidate,
-    FileOwner,
-    Model,
-    ModelVersion,
-    ProjectInfo,
-    RemoteFile,
-    Run,
-)
+from mlregfs.registry import types as t
+
+Into = memoryview | None  # a caller's buffer of end-start bytes for `read_range` to fill
 
 
-def check_range(file: RemoteFile, start: int, end: int, into: memoryview | None) -> None:
+def check_range(file: t.RemoteFile, start: int, end: int, into: Into) -> None:
     """The Protocol's `read_range` arguments: [start, end) inside `file`, and an `into` of
     exactly that length. ValueError otherwise (a caller's bug, never a registry's answer)."""
     if not 0 <= start <= end:
@@ -50,53 +44,47 @@ class Registry(Protocol):
 
     stats: RegistryStats
 
-    async def project(self) -> ProjectInfo:
+    async def project(self) -> t.ProjectInfo:
         """Resolve the project and check that it can be read with our credentials."""
         ...
 
-    async def list_models(self) -> list[Model]:
+    async def list_models(self) -> list[t.Model]:
         """Every model of the project, each with all of its versions."""
         ...
 
-    async def get_model(self, name: str) -> Model:
+    async def get_model(self, name: str) -> t.Model:
         """One model (exact name) with all its versions; NotFound if absent."""
         ...
 
-    async def list_candidates(self) -> list[Candidate]:
+    async def list_candidates(self) -> list[t.Candidate]:
         """Candidates that own a `candidate_<iid>` package (not promoted to a version)."""
         ...
 
-    async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
+    async def list_files(self, owner: t.FileOwner) -> list[t.RemoteFile]:
         """Files of a version or candidate, one entry per path (the newest copy)."""
         ...
 
-    async def get_run(self, run_id: str) -> Run:
+    async def get_run(self, run_id: str) -> t.Run:
         """What an MLflow run (candidate) logged: params, metrics, tags; NotFound if absent."""
         ...
 
     async def read_range(
-        self,
-        owner: FileOwner,
-        file: RemoteFile,
-        start: int,
-        end: int,
-        *,
-        into: memoryview | None = None,
+        self, owner: t.FileOwner, file: t.RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error. `into`: a
         buffer of end-start bytes to fill (and return) instead of a new one."""
         ...
 
     # -- writes (issue #3) ----------------------------------------------------------------
-    async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+    async def authorize_upload(self, owner: t.FileOwner, path: str) -> None:
         """Preflight (as Workhorse does): may `path` be uploaded to `owner`? Stores nothing."""
         ...
 
-    async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
+    async def upload(self, owner: t.FileOwner, path: str, source: Path, size: int) -> None:
         """Upload the file at `source` (exactly `size` bytes) as `path` of `owner`."""
         ...
 
-    async def delete_file(self, file: RemoteFile) -> None:
+    async def delete_file(self, file: t.RemoteFile) -> None:
         """Delete one package file (one copy of a name)."""
         ...
 
@@ -105,15 +93,15 @@ class Registry(Protocol):
         operation that must not be left half done (a rename: copy, then delete)."""
         ...
 
-    async def create_model(self, name: str) -> Model:
+    async def create_model(self, name: str) -> t.Model:
         """Create a model; Conflict if it exists."""
         ...
 
-    async def create_version(self, model: str, version: str) -> ModelVersion:
+    async def create_version(self, model: str, version: str) -> t.ModelVersion:
         """Create version `version` (semver) of `model`."""
         ...
 
-    async def delete_version(self, version: ModelVersion) -> None:
+    async def delete_version(self, version: t.ModelVersion) -> None:
         """Delete a model version and its files."""
         ...
 

@@ -25,7 +25,7 @@ from mlregfs.buffers import Buffer
 from mlregfs.errors import RegistryUnavailable, ServerError
 from mlregfs.localstate import FILE_MODE, private_dir, set_aside, tighten, write_private
 from mlregfs.registry import validate
-from mlregfs.registry.base import Registry, RegistryStats
+from mlregfs.registry.base import Into, Registry, RegistryStats
 from mlregfs.registry.outage import Outage
 from mlregfs.registry.types import (
     Candidate,
@@ -431,13 +431,7 @@ class CatalogRegistry:
         return run
 
     async def read_range(
-        self,
-        owner: FileOwner,
-        file: RemoteFile,
-        start: int,
-        end: int,
-        *,
-        into: memoryview | None = None,
+        self, owner: FileOwner, file: RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         return await self.inner.read_range(owner, file, start, end, into=into)
 

@@ -12,7 +12,7 @@ import semver
 from mlregfs.buffers import Buffer
 from mlregfs.errors import BadRequest, Conflict, Forbidden, NotFound, RegistryUnavailable
 from mlregfs.names import FILE_NAME_RE, MODEL_NAME_RE
-from mlregfs.registry.base import RegistryStats, check_range
+from mlregfs.registry.base import Into, RegistryStats, check_range
 from mlregfs.registry.types import (
     Candidate,
     FileOwner,
@@ -123,13 +123,7 @@ class InMemoryRegistry:
         return run
 
     async def read_range(
-        self,
-        owner: FileOwner,
-        file: RemoteFile,
-        start: int,
-        end: int,
-        *,
-        into: memoryview | None = None,
+        self, owner: FileOwner, file: RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         self._check("read_range")
         check_range(file, start, end, into)

@@ -20,14 +20,12 @@ import trio
 
 from mlregfs.buffers import Buffer
 from mlregfs.errors import MlregfsError
-from mlregfs.registry import Candidate, FileOwner, Model, ModelVersion, ProjectInfo
-from mlregfs.registry.base import Registry
-from mlregfs.registry.types import RemoteFile, Run
+from mlregfs.registry import types as t
+from mlregfs.registry.base import Into, Registry
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Transfer = Literal["read_range", "upload"]
-Into = memoryview | None
 
 # the operations that can be failed, delayed and counted: every method of the Protocol
 OPERATIONS = frozenset(
@@ -93,29 +91,29 @@ class FaultyRegistry:
 
     # -- Registry -------------------------------------------------------------------------
 
-    async def project(self) -> ProjectInfo:
+    async def project(self) -> t.ProjectInfo:
         return await self._call(self.inner.project)
 
-    async def list_models(self) -> list[Model]:
+    async def list_models(self) -> list[t.Model]:
         return await self._call(self.inner.list_models)
 
-    async def get_model(self, name: str) -> Model:
+    async def get_model(self, name: str) -> t.Model:
         return await self._call(self.inner.get_model, name)
 
-    async def list_candidates(self) -> list[Candidate]:
+    async def list_candidates(self) -> list[t.Candidate]:
         return await self._call(self.inner.list_candidates)
 
-    async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
+    async def list_files(self, owner: t.FileOwner) -> list[t.RemoteFile]:
         return await self._call(self.inner.list_files, owner)
 
-    async def get_run(self, run_id: str) -> Run:
+    async def get_run(self, run_id: str) -> t.Run:
         return await self._call(self.inner.get_run, run_id)
 
     async def read_range(
-        self, owner: FileOwner, file: RemoteFile, start: int, end: int, *, into: Into = None
+        self, owner: t.FileOwner, file: t.RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         async def read_range(
-            owner: FileOwner, file: RemoteFile, start: int, end: int, into: Into
+            owner: t.FileOwner, file: t.RemoteFile, start: int, end: int, into: Into
         ) -> Buffer:
             cut = self._cut("read_range", end - start)
             if cut is None:
@@ -127,11 +125,11 @@ class FaultyRegistry:
 
         return await self._call(read_range, owner, file, start, end, into)
 
-    async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+    async def authorize_upload(self, owner: t.FileOwner, path: str) -> None:
         await self._call(self.inner.authorize_upload, owner, path)
 
-    async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
-        async def upload(owner: FileOwner, path: str, source: Path, size: int) -> None:
+    async def upload(self, owner: t.FileOwner, path: str, source: Path, size: int) -> None:
+        async def upload(owner: t.FileOwner, path: str, source: Path, size: int) -> None:
             cut = self._cut("upload", size)
             if cut is not None:
                 raise cut[1]
@@ -139,19 +137,19 @@ class FaultyRegistry:
 
         await self._call(upload, owner, path, source, size)
 
-    async def delete_file(self, file: RemoteFile) -> None:
+    async def delete_file(self, file: t.RemoteFile) -> None:
         await self._call(self.inner.delete_file, file)
 
     async def may_delete_files(self) -> bool:
         return await self._call(self.inner.may_delete_files)
 
-    async def create_model(self, name: str) -> Model:
+    async def create_model(self, name: str) -> t.Model:
         return await self._call(self.inner.create_model, name)
 
-    async def create_version(self, model: str, version: str) -> ModelVersion:
+    async def create_version(self, model: str, version: str) -> t.ModelVersion:
         return await self._call(self.inner.create_version, model, version)
 
-    async def delete_version(self, version: ModelVersion) -> None:
+    async def delete_version(self, version: t.ModelVersion) -> None:
         await self._call(self.inner.delete_version, version)
 
     async def delete_model(self, name: str) -> None:

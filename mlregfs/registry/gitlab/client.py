@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import trio
 
 from mlregfs.buffers import Buffer
-from mlregfs.registry import Candidate, FileOwner, Model, ModelVersion, ProjectInfo, RemoteFile
+from mlregfs.registry import types as t
 from mlregfs.registry.base import RegistryStats, check_range
 from mlregfs.registry.gitlab.admin import Admin
 from mlregfs.registry.gitlab.api import Api, TokenKind
@@ -32,7 +32,6 @@ from mlregfs.registry.http.retrying import Clock, Sleep
 from mlregfs.registry.http.wire import Into
 from mlregfs.registry.retry import RetryPolicy
 from mlregfs.registry.source import candidates
-from mlregfs.registry.types import Run
 
 log = logging.getLogger(__name__)
 
@@ -116,37 +115,37 @@ class GitLabRegistry:
 
     # Every operation resolves the project first (once per session).
 
-    async def project(self) -> ProjectInfo:
+    async def project(self) -> t.ProjectInfo:
         """Resolve SOURCE to a project (trying each relative-root split) and check access."""
         return await self._project.get()
 
-    async def list_models(self) -> list[Model]:
+    async def list_models(self) -> list[t.Model]:
         """Every model with all its versions (MLflow search, else the packages API)."""
         await self.project()
         return await self._listing.list_models()
 
-    async def get_model(self, name: str) -> Model:
+    async def get_model(self, name: str) -> t.Model:
         """One model by exact name, with all its versions; NotFound if absent."""
         await self.project()
         return await self._listing.get_model(name)
 
-    async def list_candidates(self) -> list[Candidate]:
+    async def list_candidates(self) -> list[t.Candidate]:
         """Candidates not promoted to a version: MLflow runs merged with candidate_N packages."""
         await self.project()
         return await self._listing.list_candidates()
 
-    async def get_run(self, run_id: str) -> Run:
+    async def get_run(self, run_id: str) -> t.Run:
         """What the run logged (`runs/get`): params, metrics with their history, tags."""
         await self.project()
         return await self._listing.get_run(run_id)
 
-    async def list_files(self, owner: FileOwner) -> list[RemoteFile]:
+    async def list_files(self, owner: t.FileOwner) -> list[t.RemoteFile]:
         """Files of a version or candidate, newest copy per path; [] if it has no package."""
         await self.project()
         return await self._files.list_files(owner)
 
     async def read_range(
-        self, owner: FileOwner, file: RemoteFile, start: int, end: int, *, into: Into = None
+        self, owner: t.FileOwner, file: t.RemoteFile, start: int, end: int, *, into: Into = None
     ) -> Buffer:
         """Bytes [start, end) of `file`; exactly end-start bytes or an error. With `into`
         (end-start bytes long) they land there and `into` is returned."""
@@ -157,12 +156,12 @@ class GitLabRegistry:
             await self.project()
         return await self._transfer.read_range(owner, file, start, end, into)
 
-    async def authorize_upload(self, owner: FileOwner, path: str) -> None:
+    async def authorize_upload(self, owner: t.FileOwner, path: str) -> None:
         """PUT …/files/<path>/authorize: 200 if an upload of `path` would be accepted."""
         await self.project()
         await self._transfer.authorize_upload(owner, path)
 
-    async def upload(self, owner: FileOwner, path: str, source: Path, size: int) -> None:
+    async def upload(self, owner: t.FileOwner, path: str, source: Path, size: int) -> None:
         """Raw-body PUT of the file at `source`, streamed from disk; 201 or an error."""
         await self.project()
         await self._transfer.upload(owner, path, source, size)
@@ -172,22 +171,22 @@ class GitLabRegistry:
         await self.project()
         return await self._project.may_delete_files()
 
-    async def delete_file(self, file: RemoteFile) -> None:
+    async def delete_file(self, file: t.RemoteFile) -> None:
         """DELETE one package file (Maintainer; 204)."""
         await self.project()
         await self._admin.delete_file(file)
 
-    async def create_model(self, name: str) -> Model:
+    async def create_model(self, name: str) -> t.Model:
         """MLflow registered-models/create."""
         await self.project()
         return await self._admin.create_model(name)
 
-    async def create_version(self, model: str, version: str) -> ModelVersion:
+    async def create_version(self, model: str, version: str) -> t.ModelVersion:
         """MLflow model-versions/create; the `gitlab.version` tag sets the semver."""
         await self.project()
         return await self._admin.create_version(model, version)
 
-    async def delete_version(self, version: ModelVersion) -> None:
+    async def delete_version(self, version: t.ModelVersion) -> None:
         """GraphQL mlModelVersionDelete: GitLab has no REST route for it."""
         await self.project()
         await self._admin.delete_version(version)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from mlregfs.errors import ProtocolError
+from mlregfs.registry.base import Into as Into  # the Protocol's, re-exported
 from mlregfs.registry.http.errors import Answered, Failure, changed, protocol
 
 MAX_HEAD = 64 << 10  # bound on a response's status line + headers
@@ -22,9 +23,6 @@ REDIRECT_BODY = 64 << 10  # a redirect body longer than this is not read: the co
 
 _CONTENT_RANGE = re.compile(r"\Abytes\s+([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 _STATUS_LINE = re.compile(r"\AHTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\Z")
-
-
-Into = memoryview | None  # a caller's buffer to fill with the bytes, or None for a new one
 
 
 @dataclass(frozen=True)
