@@ -23,7 +23,7 @@ from mlregfs.fs.holders import Holders
 from mlregfs.fuse_ops import Operations
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.gitlab import GitLabRegistry
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 
 log = logging.getLogger("mlregfs.mount")
 

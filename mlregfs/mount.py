@@ -24,8 +24,8 @@ from mlregfs.fs.core import Filesystem
 from mlregfs.localstate import private_dir
 from mlregfs.registry.catalog import CatalogRegistry
 from mlregfs.registry.gitlab import GitLabRegistry
+from mlregfs.spool import Spool
 from mlregfs.status import Reporter
-from mlregfs.writeback import Spool
 
 log = logging.getLogger("mlregfs.mount")
 

@@ -20,7 +20,7 @@ from mlregfs.config import ConfigError, default_cache_dir, resolve_token
 from mlregfs.errors import MlregfsError, NotFound
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import Candidate, FileOwner
-from mlregfs.writeback import JournalEntry, Orphan, Spool, UploadState
+from mlregfs.spool import JournalEntry, Orphan, Spool, UploadState
 
 S = UploadState
 RegistryFactory = Callable[[str], Registry]  # SOURCE -> a registry client for it

@@ -29,7 +29,7 @@ from mlregfs.fs.tree import usable_name
 from mlregfs.fs.writes import Writes
 from mlregfs.names import VERSION_LIKE_RE, check_file_name, check_model_name, check_semver
 from mlregfs.registry.types import Candidate, RemoteFile
-from mlregfs.writeback import UploadState
+from mlregfs.spool import UploadState
 
 log = logging.getLogger("mlregfs.fs")
 

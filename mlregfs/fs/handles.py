@@ -15,7 +15,7 @@ from mlregfs.fs.nodes import Node
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.registry import validate
 from mlregfs.registry.types import RemoteFile
-from mlregfs.writeback import SpoolFile
+from mlregfs.spool import SpoolFile
 
 # only a valid sha256 (64 hex digits, the registry's rule) names a cache entry
 _IS_SHA256 = validate.check(validate.sha256)

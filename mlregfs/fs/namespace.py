@@ -24,7 +24,7 @@ from mlregfs.fs.uploader import Uploader
 from mlregfs.registry.base import Registry
 from mlregfs.registry.outage import Outage
 from mlregfs.registry.types import Candidate, FileOwner, Model, OwnerKey, RemoteFile
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 
 log = logging.getLogger("mlregfs.fs")
 

@@ -21,7 +21,7 @@ from mlregfs.errors import AuthError, Busy, MlregfsError, ReadOnly
 from mlregfs.fs.handles import WriteHandle
 from mlregfs.registry.base import Registry
 from mlregfs.registry.types import FileOwner, OwnerKey, RemoteFile
-from mlregfs.writeback import Spool, UploadInterrupted, UploadState
+from mlregfs.spool import Spool, UploadInterrupted, UploadState
 
 log = logging.getLogger("mlregfs.fs")
 

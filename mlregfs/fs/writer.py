@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import trio
 
-from mlregfs.writeback import SpoolFile
+from mlregfs.spool import SpoolFile
 
 QUEUE_BYTES = 16 << 20
 

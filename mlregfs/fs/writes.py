@@ -22,7 +22,7 @@ from mlregfs.fs.tempnames import is_temp, temp_tool
 from mlregfs.fs.writer import SpoolWriter
 from mlregfs.names import check_file_name
 from mlregfs.registry.types import RemoteFile
-from mlregfs.writeback import UploadState
+from mlregfs.spool import UploadState
 
 log = logging.getLogger("mlregfs.fs")
 

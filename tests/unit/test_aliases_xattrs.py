@@ -25,7 +25,7 @@ from mlregfs.registry import validate
 from mlregfs.registry.fake import InMemoryRegistry
 from mlregfs.registry.runs import run_from_mlflow
 from mlregfs.registry.types import Metric, Model, ModelVersion, Run
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 
 BS = 64 << 10
 RUN = "0f3c9a8e-6f1d-4a43-9b7e-2d5c8f1e0a11"

@@ -32,7 +32,7 @@ from mlregfs.errors import (
 from mlregfs.fs.core import Filesystem, WriteHandle
 from mlregfs.registry.base import Registry
 from mlregfs.registry.fake import InMemoryRegistry
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 from tests.unit.test_core import names, read_all, walk
 
 
@@ -268,7 +268,7 @@ async def test_second_writer_is_busy(fs: Filesystem) -> None:
 
 
 async def test_out_of_order_and_rewritten_writes_hash_correctly(tmp_path: Path) -> None:
-    from mlregfs.writeback import Spool as _Spool
+    from mlregfs.spool import Spool as _Spool
 
     sf = _Spool(tmp_path).new("src", ("c", "1"), "f.bin")
     sf.write(4, b"5678")
@@ -292,7 +292,7 @@ def test_writeback_order_is_hashed_in_one_pass(
     """The kernel's writeback sends 1 MiB writes a few at a time, out of order: the running
     sha256 still covers them (no re-read at close), and the spool holds exactly the bytes,
     whether they went through O_DIRECT (whole pages) or buffered (odd sizes)."""
-    from mlregfs import writeback
+    from mlregfs import spool
 
     chunk = (1 << 20) if page_writes else 100_003
     data = os.urandom(chunk * 12 + 777)
@@ -304,7 +304,7 @@ def test_writeback_order_is_hashed_in_one_pass(
         pick = window[rng.randrange(len(window))]
         pieces.remove(pick)
         order.append(pick)
-    sf = writeback.Spool(tmp_path).new("src", ("c", "1"), "w.bin")
+    sf = spool.Spool(tmp_path).new("src", ("c", "1"), "w.bin")
     for off, piece in order:
         sf.write(off, piece)
     rereads = 0
@@ -324,9 +324,9 @@ def test_writeback_order_is_hashed_in_one_pass(
 
 
 def test_a_gap_never_filled_falls_back_to_hashing_the_spool(tmp_path: Path) -> None:
-    from mlregfs import writeback
+    from mlregfs import spool
 
-    sf = writeback.Spool(tmp_path).new("src", ("c", "1"), "sparse.bin")
+    sf = spool.Spool(tmp_path).new("src", ("c", "1"), "sparse.bin")
     sf.write(8192, b"tail")  # a hole before it: held for the hash, never completed
     assert sf.finish() == (8196, hashlib.sha256(bytes(8192) + b"tail").hexdigest())
     sf.close()
@@ -413,7 +413,7 @@ async def test_a_failed_spool_write_leaves_nothing_behind(
 ) -> None:
     """The writer is told (write or close fails with ENOSPC); then neither its partial data nor
     its journal stay in the spool, and nothing is uploaded."""
-    from mlregfs.writeback import SpoolFile
+    from mlregfs.spool import SpoolFile
 
     def full(self: SpoolFile, off: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -541,7 +541,7 @@ async def test_a_write_landing_while_the_sha256_is_computed_is_uploaded(
 ) -> None:
     """A write that lands while close computes size and sha256 is not lost: the upload sends
     the bytes as they are after it, with their own sha256."""
-    from mlregfs.writeback import SpoolFile
+    from mlregfs.spool import SpoolFile
 
     fh = await _open_written(fs, "g.bin", b"aaaa")
     await fs.write(fh, 0, b"bbbb")  # a rewrite: close hashes the spool again
@@ -698,7 +698,7 @@ async def test_a_queued_write_woken_after_close_hashed_is_ebusy_never_in_the_put
     PUT carries exactly the hashed bytes, and the file is uploaded once."""
     import threading
 
-    from mlregfs.writeback import SpoolFile
+    from mlregfs.spool import SpoolFile
 
     real_put = SpoolFile.put
     gate = threading.Event()
@@ -812,7 +812,7 @@ async def test_a_lost_put_is_never_judged_from_a_cached_listing(tmp_path: Path) 
 def _stall_finish(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, trio.Event]:
     """Make close's hashing (`SpoolFile.finish`) wait in its thread until `release` is set;
     `hashing` is set once it started."""
-    from mlregfs.writeback import SpoolFile
+    from mlregfs.spool import SpoolFile
 
     release = threading.Event()
     hashing = trio.Event()

@@ -16,7 +16,7 @@ from mlregfs.cache.reader import DataCache
 from mlregfs.fs.core import ROOT_INO, Filesystem
 from mlregfs.fuse_ops import Operations
 from mlregfs.registry.fake import InMemoryRegistry
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 
 BS = 64 << 10
 CTX = SimpleNamespace(pid=0, uid=0, gid=0, umask=0o022)

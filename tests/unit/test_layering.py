@@ -47,7 +47,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # the embedded server is an independent oracle: nothing of the client
     "mlregfs.server": (
         "pyfuse3", "mlregfs.fs", "mlregfs.cache", "mlregfs.registry", "mlregfs.fuse_ops",
-        "mlregfs.mount", "mlregfs.writeback", "mlregfs.config",
+        "mlregfs.mount", "mlregfs.spool", "mlregfs.config",
     ),
 }  # fmt: skip
 # the adapter forwards to the core: these are all it may import from mlregfs

@@ -14,7 +14,7 @@ import pytest
 
 from mlregfs import recover
 from mlregfs.registry.fake import InMemoryRegistry
-from mlregfs.writeback import (
+from mlregfs.spool import (
     TRANSITIONS,
     IllegalTransition,
     JournalEntry,
@@ -256,7 +256,7 @@ def test_recover_never_touches_an_entry_a_running_daemon_holds(
 def test_a_reused_pid_is_not_a_live_daemon(tmp_path: Path) -> None:
     """In a container the daemon has the same pid after every restart: the journal keeps the
     process start time too, and an entry of an earlier process with our pid is orphaned."""
-    from mlregfs.writeback import proc_start
+    from mlregfs.spool import proc_start
 
     mine = JournalEntry("5" * 32, "src", ["c", "1"], "f")
     assert mine.pid == os.getpid() and mine.pid_start == proc_start(os.getpid())

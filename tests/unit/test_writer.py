@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from mlregfs.fs.writer import SpoolWriter
-from mlregfs.writeback import Spool
+from mlregfs.spool import Spool
 
 
 async def test_queued_writes_land_in_order_and_hash_in_one_pass(tmp_path: Path) -> None:

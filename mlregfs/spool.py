@@ -55,7 +55,7 @@ from mlregfs.errors import MlregfsError
 from mlregfs.localstate import FILE_MODE, private_dir, tighten, write_private
 from mlregfs.registry.types import OwnerKey, owner_path
 
-log = logging.getLogger("mlregfs.writeback")
+log = logging.getLogger("mlregfs.spool")
 
 _STAGE = 1 << 20  # FUSE writes are at most 1 MiB (max_write)
 _STAGING = directio.StagingPool(keep=4)
