@@ -15,7 +15,7 @@ from mlregfs import errors as E
 from mlregfs.buffers import Buffer
 from mlregfs.cache.meta import MetadataCache
 from mlregfs.cache.reader import CachedFile, DataCache, FileSpec
-from mlregfs.errors import MlregfsError, NotADirectory, NotFound, ReadOnly, Unsupported
+from mlregfs.errors import MlregfsError, NotADirectory, NotFound, Unsupported
 from mlregfs.fs.handles import FileHandle, HandleTable, WriteHandle, sha
 from mlregfs.fs.holders import Holders
 from mlregfs.fs.nodes import Attr, InodeTable, Kind, Node, Timeouts, parent_node
@@ -399,6 +399,8 @@ class Namespace:
                 await self.file_tree(owner)
             except MlregfsError as e:  # the walk's own lookup reports it
                 log.debug("prefetching the files of %s: %s", owner, e)
+            except Exception:  # a task of the mount's nursery: it must never end the mount
+                log.exception("prefetching the files of %s", owner)
 
     async def readlink(self, ino: int) -> str:
         return await self.readlink_node(self.node(ino))
@@ -452,6 +454,4 @@ class Namespace:
         return "f" + hashlib.blake2b(ident.encode(), digest_size=20).hexdigest()
 
     def _writable(self) -> Spool:
-        if self.spool is None:
-            raise ReadOnly("this mount is read-only")
-        return self.spool
+        return self.uploader.writable()

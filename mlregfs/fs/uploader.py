@@ -51,7 +51,8 @@ class Uploader:
         self.closing = False  # drain_timeout passed: no upload starts any more
         self.stats = {"uploaded": 0, "failed": 0, "bytes": 0, "unchanged": 0}
 
-    def _spool(self) -> Spool:
+    def writable(self) -> Spool:
+        """The spool; ReadOnly on a read-only mount (the one check of it)."""
         if self.spool is None:
             raise ReadOnly("this mount is read-only")
         return self.spool
@@ -81,7 +82,7 @@ class Uploader:
         the trio thread, so saves land in the order of the changes (Spool.write drops an
         older one). If the save fails the entry is back in its old state (unless a write
         changed it meanwhile) and the OSError is raised."""
-        spool = self._spool()
+        spool = self.writable()
         entry = h.spool.entry
         before = entry.state
         if to is not None:

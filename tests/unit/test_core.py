@@ -487,3 +487,17 @@ async def test_an_open_reads_the_verified_marker_off_the_event_loop(
     opened = await fs.open(await walk(fs, path), os.O_RDONLY)
     await fs.release(opened.fh)
     assert readers == [False]  # read once, and not on the event loop's thread
+
+
+async def test_a_failing_prefetch_does_not_end_the_mount(
+    fs: Filesystem, reg: InMemoryRegistry
+) -> None:
+    """The read-ahead of version listings runs in the mount's nursery: whatever it raises is
+    logged, and the walk's own lookup reports the error."""
+    reg.fail_next["list_files"] = RuntimeError("a bug, not a registry answer")
+    async with trio.open_nursery() as nursery:
+        fs.start(nursery)
+        await names(fs, "models/llama")
+        await trio.testing.wait_all_tasks_blocked()
+        assert await names(fs, "models/llama/1.0.0") == ["config.json", "weights"]
+        nursery.cancel_scope.cancel()
